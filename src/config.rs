@@ -1,0 +1,294 @@
+//! Typed settings: embedded defaults, an optional TOML file, then `TERN__SECTION__KEY`
+//! environment overrides, validated with errors that name the file, the key and the fix.
+//!
+//! Owns the meaning and defaults of every configuration key. Knows nothing of sockets or
+//! sessions; other modules read the typed values.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The documented default configuration, shipped in the binary. A unit test keeps it equal to
+/// `Config::default()`, so the file cannot drift from the code.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a value has the wrong type.
+    #[error("{origin}: {message}")]
+    Load { origin: String, message: String },
+    /// A value parsed but is not acceptable.
+    #[error("{origin}: key `{key}`: {message}")]
+    Invalid { origin: String, key: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listener: Vec<Listener>,
+    pub storage: Storage,
+    pub auth: Auth,
+    pub limits: Limits,
+    pub mqtt: Mqtt,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// `host:port`; port 0 picks a free port (tests).
+    pub bind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    pub dir: PathBuf,
+    /// `sync`, `periodic` or `none`.
+    pub durability: Durability,
+    pub sync_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Sync,
+    Periodic,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// `None` = decided from the listeners: allowed only when every listener is on loopback.
+    pub allow_anonymous: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest packet accepted from a client, in bytes, fixed header included.
+    pub max_packet_size: u32,
+    pub max_connections: usize,
+    /// Outbound QoS 1/2 messages awaiting acknowledgement, per client.
+    pub max_inflight: u16,
+    /// Messages waiting to be sent, per session (online or offline).
+    pub max_queued_messages: usize,
+    /// Payload bytes waiting to be sent, per session; 0 = unlimited.
+    pub max_queued_bytes: usize,
+    /// Longest topic name or filter, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Seconds to wait for CONNECT after the socket opens.
+    pub connect_timeout_secs: u64,
+    /// Highest keep-alive a client may ask for; a v5 client asking more is told the server's
+    /// value (Server Keep Alive). 0 = no limit.
+    pub max_keepalive: u16,
+    /// Longest client identifier accepted, in bytes.
+    pub max_client_id_length: usize,
+}
+
+/// MQTT 5 capabilities announced in CONNACK.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mqtt {
+    /// QoS 2 messages a client may have unreleased at once (server Receive Maximum).
+    pub receive_maximum: u16,
+    /// Topic aliases a client may use towards the server.
+    pub topic_alias_maximum: u16,
+    pub retain_available: bool,
+    pub wildcard_subscriptions: bool,
+    pub subscription_identifiers: bool,
+    pub shared_subscriptions: bool,
+    /// 0, 1 or 2.
+    pub maximum_qos: u8,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listener: vec![Listener { bind: "127.0.0.1:1883".into() }],
+            storage: Storage::default(),
+            auth: Auth::default(),
+            limits: Limits::default(),
+            mqtt: Mqtt::default(),
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage { dir: PathBuf::from("./data"), durability: Durability::Sync, sync_interval_ms: 100 }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 1_048_576,
+            max_connections: 100_000,
+            max_inflight: 64,
+            max_queued_messages: 10_000,
+            max_queued_bytes: 0,
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            connect_timeout_secs: 10,
+            max_keepalive: 0,
+            max_client_id_length: 65_535,
+        }
+    }
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Mqtt {
+            receive_maximum: 65_535,
+            topic_alias_maximum: 10,
+            retain_available: true,
+            wildcard_subscriptions: true,
+            subscription_identifiers: true,
+            shared_subscriptions: true,
+            maximum_qos: 2,
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (when given), then `TERN__SECTION__KEY` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let origin = match file {
+            Some(p) => p.display().to_string(),
+            None => "embedded default config".to_string(),
+        };
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Load {
+                    origin,
+                    message: "file not found or not a regular file; pass an existing TOML file to -c".into(),
+                });
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("TERN").prefix_separator("__").separator("__").try_parsing(true),
+        );
+        let raw = builder.build().map_err(|e| ConfigError::Load { origin: origin.clone(), message: e.to_string() })?;
+        let cfg: Config = raw.try_deserialize().map_err(|e| ConfigError::Load {
+            origin: origin.clone(),
+            message: format!("{e} (see config/default.toml for every key and its type)"),
+        })?;
+        cfg.validate(&origin)?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text directly (tests, embedded default).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigError::Load { origin: origin.into(), message: e.to_string() })?;
+        let cfg: Config =
+            raw.try_deserialize().map_err(|e| ConfigError::Load { origin: origin.into(), message: e.to_string() })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, message: String| Err(ConfigError::Invalid { origin: origin.into(), key: key.into(), message });
+        if self.listener.is_empty() {
+            return bad("listener", "at least one [[listener]] with `bind = \"host:port\"` is required".into());
+        }
+        for (i, l) in self.listener.iter().enumerate() {
+            if l.bind.parse::<SocketAddr>().is_err() {
+                return bad(
+                    &format!("listener[{i}].bind"),
+                    format!("`{}` is not an IP address and port, e.g. \"127.0.0.1:1883\" or \"0.0.0.0:1883\"", l.bind),
+                );
+            }
+        }
+        let l = &self.limits;
+        if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
+            return bad("limits.max_packet_size", "must be between 64 and 268435460 bytes".into());
+        }
+        if l.max_inflight == 0 {
+            return bad("limits.max_inflight", "must be at least 1".into());
+        }
+        if l.max_queued_messages == 0 {
+            return bad("limits.max_queued_messages", "must be at least 1".into());
+        }
+        if l.max_connections == 0 {
+            return bad("limits.max_connections", "must be at least 1".into());
+        }
+        if l.max_topic_length == 0 || l.max_topic_length > 65_535 {
+            return bad("limits.max_topic_length", "must be between 1 and 65535".into());
+        }
+        if l.max_topic_levels == 0 {
+            return bad("limits.max_topic_levels", "must be at least 1".into());
+        }
+        if l.connect_timeout_secs == 0 {
+            return bad("limits.connect_timeout_secs", "must be at least 1 second".into());
+        }
+        if l.max_client_id_length == 0 {
+            return bad("limits.max_client_id_length", "must be at least 1".into());
+        }
+        if self.mqtt.receive_maximum == 0 {
+            return bad("mqtt.receive_maximum", "must be between 1 and 65535".into());
+        }
+        if self.mqtt.maximum_qos > 2 {
+            return bad("mqtt.maximum_qos", "must be 0, 1 or 2".into());
+        }
+        if self.storage.sync_interval_ms == 0 {
+            return bad("storage.sync_interval_ms", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Anonymous access: the explicit setting, or allowed only when every listener is loopback.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.auth.allow_anonymous.unwrap_or_else(|| {
+            self.listener.iter().all(|l| l.bind.parse::<SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or(false))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_matches_code_defaults() {
+        let parsed = Config::from_toml(DEFAULT_TOML, "config/default.toml").unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[limits]\nmax_inflihgt = 3\n", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("x.toml") && err.contains("max_inflihgt"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::from_toml("[limits]\nmax_inflight = \"many\"\n", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("x.toml") && err.contains("max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn bad_bind_names_key_and_fix() {
+        let err = Config::from_toml("[[listener]]\nbind = \"localhost\"\n", "y.toml").unwrap_err().to_string();
+        assert!(err.contains("listener[0].bind") && err.contains("y.toml") && err.contains("127.0.0.1:1883"), "{err}");
+    }
+
+    #[test]
+    fn anonymous_default_depends_on_loopback() {
+        let mut c = Config::default();
+        assert!(c.anonymous_allowed());
+        c.listener[0].bind = "0.0.0.0:1883".into();
+        assert!(!c.anonymous_allowed());
+        c.auth.allow_anonymous = Some(true);
+        assert!(c.anonymous_allowed());
+    }
+}

@@ -1,0 +1,772 @@
+//! One task per client connection: the CONNECT handshake, then a loop that reads and answers
+//! packets, drains the session's queue into the socket, and enforces keep-alive.
+//!
+//! Owns the socket and per-connection protocol state (topic aliases, the will, keep-alive).
+//! Session state it reaches only through the broker's `SessionHandle`. Writes are batched:
+//! everything produced by one read or one wake-up is encoded into one buffer and written with
+//! one call.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use crate::broker::{Attached, Broker, SessionHandle, EXPIRY_NEVER};
+use crate::message::Message;
+use crate::protocol::{
+    self, reason, topic, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
+    PubResp, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+use crate::session::{Delivery, OutState, Outgoing};
+use crate::topics::level_count;
+
+/// Encoded bytes gathered before a write; past this the loop writes and comes back for more,
+/// so one busy subscriber cannot grow its buffer without bound.
+const WRITE_BATCH: usize = 64 * 1024;
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum Close {
+    /// Client sent DISCONNECT; `publish_will` for v5 reason 0x04.
+    Client { publish_will: bool },
+    /// Socket closed or failed without DISCONNECT.
+    Lost(&'static str),
+    /// Protocol violation or server decision: v5 gets DISCONNECT with this reason.
+    Error { reason: u8, what: String },
+    /// Taken over or server shutdown: DISCONNECT with reason, will per reason.
+    Kicked(u8),
+}
+
+/// Serves one client until it goes. Never panics on client input.
+pub async fn serve<S>(mut stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = &broker.config.limits;
+    let max_packet = limits.max_packet_size as usize;
+    let mut rbuf = BytesMut::with_capacity(1024);
+    let deadline = Duration::from_secs(limits.connect_timeout_secs);
+
+    let first = tokio::time::timeout(deadline, read_connect(&mut stream, &mut rbuf, max_packet)).await;
+    let connect = match first {
+        Err(_) => {
+            debug!(%peer, "no CONNECT within {}s, closing", deadline.as_secs());
+            return;
+        }
+        Ok(Err(ConnectError::Io)) => return,
+        Ok(Err(ConnectError::Decode(e))) => {
+            debug!(%peer, error = %e, "bad first packet, closing");
+            if let DecodeError::UnsupportedProtocol { level, name_is_mqtt: true } = e {
+                // [MQTT-3.1.2-2]: answer 0x01 (v3) / 0x84 (v5) and close.
+                let (version, code) = if level == 5 {
+                    (ProtocolVersion::V5, reason::UNSUPPORTED_PROTOCOL_VERSION)
+                } else {
+                    (ProtocolVersion::V311, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION)
+                };
+                let mut w = BytesMut::new();
+                let ack = ConnAck { session_present: false, code, properties: Properties::default() };
+                protocol::encode(&Packet::ConnAck(ack), version, &mut w);
+                let _ = stream.write_all(&w).await;
+            }
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+
+    let mut conn = match Conn::accept(connect, peer, &broker, &mut stream).await {
+        Some(c) => c,
+        None => return,
+    };
+    conn.rbuf = rbuf;
+    let close = conn.run(&mut stream, shutdown).await;
+    conn.finish(close, &mut stream).await;
+}
+
+enum ConnectError {
+    Io,
+    Decode(DecodeError),
+}
+
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Box<Connect>, ConnectError> {
+    loop {
+        match protocol::decode(rbuf, None, max_packet) {
+            Ok(Some(Packet::Connect(c))) => return Ok(c),
+            Ok(Some(_)) => return Err(ConnectError::Decode(DecodeError::Protocol("first packet must be CONNECT"))),
+            Ok(None) => {}
+            Err(e) => return Err(ConnectError::Decode(e)),
+        }
+        rbuf.reserve(READ_CHUNK);
+        match stream.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return Err(ConnectError::Io),
+            Ok(_) => {}
+        }
+    }
+}
+
+struct Conn {
+    broker: Arc<Broker>,
+    handle: Arc<SessionHandle>,
+    connection_id: u64,
+    control: Arc<crate::broker::ConnControl>,
+    version: ProtocolVersion,
+    client_id: ByteString,
+    peer: SocketAddr,
+    /// Seconds granted; 0 = no keep-alive.
+    keep_alive: u16,
+    will: Option<LastWill>,
+    session_expiry: u32,
+    /// Expiry asked for in CONNECT was 0: a DISCONNECT may not raise it [MQTT-3.14.2-2].
+    connect_expiry_zero: bool,
+    /// min(limits.max_inflight, client's Receive Maximum).
+    window: usize,
+    /// Largest packet the client accepts (v5 Maximum Packet Size).
+    client_max_packet: usize,
+    inbound_aliases: HashMap<u16, ByteString>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl Conn {
+    /// Validates CONNECT, attaches the session and sends CONNACK. None when refused.
+    async fn accept<S: AsyncWrite + Unpin>(
+        c: Box<Connect>,
+        peer: SocketAddr,
+        broker: &Arc<Broker>,
+        stream: &mut S,
+    ) -> Option<Conn> {
+        let cfg = &broker.config;
+        let v = c.protocol;
+        let v5 = v.is_v5();
+        let refuse = |v3code: u8, v5code: u8| if v5 { v5code } else { v3code };
+
+        let mut client_id = c.client_id.clone();
+        let mut assigned = None;
+        let mut failure = None;
+        if client_id.is_empty() {
+            if v == ProtocolVersion::V31 || (v == ProtocolVersion::V311 && !c.clean_start) {
+                // [MQTT-3.1.3-8]: empty id needs clean session in 3.1.1; 3.1 requires an id.
+                failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));
+            } else {
+                let id: ByteString = format!("tern-{:016x}", random_u64()).into();
+                client_id = id.clone();
+                if v5 {
+                    assigned = Some(id);
+                }
+            }
+        } else if client_id.len() > cfg.limits.max_client_id_length
+            || (v == ProtocolVersion::V31 && client_id.len() > 23)
+        {
+            failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));
+        }
+        if failure.is_none() && c.properties.authentication_method.is_some() {
+            // No enhanced authentication method is configured [MQTT-4.12.0-1].
+            failure = Some(reason::BAD_AUTHENTICATION_METHOD);
+        }
+        if failure.is_none() && !cfg.anonymous_allowed() {
+            failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::NOT_AUTHORIZED));
+        }
+        if let (None, Some(w)) = (failure, &c.will) {
+            if (w.qos as u8) > cfg.mqtt.maximum_qos {
+                failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::QOS_NOT_SUPPORTED));
+            } else if w.retain && !cfg.mqtt.retain_available {
+                failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::RETAIN_NOT_SUPPORTED));
+            } else if !topic_within_limits(&w.topic, cfg) {
+                failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::TOPIC_NAME_INVALID));
+            }
+        }
+        if let Some(code) = failure {
+            info!(client_id = %c.client_id, %peer, protocol = v.name(), code, "connection refused");
+            let mut w = BytesMut::new();
+            let ack = ConnAck { session_present: false, code, properties: Properties::default() };
+            protocol::encode(&Packet::ConnAck(ack), v, &mut w);
+            let _ = stream.write_all(&w).await;
+            return None;
+        }
+
+        let session_expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            EXPIRY_NEVER
+        };
+        let Attached { handle, session_present, connection_id, control } =
+            broker.attach(&client_id, c.clean_start, session_expiry, v);
+
+        let mut keep_alive = c.keep_alive;
+        let mut props = Properties::default();
+        if v5 {
+            let max_ka = cfg.limits.max_keepalive;
+            if max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
+                keep_alive = max_ka;
+                props.server_keep_alive = Some(max_ka);
+            }
+            props.assigned_client_identifier = assigned;
+            if cfg.mqtt.receive_maximum != u16::MAX {
+                props.receive_maximum = Some(cfg.mqtt.receive_maximum);
+            }
+            if cfg.mqtt.maximum_qos < 2 {
+                props.maximum_qos = Some(cfg.mqtt.maximum_qos);
+            }
+            if !cfg.mqtt.retain_available {
+                props.retain_available = Some(0);
+            }
+            props.maximum_packet_size = Some(cfg.limits.max_packet_size);
+            if cfg.mqtt.topic_alias_maximum > 0 {
+                props.topic_alias_maximum = Some(cfg.mqtt.topic_alias_maximum);
+            }
+            if !cfg.mqtt.wildcard_subscriptions {
+                props.wildcard_subscription_available = Some(0);
+            }
+            if !cfg.mqtt.subscription_identifiers {
+                props.subscription_identifiers_available = Some(0);
+            }
+            if !cfg.mqtt.shared_subscriptions {
+                props.shared_subscription_available = Some(0);
+            }
+        }
+        let client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
+        let window = usize::from(cfg.limits.max_inflight.min(client_receive_max));
+        let client_max_packet = c.properties.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
+
+        info!(
+            client_id = %client_id,
+            %peer,
+            protocol = v.name(),
+            clean_start = c.clean_start,
+            keep_alive,
+            session_present,
+            "client connected"
+        );
+
+        let mut conn = Conn {
+            broker: Arc::clone(broker),
+            handle,
+            connection_id,
+            control,
+            version: v,
+            client_id,
+            peer,
+            keep_alive,
+            will: c.will.clone(),
+            session_expiry,
+            connect_expiry_zero: session_expiry == 0,
+            window,
+            client_max_packet,
+            inbound_aliases: HashMap::new(),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::with_capacity(4096),
+        };
+        let ack = ConnAck { session_present, code: reason::SUCCESS, properties: props };
+        protocol::encode(&Packet::ConnAck(ack), v, &mut conn.wbuf);
+        conn.resend_inflight();
+        Some(conn)
+    }
+
+    /// On resuming a session, unacknowledged messages go out again first, in their original
+    /// order: PUBLISH with DUP, or PUBREL [MQTT-4.4.0-1].
+    fn resend_inflight(&mut self) {
+        let handle = Arc::clone(&self.handle);
+        let cell = handle.lock();
+        let now = Instant::now();
+        for f in cell.state.inflight() {
+            match f.state {
+                OutState::AwaitingAck => {
+                    let p = self.publish_packet(&f.delivery, Some(f.packet_id), true, now);
+                    protocol::encode(&Packet::Publish(p), self.version, &mut self.wbuf);
+                }
+                OutState::AwaitingComp => {
+                    protocol::encode(&Packet::PubRel(PubResp::new(f.packet_id)), self.version, &mut self.wbuf);
+                }
+            }
+        }
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Close {
+        let control = Arc::clone(&self.control);
+        let handle = Arc::clone(&self.handle);
+        // [MQTT-3.1.2-24]: one and a half keep-alive periods without a packet closes.
+        let ka = (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
+        let mut deadline = ka.map(|d| tokio::time::Instant::now() + d);
+        let mut more = true;
+        loop {
+            if more || !self.wbuf.is_empty() {
+                more = self.drain();
+                if let Err(close) = self.flush(stream, &control).await {
+                    return close;
+                }
+                if more {
+                    // Keep reading between big batches so acks are not starved.
+                    tokio::task::yield_now().await;
+                }
+            }
+            if *shutdown.borrow() {
+                return Close::Kicked(reason::SERVER_SHUTTING_DOWN);
+            }
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            self.rbuf.reserve(READ_CHUNK);
+            tokio::select! {
+                biased;
+                _ = control.kicked.notified() => return Close::Kicked(control.reason()),
+                _ = shutdown.changed() => return Close::Kicked(reason::SERVER_SHUTTING_DOWN),
+                r = stream.read_buf(&mut self.rbuf) => {
+                    match r {
+                        Ok(0) => return Close::Lost("connection closed by client"),
+                        Err(_) => return Close::Lost("socket error"),
+                        Ok(_) => {
+                            if let Some(d) = ka {
+                                deadline = Some(tokio::time::Instant::now() + d);
+                            }
+                            if let Err(close) = self.process_input() {
+                                // Flush acks produced before the failure, then close.
+                                let _ = self.flush(stream, &control).await;
+                                return close;
+                            }
+                            more = true;
+                        }
+                    }
+                }
+                _ = handle.notify.notified() => { more = true; }
+                _ = sleep => return Close::Error { reason: reason::KEEP_ALIVE_TIMEOUT, what: "keep-alive timeout".into() },
+            }
+        }
+    }
+
+    /// Writes the buffer, giving up if the connection is kicked meanwhile (a client that stops
+    /// reading must not keep its task alive after takeover).
+    async fn flush<S: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        control: &crate::broker::ConnControl,
+    ) -> Result<(), Close> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let result = tokio::select! {
+            r = stream.write_all(&self.wbuf) => r,
+            _ = control.kicked.notified() => return Err(Close::Kicked(control.reason())),
+        };
+        self.wbuf.clear();
+        result.map_err(|_| Close::Lost("write failed"))
+    }
+
+    fn process_input(&mut self) -> Result<(), Close> {
+        let max = self.broker.config.limits.max_packet_size as usize;
+        loop {
+            match protocol::decode(&mut self.rbuf, Some(self.version), max) {
+                Ok(Some(p)) => self.handle_packet(p)?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Close::Error { reason: e.reason_code(), what: e.to_string() }),
+            }
+        }
+    }
+
+    fn protocol_error(what: &str) -> Close {
+        Close::Error { reason: reason::PROTOCOL_ERROR, what: what.into() }
+    }
+
+    fn handle_packet(&mut self, p: Packet) -> Result<(), Close> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::PubAck(r) => {
+                self.handle.lock().state.puback(r.packet_id);
+                Ok(())
+            }
+            Packet::PubRec(r) => {
+                let known = self.handle.lock().state.pubrec(r.packet_id, r.reason < 0x80);
+                if r.reason < 0x80 {
+                    let mut rel = PubResp::new(r.packet_id);
+                    if !known && self.version.is_v5() {
+                        rel.reason = reason::PACKET_IDENTIFIER_NOT_FOUND;
+                    }
+                    self.encode(Packet::PubRel(rel));
+                }
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                let known = self.handle.lock().state.inbound_qos2_release(r.packet_id);
+                let mut comp = PubResp::new(r.packet_id);
+                if !known && self.version.is_v5() {
+                    comp.reason = reason::PACKET_IDENTIFIER_NOT_FOUND;
+                }
+                self.encode(Packet::PubComp(comp));
+                Ok(())
+            }
+            Packet::PubComp(r) => {
+                self.handle.lock().state.pubcomp(r.packet_id);
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => {
+                self.encode(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => self.on_disconnect(d),
+            Packet::Connect(_) => Err(Self::protocol_error("second CONNECT")),
+            Packet::Auth(_) => Err(Self::protocol_error("AUTH without an authentication method")),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Err(Self::protocol_error("server-to-client packet sent by client"))
+            }
+        }
+    }
+
+    fn encode(&mut self, p: Packet) {
+        protocol::encode(&p, self.version, &mut self.wbuf);
+    }
+
+    fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
+        let cfg = Arc::clone(&self.broker.config);
+        let v5 = self.version.is_v5();
+        if v5 {
+            if !p.properties.subscription_identifiers.is_empty() {
+                // [MQTT-3.3.4-6]
+                return Err(Self::protocol_error("PUBLISH from a client with a Subscription Identifier"));
+            }
+            if let Some(alias) = p.properties.topic_alias.take() {
+                if alias == 0 || alias > cfg.mqtt.topic_alias_maximum {
+                    return Err(Close::Error {
+                        reason: reason::TOPIC_ALIAS_INVALID,
+                        what: format!("topic alias {alias}"),
+                    });
+                }
+                if p.topic.is_empty() {
+                    match self.inbound_aliases.get(&alias) {
+                        Some(t) => p.topic = t.clone(),
+                        None => return Err(Self::protocol_error("unknown topic alias")),
+                    }
+                } else {
+                    self.inbound_aliases.insert(alias, p.topic.clone());
+                }
+            }
+        }
+        if p.topic.is_empty() {
+            return Err(Self::protocol_error("empty topic"));
+        }
+        if !topic_within_limits(&p.topic, &cfg) {
+            return Err(Close::Error {
+                reason: reason::TOPIC_NAME_INVALID,
+                what: "topic over the configured length or depth".into(),
+            });
+        }
+        if (p.qos as u8) > cfg.mqtt.maximum_qos {
+            return Err(Close::Error { reason: reason::QOS_NOT_SUPPORTED, what: "QoS above maximum".into() });
+        }
+        if p.retain && !cfg.mqtt.retain_available {
+            return Err(Close::Error { reason: reason::RETAIN_NOT_SUPPORTED, what: "retain not available".into() });
+        }
+        let mut ack_reason = reason::SUCCESS;
+        if v5 && p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            ack_reason = reason::PAYLOAD_FORMAT_INVALID;
+        }
+        let pid = p.packet_id.unwrap_or(0);
+        match p.qos {
+            QoS::AtMostOnce => {
+                if ack_reason == reason::SUCCESS {
+                    self.route(p);
+                }
+            }
+            QoS::AtLeastOnce => {
+                if ack_reason == reason::SUCCESS {
+                    let n = self.route(p);
+                    if n == 0 && v5 {
+                        ack_reason = reason::NO_MATCHING_SUBSCRIBERS;
+                    }
+                }
+                self.encode(Packet::PubAck(PubResp {
+                    packet_id: pid,
+                    reason: ack_reason,
+                    properties: Properties::default(),
+                }));
+            }
+            QoS::ExactlyOnce => {
+                if ack_reason == reason::SUCCESS {
+                    let (first, pending) = {
+                        let mut cell = self.handle.lock();
+                        let first = cell.state.inbound_qos2_begin(pid);
+                        (first, cell.state.inbound_qos2_len())
+                    };
+                    if first {
+                        if v5 && pending > usize::from(cfg.mqtt.receive_maximum) {
+                            return Err(Close::Error {
+                                reason: reason::RECEIVE_MAXIMUM_EXCEEDED,
+                                what: "more unreleased QoS 2 publishes than Receive Maximum".into(),
+                            });
+                        }
+                        let n = self.route(p);
+                        if n == 0 && v5 {
+                            ack_reason = reason::NO_MATCHING_SUBSCRIBERS;
+                        }
+                    }
+                    // A duplicate (same id before PUBREL) is acknowledged again but not
+                    // delivered again [MQTT-4.3.3-9].
+                }
+                self.encode(Packet::PubRec(PubResp {
+                    packet_id: pid,
+                    reason: ack_reason,
+                    properties: Properties::default(),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a client's PUBLISH to the broker; returns how many sessions it reached.
+    fn route(&mut self, p: Publish) -> usize {
+        let mut props = p.properties;
+        let expiry = props.message_expiry_interval.take();
+        props.topic_alias = None;
+        let msg = Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            properties: props,
+            origin: self.client_id.clone(),
+            received_at: Instant::now(),
+            expiry_interval: expiry,
+        };
+        self.broker.publish(Arc::new(msg))
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
+        let cfg = Arc::clone(&self.broker.config);
+        let v5 = self.version.is_v5();
+        let sub_id = s.properties.subscription_identifiers.first().copied();
+        if sub_id.is_some() && !cfg.mqtt.subscription_identifiers {
+            return Err(Close::Error {
+                reason: reason::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+                what: "subscription identifiers are disabled".into(),
+            });
+        }
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for (filter, mut opts) in s.filters {
+            let shared = topic::is_shared(&filter);
+            if shared && opts.no_local && v5 {
+                // [MQTT-3.8.3-4]
+                return Err(Self::protocol_error("No Local on a shared subscription"));
+            }
+            let plain = topic::parse_shared(&filter).map_or(&*filter, |(_, f)| f);
+            let failure = if shared && topic::parse_shared(&filter).is_none() {
+                Some(reason::TOPIC_FILTER_INVALID)
+            } else if shared && !cfg.mqtt.shared_subscriptions {
+                Some(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
+            } else if !cfg.mqtt.wildcard_subscriptions && plain.contains(['+', '#']) {
+                Some(reason::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
+            } else if !topic_within_limits(plain, &cfg) {
+                Some(reason::TOPIC_FILTER_INVALID)
+            } else {
+                None
+            };
+            if let Some(code) = failure {
+                codes.push(if v5 { code } else { reason::v3::SUBACK_FAILURE });
+                continue;
+            }
+            opts.qos = opts.qos.min(QoS::from_u8(cfg.mqtt.maximum_qos).unwrap_or(QoS::ExactlyOnce));
+            let result = self.broker.subscribe(&self.handle, &filter, opts, sub_id);
+            codes.push(opts.qos as u8);
+            // Retain Handling [MQTT-3.3.1-9..11]; never for shared subscriptions [MQTT-3.8.4-?].
+            let send = !result.shared
+                && match opts.retain_handling {
+                    0 => true,
+                    1 => !result.existed,
+                    _ => false,
+                };
+            if send {
+                for m in self.broker.retained_for(plain) {
+                    retained.push(Delivery {
+                        qos: m.qos.min(opts.qos),
+                        msg: m,
+                        retain: true,
+                        subscription_ids: sub_id.into_iter().collect(),
+                    });
+                }
+            }
+        }
+        self.encode(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            return_codes: codes,
+            properties: Properties::default(),
+        }));
+        self.handle.deliver_retained(retained);
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let existed = self.broker.unsubscribe(&self.handle, f);
+            codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
+        }
+        if !self.version.is_v5() {
+            codes.clear();
+        }
+        self.encode(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reason_codes: codes,
+            properties: Properties::default(),
+        }));
+        Ok(())
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> Result<(), Close> {
+        if let Some(e) = d.properties.session_expiry_interval {
+            if self.connect_expiry_zero && e != 0 {
+                return Err(Self::protocol_error("DISCONNECT raised a zero Session Expiry Interval"));
+            }
+            self.session_expiry = e;
+        }
+        Err(Close::Client { publish_will: d.reason == reason::DISCONNECT_WITH_WILL })
+    }
+
+    /// Moves queued deliveries into the write buffer while the in-flight window allows.
+    /// Returns true if it stopped because the buffer is full (more may be waiting).
+    fn drain(&mut self) -> bool {
+        let handle = Arc::clone(&self.handle);
+        let mut cell = handle.lock();
+        if cell.owner != self.connection_id {
+            return false; // taken over; the kick will end this connection
+        }
+        let now = Instant::now();
+        let mut sent = 0u64;
+        let full = loop {
+            if self.wbuf.len() >= WRITE_BATCH {
+                break true;
+            }
+            let Some(out) = cell.state.next_outgoing(self.window, now) else { break false };
+            let (d, pid) = match out {
+                Outgoing::Unacked(d) => (d, None),
+                Outgoing::Tracked(pid, d) => (d, Some(pid)),
+            };
+            let p = self.publish_packet(&d, pid, false, now);
+            let packet = Packet::Publish(p);
+            if self.client_max_packet != usize::MAX
+                && protocol::encoded_len(&packet, self.version) > self.client_max_packet
+            {
+                // [MQTT-3.1.2-25]: too large for this client; discard as if delivered.
+                if let Some(pid) = pid {
+                    cell.state.discard(pid);
+                }
+                cell.state.dropped += 1;
+                self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            protocol::encode(&packet, self.version, &mut self.wbuf);
+            sent += 1;
+        };
+        drop(cell);
+        if sent > 0 {
+            self.broker.metrics.messages_sent.fetch_add(sent, Ordering::Relaxed);
+        }
+        full
+    }
+
+    fn publish_packet(&self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> Publish {
+        let m = &d.msg;
+        let properties = if self.version.is_v5() {
+            let mut p = m.properties.clone();
+            p.message_expiry_interval = m.remaining_expiry(now);
+            p.subscription_identifiers = d.subscription_ids.clone();
+            p
+        } else {
+            Properties::default()
+        };
+        Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic: m.topic.clone(),
+            packet_id,
+            payload: m.payload.clone(),
+            properties,
+        }
+    }
+
+    /// Says goodbye as the close reason requires, publishes the will when due, and detaches.
+    async fn finish<S: AsyncWrite + Unpin>(mut self, close: Close, stream: &mut S) {
+        let v5 = self.version.is_v5();
+        let (publish_will, why, reason_code) = match &close {
+            Close::Client { publish_will } => (*publish_will, "client disconnected".to_string(), None),
+            Close::Lost(what) => (true, (*what).to_string(), None),
+            Close::Error { reason, what } => (true, what.clone(), Some(*reason)),
+            Close::Kicked(reason) => {
+                (*reason != reason::SERVER_SHUTTING_DOWN, kick_text(*reason).to_string(), Some(*reason))
+            }
+        };
+        if let (true, Some(code)) = (v5, reason_code) {
+            self.wbuf.clear();
+            self.encode(Packet::Disconnect(Disconnect { reason: code, properties: Properties::default() }));
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&self.wbuf)).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        info!(client_id = %self.client_id, peer = %self.peer, reason = %why, "client disconnected");
+        if let (true, Some(w)) = (publish_will, self.will.take()) {
+            self.publish_will(w);
+        }
+        self.broker.detach(&self.handle, self.connection_id, self.session_expiry);
+    }
+
+    fn publish_will(&self, w: LastWill) {
+        let mut props = w.properties;
+        let expiry = props.message_expiry_interval.take();
+        props.will_delay_interval = None;
+        let msg = Message {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            properties: props,
+            origin: self.client_id.clone(),
+            received_at: Instant::now(),
+            expiry_interval: expiry,
+        };
+        self.broker.publish(Arc::new(msg));
+    }
+}
+
+fn kick_text(reason: u8) -> &'static str {
+    match reason {
+        reason::SESSION_TAKEN_OVER => "session taken over",
+        reason::SERVER_SHUTTING_DOWN => "server shutting down",
+        _ => "closed by server",
+    }
+}
+
+fn topic_within_limits(t: &str, cfg: &crate::config::Config) -> bool {
+    t.len() <= cfg.limits.max_topic_length && level_count(t) <= cfg.limits.max_topic_levels
+}
+
+/// Unpredictable enough for assigned client ids, without a dependency: std's hasher is
+/// seeded randomly per process, and mixing in the time and a counter keeps ids distinct.
+fn random_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::AtomicU64;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}

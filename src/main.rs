@@ -1,0 +1,93 @@
+//! The `tern` binary: parse `-c FILE`, set up logging, run until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tern::Config;
+use tracing::{error, info};
+
+fn usage() -> &'static str {
+    "usage: tern [-c|--config FILE]\n\nWith no FILE, the embedded default config is used (listen on 127.0.0.1:1883, data in ./data).\nEnvironment variables TERN__SECTION__KEY override keys, e.g. TERN__LIMITS__MAX_INFLIGHT=128.\nRUST_LOG sets the log filter (default: info)."
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut file: Option<PathBuf> = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-c" | "--config" => match args.next() {
+                Some(f) => file = Some(PathBuf::from(f)),
+                None => {
+                    eprintln!("tern: -c needs a file name\n\n{}", usage());
+                    return ExitCode::from(2);
+                }
+            },
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("tern {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("tern: unknown argument `{other}`\n\n{}", usage());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+
+    let config = match Config::load(file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tern: configuration error: {e}");
+            return ExitCode::from(78);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tern: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let handle = match tern::start(config).await {
+            Ok(h) => h,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!("tern {} ready", env!("CARGO_PKG_VERSION"));
+        wait_for_signal().await;
+        info!("shutting down");
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,49 @@
+//! An application message as the broker holds it between one publisher and its subscribers.
+//!
+//! Owns nothing but data: one `Arc<Message>` is shared by every subscriber and queue it goes
+//! to, and its payload is the `Bytes` slice decoded from the publisher's socket buffer.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+
+use crate::protocol::{Properties, QoS};
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: ByteString,
+    pub payload: Bytes,
+    /// QoS the publisher sent it with; each subscriber gets min(this, granted).
+    pub qos: QoS,
+    /// Retain flag as published.
+    pub retain: bool,
+    /// v5 properties forwarded to subscribers unchanged: payload format, content type,
+    /// response topic, correlation data, user properties. Never topic alias or subscription
+    /// identifiers, which are per connection. Message expiry is kept in `expires_at`.
+    pub properties: Properties,
+    /// Client id of the publisher, for No Local.
+    pub origin: ByteString,
+    /// When the message was received, for the Message Expiry Interval.
+    pub received_at: Instant,
+    /// Message Expiry Interval from the publisher, in seconds.
+    pub expiry_interval: Option<u32>,
+}
+
+impl Message {
+    /// True when the message's expiry interval has run out.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        match self.expiry_interval {
+            Some(secs) => now.duration_since(self.received_at).as_secs() >= u64::from(secs),
+            None => false,
+        }
+    }
+
+    /// Expiry interval left, to forward to a subscriber (v5 3.3.2.3.3).
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expiry_interval.map(|secs| {
+            let waited = now.duration_since(self.received_at).as_secs();
+            u32::try_from(u64::from(secs).saturating_sub(waited)).unwrap_or(0)
+        })
+    }
+}

@@ -1,0 +1,15 @@
+//! The MQTT wire format: packets of 3.1, 3.1.1 and 5.0, their strict decoding and encoding,
+//! topic name and filter validation, and reason codes.
+//!
+//! Owns: bytes <-> `Packet`. Knows nothing of sessions, sockets or the broker; holds no state
+//! beyond the protocol level the caller passes in.
+
+mod decode;
+mod encode;
+mod packet;
+pub mod reason;
+pub mod topic;
+
+pub use decode::{decode, DecodeError};
+pub use encode::{encode, encoded_len};
+pub use packet::*;

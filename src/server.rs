@@ -1,0 +1,129 @@
+//! Listeners and the life of the server: binds every configured listener, accepts
+//! connections up to `limits.max_connections`, spawns one task per connection, and stops
+//! them all on shutdown.
+//!
+//! Owns sockets until a connection task takes one. Knows nothing of MQTT packets.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::store::{MemoryStore, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener address could not be bound.
+    #[error("cannot listen on {bind} (config key listener[{index}].bind): {source}")]
+    Bind { bind: String, index: usize, source: io::Error },
+}
+
+/// A running broker. Dropping it does not stop it; call `shutdown`.
+pub struct BrokerHandle {
+    addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    pub broker: Arc<Broker>,
+}
+
+impl BrokerHandle {
+    /// Address of the first listener (tests bind port 0 and ask).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Stops accepting, tells v5 clients the server is shutting down (0x8B), and waits
+    /// briefly for connections to close.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+/// Binds the listeners and starts serving. Returns once every listener is bound.
+pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    start_with_store(config, store).await
+}
+
+pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<BrokerHandle, StartError> {
+    let config = Arc::new(config);
+    let broker = Arc::new(Broker::new(Arc::clone(&config), store));
+    let (tx, rx) = watch::channel(false);
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut addrs = Vec::new();
+    let mut tasks = Vec::new();
+    for (index, l) in config.listener.iter().enumerate() {
+        let listener = TcpListener::bind(&l.bind).await.map_err(|source| StartError::Bind {
+            bind: l.bind.clone(),
+            index,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind { bind: l.bind.clone(), index, source })?;
+        info!(%addr, "listening (mqtt over tcp)");
+        addrs.push(addr);
+        tasks.push(tokio::spawn(accept_loop(listener, Arc::clone(&broker), rx.clone(), Arc::clone(&live))));
+    }
+    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    mut shutdown: watch::Receiver<bool>,
+    live: Arc<AtomicUsize>,
+) {
+    let max = broker.config.limits.max_connections;
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        // Reap finished connection tasks so the set does not grow with history.
+        while conns.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if live.load(Ordering::Relaxed) >= max {
+            warn!(%peer, max, "connection refused: limits.max_connections reached");
+            drop(stream);
+            continue;
+        }
+        live.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let broker = Arc::clone(&broker);
+        let rx = shutdown.clone();
+        let live = Arc::clone(&live);
+        conns.spawn(async move {
+            serve_tcp(stream, peer, broker, rx).await;
+            live.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    // Connections see the same shutdown signal; give them a moment to say goodbye.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while conns.join_next().await.is_some() {} }).await;
+}
+
+async fn serve_tcp(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
+    crate::connection::serve(stream, peer, broker, shutdown).await;
+}

@@ -1,0 +1,330 @@
+//! Per-client session state as a pure state machine: the queue of messages waiting to be
+//! sent, the outbound QoS 1/2 in-flight window with packet ids, and the inbound QoS 2 packet
+//! ids awaiting PUBREL.
+//!
+//! Owns MQTT delivery rules for one client. No I/O, no clock reads of its own beyond what the
+//! caller passes, no knowledge of the broker, sockets or store.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::message::Message;
+use crate::protocol::QoS;
+
+/// One message on its way to one subscriber.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    /// min(published QoS, granted QoS).
+    pub qos: QoS,
+    /// Retain flag as sent to this subscriber.
+    pub retain: bool,
+    /// Subscription identifiers of the matching subscriptions (v5).
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Where an outbound QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutState {
+    /// PUBLISH sent (or to be sent), waiting for PUBACK / PUBREC.
+    AwaitingAck,
+    /// PUBREC received, PUBREL sent, waiting for PUBCOMP.
+    AwaitingComp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub packet_id: u16,
+    pub delivery: Delivery,
+    pub state: OutState,
+}
+
+/// What the connection should send next.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// QoS 0: fire and forget.
+    Unacked(Delivery),
+    /// QoS 1/2 with its assigned packet id, now in flight.
+    Tracked(u16, Delivery),
+}
+
+/// Why a message was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    QueueFull,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_messages: usize,
+    /// 0 = unlimited.
+    pub max_bytes: usize,
+}
+
+#[derive(Debug)]
+pub struct SessionState {
+    queue: VecDeque<Delivery>,
+    queued_bytes: usize,
+    inflight: VecDeque<Inflight>,
+    next_packet_id: u16,
+    inbound_qos2: HashSet<u16>,
+    limits: QueueLimits,
+    /// Messages dropped since the session began (queue full, expired, too large).
+    pub dropped: u64,
+}
+
+impl SessionState {
+    pub fn new(limits: QueueLimits) -> Self {
+        SessionState {
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            inflight: VecDeque::new(),
+            next_packet_id: 1,
+            inbound_qos2: HashSet::new(),
+            limits,
+            dropped: 0,
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Queues a message within the session's limits.
+    pub fn enqueue(&mut self, d: Delivery) -> Result<(), Dropped> {
+        let size = d.msg.payload.len();
+        let over_bytes = self.limits.max_bytes != 0 && self.queued_bytes + size > self.limits.max_bytes;
+        if self.queue.len() >= self.limits.max_messages || over_bytes {
+            self.dropped += 1;
+            return Err(Dropped::QueueFull);
+        }
+        self.queued_bytes += size;
+        self.queue.push_back(d);
+        Ok(())
+    }
+
+    /// Queues without the limits: retained messages sent on subscribe are bounded by the
+    /// retained store, and dropping some would break "all matching retained are sent".
+    pub fn enqueue_unbounded(&mut self, d: Delivery) {
+        self.queued_bytes += d.msg.payload.len();
+        self.queue.push_back(d);
+    }
+
+    /// Takes the next message to send if the in-flight window allows. Expired messages are
+    /// skipped and counted. QoS 0 behind a blocked QoS 1/2 message waits, keeping order.
+    pub fn next_outgoing(&mut self, window: usize, now: Instant) -> Option<Outgoing> {
+        loop {
+            let front = self.queue.front()?;
+            if front.msg.is_expired(now) {
+                self.pop_front();
+                self.dropped += 1;
+                continue;
+            }
+            if front.qos == QoS::AtMostOnce {
+                return self.pop_front().map(Outgoing::Unacked);
+            }
+            if self.inflight.len() >= window {
+                return None;
+            }
+            let d = self.pop_front()?;
+            let pid = self.allocate_packet_id()?;
+            self.inflight.push_back(Inflight { packet_id: pid, delivery: d.clone(), state: OutState::AwaitingAck });
+            return Some(Outgoing::Tracked(pid, d));
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Delivery> {
+        let d = self.queue.pop_front()?;
+        self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.payload.len());
+        Some(d)
+    }
+
+    /// Next free packet id, skipping ids still in flight. None only if all 65,535 are in use,
+    /// which the window (at most 65,535) prevents.
+    fn allocate_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..=u16::MAX {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.iter().any(|f| f.packet_id == id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn position(&self, pid: u16, state: OutState) -> Option<usize> {
+        // Acks nearly always arrive in order, so the front is checked first.
+        self.inflight.iter().position(|f| f.packet_id == pid && f.state == state)
+    }
+
+    /// PUBACK for a QoS 1 message. False if no such message was in flight.
+    pub fn puback(&mut self, pid: u16) -> bool {
+        match self.position(pid, OutState::AwaitingAck) {
+            Some(i) if self.inflight[i].delivery.qos == QoS::AtLeastOnce => {
+                self.inflight.remove(i);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// PUBREC for a QoS 2 message; the caller answers with PUBREL either way.
+    /// `success` is false for a v5 PUBREC with an error reason: the message is then done.
+    pub fn pubrec(&mut self, pid: u16, success: bool) -> bool {
+        match self.position(pid, OutState::AwaitingAck) {
+            Some(i) if self.inflight[i].delivery.qos == QoS::ExactlyOnce => {
+                if success {
+                    self.inflight[i].state = OutState::AwaitingComp;
+                } else {
+                    self.inflight.remove(i);
+                }
+                true
+            }
+            _ => self.position(pid, OutState::AwaitingComp).is_some(),
+        }
+    }
+
+    /// PUBCOMP ends a QoS 2 delivery.
+    pub fn pubcomp(&mut self, pid: u16) -> bool {
+        match self.position(pid, OutState::AwaitingComp) {
+            Some(i) => {
+                self.inflight.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets an in-flight message without an acknowledgement (it could not be sent).
+    pub fn discard(&mut self, pid: u16) {
+        self.inflight.retain(|f| f.packet_id != pid);
+    }
+
+    /// In-flight messages in the order they were first sent, to resend on reconnect
+    /// (PUBLISH with DUP, or PUBREL).
+    pub fn inflight(&self) -> impl Iterator<Item = &Inflight> {
+        self.inflight.iter()
+    }
+
+    /// Takes every in-flight and queued message out, e.g. to give a departing shared
+    /// subscriber's messages to another member.
+    pub fn drain_all(&mut self) -> Vec<Delivery> {
+        let mut out: Vec<Delivery> = self.inflight.drain(..).map(|f| f.delivery).collect();
+        out.extend(self.queue.drain(..));
+        self.queued_bytes = 0;
+        out
+    }
+
+    /// Inbound QoS 2: records the packet id; false if it was already recorded (a duplicate
+    /// that must not be delivered again).
+    pub fn inbound_qos2_begin(&mut self, pid: u16) -> bool {
+        self.inbound_qos2.insert(pid)
+    }
+
+    /// Inbound QoS 2 PUBREL: forgets the id; false if it was unknown.
+    pub fn inbound_qos2_release(&mut self, pid: u16) -> bool {
+        self.inbound_qos2.remove(&pid)
+    }
+
+    pub fn inbound_qos2_len(&self) -> usize {
+        self.inbound_qos2.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn d(qos: QoS, payload: &'static str) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: "t".into(),
+                payload: Bytes::from_static(payload.as_bytes()),
+                qos,
+                retain: false,
+                properties: Default::default(),
+                origin: "p".into(),
+                received_at: Instant::now(),
+                expiry_interval: None,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: vec![],
+        }
+    }
+
+    fn limits() -> QueueLimits {
+        QueueLimits { max_messages: 3, max_bytes: 0 }
+    }
+
+    #[test]
+    fn window_limits_inflight_and_keeps_order() {
+        let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0 });
+        s.enqueue(d(QoS::AtLeastOnce, "1")).unwrap();
+        s.enqueue(d(QoS::AtLeastOnce, "2")).unwrap();
+        s.enqueue(d(QoS::AtMostOnce, "3")).unwrap();
+        let now = Instant::now();
+        let Some(Outgoing::Tracked(p1, _)) = s.next_outgoing(1, now) else { panic!() };
+        assert!(s.next_outgoing(1, now).is_none(), "window of 1 is full; QoS 0 waits behind message 2");
+        assert!(s.puback(p1));
+        assert!(!s.puback(p1), "second PUBACK for the same id is unknown");
+        let Some(Outgoing::Tracked(p2, m)) = s.next_outgoing(1, now) else { panic!() };
+        assert_ne!(p1, p2);
+        assert_eq!(&m.msg.payload[..], b"2");
+        let Some(Outgoing::Unacked(m)) = s.next_outgoing(1, now) else { panic!() };
+        assert_eq!(&m.msg.payload[..], b"3");
+    }
+
+    #[test]
+    fn qos2_outbound_states() {
+        let mut s = SessionState::new(limits());
+        s.enqueue(d(QoS::ExactlyOnce, "x")).unwrap();
+        let Some(Outgoing::Tracked(p, _)) = s.next_outgoing(10, Instant::now()) else { panic!() };
+        assert!(!s.puback(p), "PUBACK does not complete QoS 2");
+        assert!(!s.pubcomp(p), "PUBCOMP before PUBREC is unknown");
+        assert!(s.pubrec(p, true));
+        assert_eq!(s.inflight().next().map(|f| f.state), Some(OutState::AwaitingComp));
+        assert!(s.pubcomp(p));
+        assert_eq!(s.inflight_len(), 0);
+    }
+
+    #[test]
+    fn queue_limit_drops_and_counts() {
+        let mut s = SessionState::new(limits());
+        for _ in 0..3 {
+            s.enqueue(d(QoS::AtLeastOnce, "x")).unwrap();
+        }
+        assert_eq!(s.enqueue(d(QoS::AtLeastOnce, "x")), Err(Dropped::QueueFull));
+        assert_eq!(s.dropped, 1);
+        let mut b = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 5 });
+        b.enqueue(d(QoS::AtLeastOnce, "abc")).unwrap();
+        assert!(b.enqueue(d(QoS::AtLeastOnce, "abc")).is_err());
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_wrap() {
+        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0 });
+        s.next_packet_id = u16::MAX;
+        s.enqueue(d(QoS::AtLeastOnce, "a")).unwrap();
+        s.enqueue(d(QoS::AtLeastOnce, "b")).unwrap();
+        let now = Instant::now();
+        let Some(Outgoing::Tracked(a, _)) = s.next_outgoing(10, now) else { panic!() };
+        let Some(Outgoing::Tracked(b, _)) = s.next_outgoing(10, now) else { panic!() };
+        assert_eq!((a, b), (u16::MAX, 1));
+    }
+
+    #[test]
+    fn inbound_qos2_dedup() {
+        let mut s = SessionState::new(limits());
+        assert!(s.inbound_qos2_begin(7));
+        assert!(!s.inbound_qos2_begin(7));
+        assert!(s.inbound_qos2_release(7));
+        assert!(!s.inbound_qos2_release(7));
+    }
+}

@@ -1,0 +1,278 @@
+//! The subscription trie: one node per topic level, `+` and `#` stored as ordinary level
+//! names, so a PUBLISH visits only the branches its levels can match instead of scanning
+//! every filter.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytestring::ByteString;
+
+use super::split_level;
+use crate::protocol::SubscriptionOptions;
+
+/// One subscription of one client.
+#[derive(Debug, Clone)]
+pub struct Entry<T> {
+    pub client: ByteString,
+    pub target: T,
+    pub options: SubscriptionOptions,
+    pub subscription_id: Option<u32>,
+}
+
+#[derive(Debug)]
+struct SharedGroup<T> {
+    name: Box<str>,
+    members: Vec<Entry<T>>,
+    /// Round-robin cursor; atomic so matching can advance it under a read lock.
+    next: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Node<T> {
+    children: HashMap<Box<str>, Node<T>>,
+    subscribers: Vec<Entry<T>>,
+    shared: Vec<SharedGroup<T>>,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node { children: HashMap::new(), subscribers: Vec::new(), shared: Vec::new() }
+    }
+}
+
+impl<T> Node<T> {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+    }
+}
+
+/// Filters to subscribers. `T` is whatever the caller delivers to (a session handle).
+#[derive(Debug)]
+pub struct SubscriptionTrie<T> {
+    root: Node<T>,
+    count: usize,
+}
+
+impl<T> Default for SubscriptionTrie<T> {
+    fn default() -> Self {
+        SubscriptionTrie { root: Node::default(), count: 0 }
+    }
+}
+
+impl<T: Clone> SubscriptionTrie<T> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of subscriptions held.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds or replaces the client's subscription to `filter` (in `group` when shared).
+    /// Returns true when it replaced an existing one.
+    pub fn subscribe(&mut self, filter: &str, group: Option<&str>, entry: Entry<T>) -> bool {
+        let mut node = &mut self.root;
+        let mut rest = Some(filter);
+        while let Some(s) = rest {
+            let (head, tail) = split_level(s);
+            node = node.children.entry(head.into()).or_default();
+            rest = tail;
+        }
+        let list = match group {
+            None => &mut node.subscribers,
+            Some(g) => {
+                let idx = match node.shared.iter().position(|sg| &*sg.name == g) {
+                    Some(i) => i,
+                    None => {
+                        node.shared.push(SharedGroup {
+                            name: g.into(),
+                            members: Vec::new(),
+                            next: AtomicUsize::new(0),
+                        });
+                        node.shared.len() - 1
+                    }
+                };
+                &mut node.shared[idx].members
+            }
+        };
+        if let Some(existing) = list.iter_mut().find(|e| e.client == entry.client) {
+            *existing = entry;
+            true
+        } else {
+            list.push(entry);
+            self.count += 1;
+            false
+        }
+    }
+
+    /// Removes the client's subscription; returns whether it existed.
+    pub fn unsubscribe(&mut self, filter: &str, group: Option<&str>, client: &str) -> bool {
+        let removed = remove_in(&mut self.root, Some(filter), group, client);
+        if removed {
+            self.count -= 1;
+        }
+        removed
+    }
+
+    /// Every subscription matching `topic`: all non-shared ones, and one member of each shared
+    /// group (round-robin). A client may appear several times; merging is the caller's choice.
+    pub fn matches(&self, topic: &str, out: &mut Vec<Entry<T>>) {
+        // [MQTT-4.7.2-1] a leading wildcard never matches a topic starting with '$'.
+        let dollar = topic.starts_with('$');
+        collect(&self.root, Some(topic), !dollar, out);
+    }
+
+    /// Calls `f` for every member of a shared group but the one given, so a message left
+    /// unacknowledged by a departing member can be handed to another.
+    pub fn shared_members(&self, filter: &str, group: &str) -> Vec<Entry<T>> {
+        let mut node = &self.root;
+        let mut rest = Some(filter);
+        while let Some(s) = rest {
+            let (head, tail) = split_level(s);
+            match node.children.get(head) {
+                Some(n) => node = n,
+                None => return Vec::new(),
+            }
+            rest = tail;
+        }
+        node.shared.iter().find(|g| &*g.name == group).map(|g| g.members.clone()).unwrap_or_default()
+    }
+}
+
+fn push_node<T: Clone>(node: &Node<T>, out: &mut Vec<Entry<T>>) {
+    out.extend(node.subscribers.iter().cloned());
+    for g in &node.shared {
+        if g.members.is_empty() {
+            continue;
+        }
+        let i = g.next.fetch_add(1, Ordering::Relaxed) % g.members.len();
+        out.push(g.members[i].clone());
+    }
+}
+
+fn collect<T: Clone>(node: &Node<T>, rest: Option<&str>, wildcards: bool, out: &mut Vec<Entry<T>>) {
+    if wildcards {
+        // `a/#` also matches `a` itself [MQTT-4.7.1-2].
+        if let Some(hash) = node.children.get("#") {
+            push_node(hash, out);
+        }
+    }
+    let Some(s) = rest else {
+        push_node(node, out);
+        return;
+    };
+    let (head, tail) = split_level(s);
+    if wildcards {
+        if let Some(plus) = node.children.get("+") {
+            collect(plus, tail, true, out);
+        }
+    }
+    if let Some(child) = node.children.get(head) {
+        collect(child, tail, true, out);
+    }
+}
+
+fn remove_in<T>(node: &mut Node<T>, rest: Option<&str>, group: Option<&str>, client: &str) -> bool {
+    match rest {
+        None => {
+            let list = match group {
+                None => &mut node.subscribers,
+                Some(g) => match node.shared.iter_mut().find(|sg| &*sg.name == g) {
+                    Some(sg) => &mut sg.members,
+                    None => return false,
+                },
+            };
+            let before = list.len();
+            list.retain(|e| e.client != client);
+            let removed = list.len() != before;
+            node.shared.retain(|sg| !sg.members.is_empty());
+            removed
+        }
+        Some(s) => {
+            let (head, tail) = split_level(s);
+            let Some(child) = node.children.get_mut(head) else {
+                return false;
+            };
+            let removed = remove_in(child, tail, group, client);
+            if child.is_empty() {
+                node.children.remove(head);
+            }
+            removed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::QoS;
+
+    fn entry(client: &str, qos: QoS) -> Entry<u32> {
+        Entry {
+            client: client.into(),
+            target: 0,
+            options: SubscriptionOptions { qos, ..Default::default() },
+            subscription_id: None,
+        }
+    }
+
+    fn matched(t: &SubscriptionTrie<u32>, topic: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        t.matches(topic, &mut out);
+        let mut v: Vec<String> = out.into_iter().map(|e| e.client.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn wildcards_and_dollar_rule() {
+        let mut t = SubscriptionTrie::new();
+        for (c, f) in
+            [("a", "a/b"), ("b", "a/+"), ("c", "#"), ("d", "a/#"), ("e", "+/+"), ("f", "$SYS/#"), ("g", "+/b")]
+        {
+            t.subscribe(f, None, entry(c, QoS::AtMostOnce));
+        }
+        assert_eq!(matched(&t, "a/b"), ["a", "b", "c", "d", "e", "g"]);
+        assert_eq!(matched(&t, "a"), ["c", "d"]);
+        assert_eq!(matched(&t, "a/b/c"), ["c", "d"]);
+        assert_eq!(matched(&t, "$SYS/x"), ["f"]);
+        assert_eq!(matched(&t, "$SYS"), ["f"]);
+        assert_eq!(matched(&t, "/b"), ["c", "e", "g"]);
+    }
+
+    #[test]
+    fn replace_and_remove_prune() {
+        let mut t = SubscriptionTrie::new();
+        assert!(!t.subscribe("x/y", None, entry("a", QoS::AtMostOnce)));
+        assert!(t.subscribe("x/y", None, entry("a", QoS::ExactlyOnce)));
+        assert_eq!(t.len(), 1);
+        let mut out = Vec::new();
+        t.matches("x/y", &mut out);
+        assert_eq!(out[0].options.qos, QoS::ExactlyOnce);
+        assert!(t.unsubscribe("x/y", None, "a"));
+        assert!(!t.unsubscribe("x/y", None, "a"));
+        assert!(t.root.is_empty());
+    }
+
+    #[test]
+    fn shared_group_round_robin() {
+        let mut t = SubscriptionTrie::new();
+        t.subscribe("s/+", Some("g"), entry("a", QoS::AtMostOnce));
+        t.subscribe("s/+", Some("g"), entry("b", QoS::AtMostOnce));
+        t.subscribe("s/+", None, entry("c", QoS::AtMostOnce));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let m = matched(&t, "s/1");
+            assert_eq!(m.len(), 2);
+            assert!(m.contains(&"c".to_string()));
+            seen.extend(m.into_iter().filter(|c| c != "c"));
+        }
+        seen.sort();
+        assert_eq!(seen, ["a", "a", "b", "b"]);
+    }
+}
