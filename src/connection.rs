@@ -24,7 +24,7 @@ use crate::protocol::{
     self, reason, topic, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
     PubResp, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::session::{Delivery, OutState, Outgoing};
+use crate::session::{Ack, Delivery, OutState, Outgoing};
 use crate::topics::level_count;
 
 /// Encoded bytes gathered before a write; past this the loop writes and comes back for more,
@@ -43,6 +43,10 @@ enum Close {
     Error { reason: u8, what: String },
     /// Taken over or server shutdown: DISCONNECT with reason, will per reason.
     Kicked(u8),
+    /// Protocol violation answered by closing without a DISCONNECT: a bad DISCONNECT or
+    /// PINGREQ (as mosquitto does; the spec's DISCONNECT there is a SHOULD), or a v5 CONNACK
+    /// that would exceed the client's Maximum Packet Size.
+    Silent(String),
 }
 
 /// Serves one client until it goes. Never panics on client input.
@@ -64,9 +68,9 @@ where
         Ok(Err(ConnectError::Io)) => return,
         Ok(Err(ConnectError::Decode(e))) => {
             debug!(%peer, error = %e, "bad first packet, closing");
-            if let DecodeError::UnsupportedProtocol { level, name_is_mqtt: true } = e {
+            if let DecodeError::UnsupportedProtocol { level, name_is_mqtt } = e {
                 // [MQTT-3.1.2-2]: answer 0x01 (v3) / 0x84 (v5) and close.
-                let (version, code) = if level == 5 {
+                let (version, code) = if level == 5 && name_is_mqtt {
                     (ProtocolVersion::V5, reason::UNSUPPORTED_PROTOCOL_VERSION)
                 } else {
                     (ProtocolVersion::V311, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION)
@@ -165,9 +169,9 @@ impl Conn {
                     assigned = Some(id);
                 }
             }
-        } else if client_id.len() > cfg.limits.max_client_id_length
-            || (v == ProtocolVersion::V31 && client_id.len() > 23)
-        {
+        } else if client_id.len() > cfg.limits.max_client_id_length {
+            // MQTT 3.1 capped ids at 23 bytes; like mosquitto, tern accepts longer ones from
+            // 3.1 clients too, limited only by limits.max_client_id_length.
             failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));
         }
         if failure.is_none() && c.properties.authentication_method.is_some() {
@@ -223,7 +227,10 @@ impl Conn {
             if !cfg.mqtt.retain_available {
                 props.retain_available = Some(0);
             }
-            props.maximum_packet_size = Some(cfg.limits.max_packet_size);
+            // Absent means the protocol maximum, so only a lower limit is announced.
+            if cfg.limits.max_packet_size < 268_435_460 {
+                props.maximum_packet_size = Some(cfg.limits.max_packet_size);
+            }
             if cfg.mqtt.topic_alias_maximum > 0 {
                 props.topic_alias_maximum = Some(cfg.mqtt.topic_alias_maximum);
             }
@@ -269,8 +276,15 @@ impl Conn {
             rbuf: BytesMut::new(),
             wbuf: BytesMut::with_capacity(4096),
         };
-        let ack = ConnAck { session_present, code: reason::SUCCESS, properties: props };
-        protocol::encode(&Packet::ConnAck(ack), v, &mut conn.wbuf);
+        // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
+        let session_present = session_present && v != ProtocolVersion::V31;
+        let ack = Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props });
+        if protocol::encoded_len(&ack, v) > conn.client_max_packet {
+            // [MQTT-3.1.2-25]: not even CONNACK fits the client's limit; nothing can be sent.
+            conn.finish(Close::Silent("client Maximum Packet Size below CONNACK size".into()), stream).await;
+            return None;
+        }
+        protocol::encode(&ack, v, &mut conn.wbuf);
         conn.resend_inflight();
         Some(conn)
     }
@@ -374,12 +388,52 @@ impl Conn {
     fn process_input(&mut self) -> Result<(), Close> {
         let max = self.broker.config.limits.max_packet_size as usize;
         loop {
+            let Some(&first) = self.rbuf.first() else { return Ok(()) };
+            if let Some(close) = self.unexpected_packet_type(first) {
+                return Err(close);
+            }
             match protocol::decode(&mut self.rbuf, Some(self.version), max) {
                 Ok(Some(p)) => self.handle_packet(p)?,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(Close::Error { reason: e.reason_code(), what: e.to_string() }),
+                Err(e) => {
+                    let what = e.to_string();
+                    // A PINGREQ with a body, or a DISCONNECT with an unknown reason code, ends
+                    // the connection without a DISCONNECT of ours (as mosquitto; the spec's
+                    // DISCONNECT before closing is a SHOULD).
+                    let silent =
+                        (first == 0xC0) || (first == 0xE0 && e == DecodeError::Protocol("invalid reason code"));
+                    return Err(if silent {
+                        Close::Silent(what)
+                    } else {
+                        Close::Error { reason: e.reason_code(), what }
+                    });
+                }
             }
         }
+    }
+
+    /// Packet types a client never sends are refused from their first byte, before their
+    /// body is even read: CONNACK, SUBACK, UNSUBACK, PINGRESP, and AUTH when no
+    /// authentication method was agreed (always, for now). Protocol Error (0x82), except a
+    /// SUBACK/UNSUBACK with bad flag bits, which is malformed first.
+    fn unexpected_packet_type(&self, first: u8) -> Option<Close> {
+        let flags = first & 0x0F;
+        let what = match first >> 4 {
+            2 => "CONNACK from a client",
+            9 | 11 if flags != 0 => {
+                return Some(Close::Error { reason: reason::MALFORMED_PACKET, what: "bad fixed header flags".into() })
+            }
+            9 => "SUBACK from a client",
+            11 => "UNSUBACK from a client",
+            // A PINGRESP with a body is dropped without a word, as mosquitto does.
+            13 if self.rbuf.get(1).is_some_and(|&len| len != 0) => {
+                return Some(Close::Silent("PINGRESP from a client".into()))
+            }
+            13 => "PINGRESP from a client",
+            15 if self.version.is_v5() => "AUTH without an authentication method",
+            _ => return None,
+        };
+        Some(Self::protocol_error(what))
     }
 
     fn protocol_error(what: &str) -> Close {
@@ -390,32 +444,29 @@ impl Conn {
         match p {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(r) => {
-                self.handle.lock().state.puback(r.packet_id);
-                Ok(())
+                let ack = self.handle.lock().state.puback(r.packet_id);
+                Self::check_ack(ack, "PUBACK")
             }
             Packet::PubRec(r) => {
-                let known = self.handle.lock().state.pubrec(r.packet_id, r.reason < 0x80);
+                let ack = self.handle.lock().state.pubrec(r.packet_id, r.reason < 0x80);
+                Self::check_ack(ack, "PUBREC")?;
+                // An unknown id still gets PUBREL with success, as mosquitto answers (0x92
+                // would also be allowed): the client then completes and forgets it.
                 if r.reason < 0x80 {
-                    let mut rel = PubResp::new(r.packet_id);
-                    if !known && self.version.is_v5() {
-                        rel.reason = reason::PACKET_IDENTIFIER_NOT_FOUND;
-                    }
-                    self.encode(Packet::PubRel(rel));
+                    self.encode(Packet::PubRel(PubResp::new(r.packet_id)));
                 }
                 Ok(())
             }
             Packet::PubRel(r) => {
-                let known = self.handle.lock().state.inbound_qos2_release(r.packet_id);
-                let mut comp = PubResp::new(r.packet_id);
-                if !known && self.version.is_v5() {
-                    comp.reason = reason::PACKET_IDENTIFIER_NOT_FOUND;
-                }
-                self.encode(Packet::PubComp(comp));
+                // PUBCOMP even for an unknown id (success, as mosquitto): the client may be
+                // retrying after our PUBCOMP was lost.
+                self.handle.lock().state.inbound_qos2_release(r.packet_id);
+                self.encode(Packet::PubComp(PubResp::new(r.packet_id)));
                 Ok(())
             }
             Packet::PubComp(r) => {
-                self.handle.lock().state.pubcomp(r.packet_id);
-                Ok(())
+                let ack = self.handle.lock().state.pubcomp(r.packet_id);
+                Self::check_ack(ack, "PUBCOMP")
             }
             Packet::Subscribe(s) => self.on_subscribe(s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
@@ -429,6 +480,18 @@ impl Conn {
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 Err(Self::protocol_error("server-to-client packet sent by client"))
             }
+        }
+    }
+
+    /// An acknowledgement of the wrong kind for a message in flight (PUBREC for QoS 1,
+    /// PUBACK for QoS 2...) is a Protocol Error [MQTT-4.3]; one for an unknown id is ignored.
+    fn check_ack(ack: Ack, kind: &str) -> Result<(), Close> {
+        match ack {
+            Ack::Done | Ack::Unknown => Ok(()),
+            Ack::WrongType => Err(Close::Error {
+                reason: reason::PROTOCOL_ERROR,
+                what: format!("{kind} does not match the QoS flow of its packet id"),
+            }),
         }
     }
 
@@ -514,10 +577,9 @@ impl Conn {
                                 what: "more unreleased QoS 2 publishes than Receive Maximum".into(),
                             });
                         }
-                        let n = self.route(p);
-                        if n == 0 && v5 {
-                            ack_reason = reason::NO_MATCHING_SUBSCRIBERS;
-                        }
+                        // PUBREC stays 0x00 without subscribers (mosquitto sends 0x10 only
+                        // in PUBACK).
+                        self.route(p);
                     }
                     // A duplicate (same id before PUBREL) is acknowledged again but not
                     // delivered again [MQTT-4.3.3-9].
@@ -714,6 +776,7 @@ impl Conn {
             Close::Kicked(reason) => {
                 (*reason != reason::SERVER_SHUTTING_DOWN, kick_text(*reason).to_string(), Some(*reason))
             }
+            Close::Silent(what) => (true, what.clone(), None),
         };
         if let (true, Some(code)) = (v5, reason_code) {
             self.wbuf.clear();
@@ -722,13 +785,32 @@ impl Conn {
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
         info!(client_id = %self.client_id, peer = %self.peer, reason = %why, "client disconnected");
-        if let (true, Some(w)) = (publish_will, self.will.take()) {
-            self.publish_will(w);
-        }
+        let will = if publish_will { self.will.take() } else { None };
         self.broker.detach(&self.handle, self.connection_id, self.session_expiry);
+        let Some(w) = will else { return };
+        let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
+        let msg = self.will_message(w);
+        if delay == 0 {
+            self.broker.publish(msg);
+            return;
+        }
+        // v5 Will Delay: published when the delay or the session ends, whichever is first,
+        // unless the client has come back to the same session by then [MQTT-3.1.3-9].
+        let broker = Arc::clone(&self.broker);
+        let handle = Arc::clone(&self.handle);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            let resumed = {
+                let cell = handle.lock();
+                cell.owner != 0 && !cell.ended
+            };
+            if !resumed {
+                broker.publish(msg);
+            }
+        });
     }
 
-    fn publish_will(&self, w: LastWill) {
+    fn will_message(&self, w: LastWill) -> Arc<Message> {
         let mut props = w.properties;
         let expiry = props.message_expiry_interval.take();
         props.will_delay_interval = None;
@@ -742,7 +824,7 @@ impl Conn {
             received_at: Instant::now(),
             expiry_interval: expiry,
         };
-        self.broker.publish(Arc::new(msg));
+        Arc::new(msg)
     }
 }
 

@@ -5,10 +5,16 @@
 //! beyond the protocol level the caller passes in.
 
 mod decode;
+mod decode_body;
 mod encode;
 mod packet;
+mod properties;
+mod reader;
 pub mod reason;
 pub mod topic;
+
+#[cfg(test)]
+mod tests;
 
 pub use decode::{decode, DecodeError};
 pub use encode::{encode, encoded_len};

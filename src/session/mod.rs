@@ -49,6 +49,17 @@ pub enum Outgoing {
     Tracked(u16, Delivery),
 }
 
+/// How an acknowledgement from the client matched the in-flight window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// It completed (or advanced) the flow of that packet id.
+    Done,
+    /// No message is in flight with that id (a late duplicate, or one from a lost session).
+    Unknown,
+    /// A message is in flight with that id, but this ack belongs to another QoS flow.
+    WrongType,
+}
+
 /// Why a message was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
@@ -157,46 +168,47 @@ impl SessionState {
         None
     }
 
-    fn position(&self, pid: u16, state: OutState) -> Option<usize> {
-        // Acks nearly always arrive in order, so the front is checked first.
-        self.inflight.iter().position(|f| f.packet_id == pid && f.state == state)
+    fn find(&self, pid: u16) -> Option<usize> {
+        // Acks nearly always arrive in order, so the search ends at the front.
+        self.inflight.iter().position(|f| f.packet_id == pid)
     }
 
-    /// PUBACK for a QoS 1 message. False if no such message was in flight.
-    pub fn puback(&mut self, pid: u16) -> bool {
-        match self.position(pid, OutState::AwaitingAck) {
-            Some(i) if self.inflight[i].delivery.qos == QoS::AtLeastOnce => {
-                self.inflight.remove(i);
-                true
-            }
-            _ => false,
+    /// PUBACK ends a QoS 1 delivery.
+    pub fn puback(&mut self, pid: u16) -> Ack {
+        let Some(i) = self.find(pid) else { return Ack::Unknown };
+        let f = &self.inflight[i];
+        if f.delivery.qos == QoS::AtLeastOnce && f.state == OutState::AwaitingAck {
+            self.inflight.remove(i);
+            Ack::Done
+        } else {
+            Ack::WrongType
         }
     }
 
-    /// PUBREC for a QoS 2 message; the caller answers with PUBREL either way.
-    /// `success` is false for a v5 PUBREC with an error reason: the message is then done.
-    pub fn pubrec(&mut self, pid: u16, success: bool) -> bool {
-        match self.position(pid, OutState::AwaitingAck) {
-            Some(i) if self.inflight[i].delivery.qos == QoS::ExactlyOnce => {
-                if success {
-                    self.inflight[i].state = OutState::AwaitingComp;
-                } else {
-                    self.inflight.remove(i);
-                }
-                true
-            }
-            _ => self.position(pid, OutState::AwaitingComp).is_some(),
+    /// PUBREC for a QoS 2 message; the caller answers with PUBREL. A repeated PUBREC is
+    /// answered again. `success` is false for a v5 PUBREC with an error reason: the message
+    /// is then done.
+    pub fn pubrec(&mut self, pid: u16, success: bool) -> Ack {
+        let Some(i) = self.find(pid) else { return Ack::Unknown };
+        if self.inflight[i].delivery.qos != QoS::ExactlyOnce {
+            return Ack::WrongType;
         }
+        if success {
+            self.inflight[i].state = OutState::AwaitingComp;
+        } else {
+            self.inflight.remove(i);
+        }
+        Ack::Done
     }
 
     /// PUBCOMP ends a QoS 2 delivery.
-    pub fn pubcomp(&mut self, pid: u16) -> bool {
-        match self.position(pid, OutState::AwaitingComp) {
-            Some(i) => {
-                self.inflight.remove(i);
-                true
-            }
-            None => false,
+    pub fn pubcomp(&mut self, pid: u16) -> Ack {
+        let Some(i) = self.find(pid) else { return Ack::Unknown };
+        if self.inflight[i].state == OutState::AwaitingComp {
+            self.inflight.remove(i);
+            Ack::Done
+        } else {
+            Ack::WrongType
         }
     }
 
@@ -272,8 +284,8 @@ mod tests {
         let now = Instant::now();
         let Some(Outgoing::Tracked(p1, _)) = s.next_outgoing(1, now) else { panic!() };
         assert!(s.next_outgoing(1, now).is_none(), "window of 1 is full; QoS 0 waits behind message 2");
-        assert!(s.puback(p1));
-        assert!(!s.puback(p1), "second PUBACK for the same id is unknown");
+        assert_eq!(s.puback(p1), Ack::Done);
+        assert_eq!(s.puback(p1), Ack::Unknown, "second PUBACK for the same id is unknown");
         let Some(Outgoing::Tracked(p2, m)) = s.next_outgoing(1, now) else { panic!() };
         assert_ne!(p1, p2);
         assert_eq!(&m.msg.payload[..], b"2");
@@ -286,11 +298,12 @@ mod tests {
         let mut s = SessionState::new(limits());
         s.enqueue(d(QoS::ExactlyOnce, "x")).unwrap();
         let Some(Outgoing::Tracked(p, _)) = s.next_outgoing(10, Instant::now()) else { panic!() };
-        assert!(!s.puback(p), "PUBACK does not complete QoS 2");
-        assert!(!s.pubcomp(p), "PUBCOMP before PUBREC is unknown");
-        assert!(s.pubrec(p, true));
+        assert_eq!(s.puback(p), Ack::WrongType, "PUBACK does not complete QoS 2");
+        assert_eq!(s.pubcomp(p), Ack::WrongType, "PUBCOMP before PUBREC");
+        assert_eq!(s.pubrec(p, true), Ack::Done);
         assert_eq!(s.inflight().next().map(|f| f.state), Some(OutState::AwaitingComp));
-        assert!(s.pubcomp(p));
+        assert_eq!(s.puback(p), Ack::WrongType, "PUBACK after PUBREC");
+        assert_eq!(s.pubcomp(p), Ack::Done);
         assert_eq!(s.inflight_len(), 0);
     }
 
