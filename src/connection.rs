@@ -6,7 +6,7 @@
 //! everything produced by one read or one wake-up is encoded into one buffer and written with
 //! one call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use crate::protocol::{
     PubResp, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::session::{Ack, Delivery, OutState, Outgoing};
+use crate::store::{InflightState, Op};
 use crate::topics::level_count;
 
 /// Encoded bytes gathered before a write; past this the loop writes and comes back for more,
@@ -140,6 +141,19 @@ struct Conn {
     inbound_aliases: HashMap<u16, ByteString>,
     rbuf: BytesMut,
     wbuf: BytesMut,
+    /// Acknowledgements held until the store has made their effects durable, in the order
+    /// they must go out [MQTT-4.6.0-2..4].
+    held: VecDeque<HeldAck>,
+    /// Changes when the store has processed more; wakes the loop to release `held`.
+    durable: watch::Receiver<u64>,
+}
+
+/// An acknowledgement waiting for a store ticket, and retained messages to queue after it
+/// (a SUBACK precedes the retained messages of its subscription).
+struct HeldAck {
+    ticket: u64,
+    packet: Packet,
+    then: Vec<Delivery>,
 }
 
 impl Conn {
@@ -275,6 +289,8 @@ impl Conn {
             inbound_aliases: HashMap::new(),
             rbuf: BytesMut::new(),
             wbuf: BytesMut::with_capacity(4096),
+            held: VecDeque::new(),
+            durable: broker.durable_watch(),
         };
         // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
         let session_present = session_present && v != ProtocolVersion::V31;
@@ -320,6 +336,10 @@ impl Conn {
         let mut deadline = ka.map(|d| tokio::time::Instant::now() + d);
         let mut more = true;
         loop {
+            if let Err(close) = self.release_held() {
+                let _ = self.flush(stream, &control).await;
+                return close;
+            }
             if more || !self.wbuf.is_empty() {
                 more = self.drain();
                 if let Err(close) = self.flush(stream, &control).await {
@@ -362,6 +382,7 @@ impl Conn {
                     }
                 }
                 _ = handle.notify.notified() => { more = true; }
+                _ = self.durable.changed(), if !self.held.is_empty() => {}
                 _ = sleep => return Close::Error { reason: reason::KEEP_ALIVE_TIMEOUT, what: "keep-alive timeout".into() },
             }
         }
@@ -445,10 +466,23 @@ impl Conn {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(r) => {
                 let ack = self.handle.lock().state.puback(r.packet_id);
+                self.forget_stored(ack);
                 Self::check_ack(ack, "PUBACK")
             }
             Packet::PubRec(r) => {
                 let ack = self.handle.lock().state.pubrec(r.packet_id, r.reason < 0x80);
+                if let Ack::Done(Some(seq)) = ack {
+                    let op = if r.reason < 0x80 {
+                        Op::SetInflight {
+                            client: self.client_id.clone(),
+                            seq,
+                            state: InflightState::Released(r.packet_id),
+                        }
+                    } else {
+                        Op::DeleteQueued { client: self.client_id.clone(), seq }
+                    };
+                    self.broker.persist(vec![op]);
+                }
                 Self::check_ack(ack, "PUBREC")?;
                 // An unknown id still gets PUBREL with success, as mosquitto answers (0x92
                 // would also be allowed): the client then completes and forgets it.
@@ -460,12 +494,20 @@ impl Conn {
             Packet::PubRel(r) => {
                 // PUBCOMP even for an unknown id (success, as mosquitto): the client may be
                 // retrying after our PUBCOMP was lost.
-                self.handle.lock().state.inbound_qos2_release(r.packet_id);
-                self.encode(Packet::PubComp(PubResp::new(r.packet_id)));
+                let (known, persistent) = {
+                    let mut cell = self.handle.lock();
+                    (cell.state.inbound_qos2_release(r.packet_id), cell.persistent())
+                };
+                if known && persistent {
+                    self.broker
+                        .persist(vec![Op::DeleteInbound { client: self.client_id.clone(), packet_id: r.packet_id }]);
+                }
+                self.respond(0, Packet::PubComp(PubResp::new(r.packet_id)), Vec::new());
                 Ok(())
             }
             Packet::PubComp(r) => {
                 let ack = self.handle.lock().state.pubcomp(r.packet_id);
+                self.forget_stored(ack);
                 Self::check_ack(ack, "PUBCOMP")
             }
             Packet::Subscribe(s) => self.on_subscribe(s),
@@ -487,12 +529,58 @@ impl Conn {
     /// PUBACK for QoS 2...) is a Protocol Error [MQTT-4.3]; one for an unknown id is ignored.
     fn check_ack(ack: Ack, kind: &str) -> Result<(), Close> {
         match ack {
-            Ack::Done | Ack::Unknown => Ok(()),
+            Ack::Done(_) | Ack::Unknown => Ok(()),
             Ack::WrongType => Err(Close::Error {
                 reason: reason::PROTOCOL_ERROR,
                 what: format!("{kind} does not match the QoS flow of its packet id"),
             }),
         }
+    }
+
+    /// A delivery that ended deletes its stored copy.
+    fn forget_stored(&self, ack: Ack) {
+        if let Ack::Done(Some(seq)) = ack {
+            self.broker.persist(vec![Op::DeleteQueued { client: self.client_id.clone(), seq }]);
+        }
+    }
+
+    /// Sends an acknowledgement now, or holds it until `ticket` is durable (and behind any
+    /// acknowledgement already held, to keep their order).
+    fn respond(&mut self, ticket: u64, packet: Packet, then: Vec<Delivery>) {
+        if ticket == 0 && self.held.is_empty() {
+            self.encode(packet);
+            self.broker.deliver_retained(&self.handle, then);
+        } else {
+            self.held.push_back(HeldAck { ticket, packet, then });
+        }
+    }
+
+    /// Sends the held acknowledgements whose store work is done. A failed store write turns
+    /// PUBACK/PUBREC/SUBACK into failures (v5 reason 0x80, 3.1.1 SUBACK 0x80); a 3.1.1
+    /// publisher has no way to hear "not stored" but losing its connection, so it does.
+    fn release_held(&mut self) -> Result<(), Close> {
+        while let Some(front) = self.held.front() {
+            let Some(ok) = self.broker.outcome(front.ticket) else { break };
+            let Some(HeldAck { mut packet, then, .. }) = self.held.pop_front() else { break };
+            if !ok {
+                match &mut packet {
+                    Packet::PubAck(r) | Packet::PubRec(r) => {
+                        if !self.version.is_v5() {
+                            return Err(Close::Error {
+                                reason: reason::UNSPECIFIED_ERROR,
+                                what: "message could not be stored".into(),
+                            });
+                        }
+                        r.reason = reason::UNSPECIFIED_ERROR;
+                    }
+                    Packet::SubAck(a) => a.return_codes.iter_mut().for_each(|c| *c = reason::UNSPECIFIED_ERROR),
+                    _ => {}
+                }
+            }
+            self.encode(packet);
+            self.broker.deliver_retained(&self.handle, then);
+        }
+        Ok(())
     }
 
     fn encode(&mut self, p: Packet) {
@@ -547,28 +635,28 @@ impl Conn {
         match p.qos {
             QoS::AtMostOnce => {
                 if ack_reason == reason::SUCCESS {
-                    self.route(p);
+                    self.route(p, None);
                 }
             }
             QoS::AtLeastOnce => {
+                let mut ticket = 0;
                 if ack_reason == reason::SUCCESS {
-                    let n = self.route(p);
+                    let (n, t) = self.route(p, None);
+                    ticket = t;
                     if n == 0 && v5 {
                         ack_reason = reason::NO_MATCHING_SUBSCRIBERS;
                     }
                 }
-                self.encode(Packet::PubAck(PubResp {
-                    packet_id: pid,
-                    reason: ack_reason,
-                    properties: Properties::default(),
-                }));
+                let ack = PubResp { packet_id: pid, reason: ack_reason, properties: Properties::default() };
+                self.respond(ticket, Packet::PubAck(ack), Vec::new());
             }
             QoS::ExactlyOnce => {
+                let mut ticket = 0;
                 if ack_reason == reason::SUCCESS {
-                    let (first, pending) = {
+                    let (first, pending, persistent) = {
                         let mut cell = self.handle.lock();
                         let first = cell.state.inbound_qos2_begin(pid);
-                        (first, cell.state.inbound_qos2_len())
+                        (first, cell.state.inbound_qos2_len(), cell.persistent())
                     };
                     if first {
                         if v5 && pending > usize::from(cfg.mqtt.receive_maximum) {
@@ -577,25 +665,27 @@ impl Conn {
                                 what: "more unreleased QoS 2 publishes than Receive Maximum".into(),
                             });
                         }
+                        // The id is stored with the message's effects, so after a crash a
+                        // resent PUBLISH is still recognised as a duplicate.
+                        let extra =
+                            persistent.then(|| Op::PutInbound { client: self.client_id.clone(), packet_id: pid });
                         // PUBREC stays 0x00 without subscribers (mosquitto sends 0x10 only
                         // in PUBACK).
-                        self.route(p);
+                        ticket = self.route(p, extra).1;
                     }
                     // A duplicate (same id before PUBREL) is acknowledged again but not
                     // delivered again [MQTT-4.3.3-9].
                 }
-                self.encode(Packet::PubRec(PubResp {
-                    packet_id: pid,
-                    reason: ack_reason,
-                    properties: Properties::default(),
-                }));
+                let ack = PubResp { packet_id: pid, reason: ack_reason, properties: Properties::default() };
+                self.respond(ticket, Packet::PubRec(ack), Vec::new());
             }
         }
         Ok(())
     }
 
-    /// Hands a client's PUBLISH to the broker; returns how many sessions it reached.
-    fn route(&mut self, p: Publish) -> usize {
+    /// Hands a client's PUBLISH to the broker; returns how many sessions it reached and the
+    /// store ticket its acknowledgement waits for.
+    fn route(&mut self, p: Publish, extra: Option<Op>) -> (usize, u64) {
         let mut props = p.properties;
         let expiry = props.message_expiry_interval.take();
         props.topic_alias = None;
@@ -609,7 +699,7 @@ impl Conn {
             received_at: Instant::now(),
             expiry_interval: expiry,
         };
-        self.broker.publish(Arc::new(msg))
+        self.broker.publish(Arc::new(msg), extra)
     }
 
     fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
@@ -624,6 +714,7 @@ impl Conn {
         }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
+        let mut ticket = 0;
         for (filter, mut opts) in s.filters {
             let shared = topic::is_shared(&filter);
             if shared && opts.no_local && v5 {
@@ -648,6 +739,7 @@ impl Conn {
             }
             opts.qos = opts.qos.min(QoS::from_u8(cfg.mqtt.maximum_qos).unwrap_or(QoS::ExactlyOnce));
             let result = self.broker.subscribe(&self.handle, &filter, opts, sub_id);
+            ticket = ticket.max(result.ticket);
             codes.push(opts.qos as u8);
             // Retain Handling [MQTT-3.3.1-9..11]; never for shared subscriptions [MQTT-3.8.4-?].
             let send = !result.shared
@@ -663,16 +755,13 @@ impl Conn {
                         msg: m,
                         retain: true,
                         subscription_ids: sub_id.into_iter().collect(),
+                        store_seq: None,
                     });
                 }
             }
         }
-        self.encode(Packet::SubAck(SubAck {
-            packet_id: s.packet_id,
-            return_codes: codes,
-            properties: Properties::default(),
-        }));
-        self.handle.deliver_retained(retained);
+        let ack = SubAck { packet_id: s.packet_id, return_codes: codes, properties: Properties::default() };
+        self.respond(ticket, Packet::SubAck(ack), retained);
         Ok(())
     }
 
@@ -713,6 +802,7 @@ impl Conn {
         }
         let now = Instant::now();
         let mut sent = 0u64;
+        let mut ops = Vec::new();
         let full = loop {
             if self.wbuf.len() >= WRITE_BATCH {
                 break true;
@@ -720,7 +810,18 @@ impl Conn {
             let Some(out) = cell.state.next_outgoing(self.window, now) else { break false };
             let (d, pid) = match out {
                 Outgoing::Unacked(d) => (d, None),
-                Outgoing::Tracked(pid, d) => (d, Some(pid)),
+                Outgoing::Tracked(pid, d) => {
+                    if let Some(seq) = d.store_seq {
+                        // After a crash the message goes out again with the same id, so a
+                        // QoS 2 receiver recognises it [MQTT-4.3.3].
+                        ops.push(Op::SetInflight {
+                            client: self.client_id.clone(),
+                            seq,
+                            state: InflightState::Sent(pid),
+                        });
+                    }
+                    (d, Some(pid))
+                }
             };
             let p = self.publish_packet(&d, pid, false, now);
             let packet = Packet::Publish(p);
@@ -728,8 +829,8 @@ impl Conn {
                 && protocol::encoded_len(&packet, self.version) > self.client_max_packet
             {
                 // [MQTT-3.1.2-25]: too large for this client; discard as if delivered.
-                if let Some(pid) = pid {
-                    cell.state.discard(pid);
+                if let Some(seq) = pid.and_then(|pid| cell.state.discard(pid)) {
+                    ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
                 }
                 cell.state.dropped += 1;
                 self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
@@ -738,7 +839,11 @@ impl Conn {
             protocol::encode(&packet, self.version, &mut self.wbuf);
             sent += 1;
         };
+        for seq in cell.state.take_discarded() {
+            ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
+        }
         drop(cell);
+        self.broker.persist(ops);
         if sent > 0 {
             self.broker.metrics.messages_sent.fetch_add(sent, Ordering::Relaxed);
         }
@@ -791,7 +896,7 @@ impl Conn {
         let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
         let msg = self.will_message(w);
         if delay == 0 {
-            self.broker.publish(msg);
+            self.broker.publish(msg, None);
             return;
         }
         // v5 Will Delay: published when the delay or the session ends, whichever is first,
@@ -805,7 +910,7 @@ impl Conn {
                 cell.owner != 0 && !cell.ended
             };
             if !resumed {
-                broker.publish(msg);
+                broker.publish(msg, None);
             }
         });
     }

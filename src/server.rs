@@ -17,13 +17,16 @@ use tracing::{info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::store::{MemoryStore, Store};
+use crate::store::{FjallBackend, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener address could not be bound.
     #[error("cannot listen on {bind} (config key listener[{index}].bind): {source}")]
     Bind { bind: String, index: usize, source: io::Error },
+    /// The store in storage.dir could not be opened or read.
+    #[error("{0} (config key storage.dir)")]
+    Store(#[from] StoreError),
 }
 
 /// A running broker. Dropping it does not stop it; call `shutdown`.
@@ -44,25 +47,34 @@ impl BrokerHandle {
         &self.addrs
     }
 
-    /// Stops accepting, tells v5 clients the server is shutting down (0x8B), and waits
-    /// briefly for connections to close.
+    /// Stops accepting, tells v5 clients the server is shutting down (0x8B), waits
+    /// briefly for connections to close, then flushes and closes the store.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        let broker = self.broker;
+        let _ = tokio::task::spawn_blocking(move || broker.close_store()).await;
     }
 }
 
-/// Binds the listeners and starts serving. Returns once every listener is bound.
+/// Opens the store in `storage.dir`, recovers its state, binds the listeners and starts
+/// serving. Returns once every listener is bound.
 pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    start_with_store(config, store).await
-}
-
-pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Result<BrokerHandle, StartError> {
     let config = Arc::new(config);
-    let broker = Arc::new(Broker::new(Arc::clone(&config), store));
+    let dir = config.storage.dir.clone();
+    let backend = tokio::task::spawn_blocking(move || FjallBackend::open(&dir))
+        .await
+        .map_err(|e| StoreError::Engine(format!("store opening task failed: {e}")))??;
+    let (durable_tx, durable_rx) = watch::channel(0u64);
+    let notify = Box::new(move |seq: u64| {
+        durable_tx.send_replace(seq);
+    });
+    let interval = Duration::from_millis(config.storage.sync_interval_ms);
+    let (store, recovered) = Store::open(Box::new(backend), config.storage.durability, interval, notify)?;
+    let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable_rx));
+    broker.restore(recovered);
     let (tx, rx) = watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
     let mut addrs = Vec::new();

@@ -1,5 +1,6 @@
-//! The broker: the registry of sessions, the subscription and retained indexes, and the
-//! fan-out of a published message to every matching session's queue.
+//! The broker: the registry of sessions, the subscription and retained indexes, the fan-out
+//! of a published message to every matching session's queue, and what of that must reach
+//! the store before anyone is told it happened.
 //!
 //! Owns who is subscribed to what and which session a client id names. Sees session handles
 //! (queues with a wake-up), never sockets: connections call in, and learn of new messages
@@ -8,17 +9,25 @@
 //! Lock order, to stay deadlock-free: registry shard -> session cell -> index locks. Matching
 //! copies the matches out of the index and releases its lock before any session cell is
 //! locked, so a publisher never holds two locks at once.
+//!
+//! Durability: every change to a persistent session (subscriptions, queued QoS 1/2 copies,
+//! in-flight states, inbound QoS 2 ids) and every retained update is submitted to the store
+//! *before* it becomes visible to another task, so the store sees changes in the order they
+//! happen. Calls that need an acknowledgement held back return a store ticket (0 = nothing
+//! to wait for).
 
+mod recovery;
 mod session_handle;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
-use tracing::warn;
+use tokio::sync::watch;
 
 pub use session_handle::{ConnControl, SessionCell, SessionHandle};
 
@@ -26,7 +35,8 @@ use crate::config::Config;
 use crate::message::Message;
 use crate::protocol::{topic, ProtocolVersion, QoS, SubscriptionOptions};
 use crate::session::{Delivery, QueueLimits};
-use crate::store::{RetainedRecord, SessionRecord, Store};
+use crate::store::records::{self, now_unix_ms};
+use crate::store::{Op, SessionRecord, Store};
 use crate::topics::{Entry, RetainedTrie, SubscriptionTrie};
 
 /// Session Expiry Interval meaning "never" (v5 3.1.2.11.2); 3.1.1 persistent sessions too.
@@ -46,7 +56,8 @@ pub struct Broker {
     sessions: DashMap<ByteString, Arc<SessionHandle>>,
     subscriptions: RwLock<SubscriptionTrie<Arc<SessionHandle>>>,
     retained: RwLock<RetainedTrie<Arc<Message>>>,
-    store: Arc<dyn Store>,
+    store: Store,
+    durable: watch::Receiver<u64>,
     next_connection: AtomicU64,
     pub metrics: Metrics,
 }
@@ -64,16 +75,20 @@ pub struct Subscribed {
     /// True when an identical filter was already subscribed (and has been replaced).
     pub existed: bool,
     pub shared: bool,
+    /// Store ticket of the subscription (0 when nothing is waited for).
+    pub ticket: u64,
 }
 
 impl Broker {
-    pub fn new(config: Arc<Config>, store: Arc<dyn Store>) -> Self {
+    /// `durable` carries the store's processed sequence number (see `Store::open`).
+    pub fn new(config: Arc<Config>, store: Store, durable: watch::Receiver<u64>) -> Self {
         Broker {
             config,
             sessions: DashMap::new(),
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             retained: RwLock::new(RetainedTrie::new()),
             store,
+            durable,
             next_connection: AtomicU64::new(1),
             metrics: Metrics::default(),
         }
@@ -94,6 +109,35 @@ impl Broker {
         self.retained.read().map(|r| r.len()).unwrap_or(0)
     }
 
+    /// A receiver that changes whenever the store has processed more work.
+    pub fn durable_watch(&self) -> watch::Receiver<u64> {
+        self.durable.clone()
+    }
+
+    /// Whether the store work of `ticket` is done: None = not yet, Some(false) = it failed.
+    pub fn outcome(&self, ticket: u64) -> Option<bool> {
+        self.store.outcome(ticket)
+    }
+
+    /// Submits store operations; returns the ticket to wait for (0 when acknowledgements do
+    /// not wait, by configuration, or there was nothing to write).
+    pub fn persist(&self, ops: Vec<Op>) -> u64 {
+        if ops.is_empty() {
+            return 0;
+        }
+        let seq = self.store.submit(ops);
+        if self.store.acks_wait() {
+            seq
+        } else {
+            0
+        }
+    }
+
+    /// Flushes and stops the store (graceful shutdown).
+    pub fn close_store(&self) {
+        self.store.close();
+    }
+
     /// Attaches a new connection to the client's session: takes over a connected client
     /// (its connection is told to close with `SESSION_TAKEN_OVER`), resumes a stored session
     /// unless `clean_start`, or makes a new one.
@@ -112,12 +156,13 @@ impl Broker {
                 client_id.clone(),
                 self.queue_limits(),
                 connection_id,
-                control.clone(),
+                Some(control.clone()),
                 expiry,
                 protocol,
             ))
         };
         let mut stale_filters = Vec::new();
+        let mut ops = Vec::new();
         let (handle, session_present) = match self.sessions.entry(client_id.clone()) {
             MapEntry::Occupied(mut e) => {
                 let old = e.get().clone();
@@ -126,6 +171,9 @@ impl Broker {
                     c.kick(crate::protocol::reason::SESSION_TAKEN_OVER);
                 }
                 if clean_start || cell.ended {
+                    if cell.persisted {
+                        ops.push(Op::DeleteSession { client: client_id.clone() });
+                    }
                     cell.ended = true;
                     cell.owner = 0;
                     stale_filters = cell.subscriptions.drain().map(|(f, _)| f).collect();
@@ -151,24 +199,21 @@ impl Broker {
         if !stale_filters.is_empty() {
             self.remove_from_index(client_id, &stale_filters);
         }
-        if clean_start || !session_present {
-            if let Err(e) = self.store.delete_session(client_id) {
-                warn!(client_id = %client_id, error = %e, "could not delete old session from store");
-            }
-        }
         if expiry > 0 {
-            let rec = SessionRecord { protocol, expiry_interval: expiry };
-            if let Err(e) = self.store.put_session(client_id, &rec) {
-                warn!(client_id = %client_id, error = %e, "could not store session");
-            }
+            handle.lock().persisted = true;
+            ops.push(Op::PutSession {
+                client: client_id.clone(),
+                record: SessionRecord { protocol, expiry_interval: expiry, disconnected_at: None },
+            });
         }
+        self.persist(ops);
         Attached { handle, session_present, connection_id, control }
     }
 
     /// The connection `connection_id` has closed. Ends the session when its expiry is 0,
     /// otherwise keeps it for the client's return and schedules its expiry.
     pub fn detach(self: &Arc<Self>, handle: &Arc<SessionHandle>, connection_id: u64, expiry: u32) {
-        {
+        let protocol = {
             let mut cell = handle.lock();
             if cell.owner != connection_id {
                 return; // taken over: the new connection owns the session now
@@ -177,40 +222,51 @@ impl Broker {
             cell.control = None;
             cell.last_owner = connection_id;
             cell.expiry_interval = expiry;
-        }
+            cell.protocol
+        };
         if expiry == 0 {
             self.end_session(handle);
-        } else if expiry != EXPIRY_NEVER {
-            let broker = Arc::clone(self);
-            let handle = Arc::clone(handle);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
-                let still_away = {
-                    let cell = handle.lock();
-                    cell.owner == 0 && cell.last_owner == connection_id && !cell.ended
-                };
-                if still_away {
-                    broker.end_session(&handle);
-                }
-            });
+            return;
+        }
+        self.persist(vec![Op::PutSession {
+            client: handle.client_id.clone(),
+            record: SessionRecord { protocol, expiry_interval: expiry, disconnected_at: Some(now_unix_ms()) },
+        }]);
+        if expiry != EXPIRY_NEVER {
+            self.schedule_expiry(handle, connection_id, Duration::from_secs(u64::from(expiry)));
         }
     }
 
-    /// Discards a session: its subscriptions, queued messages and registry entry.
+    fn schedule_expiry(self: &Arc<Self>, handle: &Arc<SessionHandle>, connection_id: u64, after: Duration) {
+        let broker = Arc::clone(self);
+        let handle = Arc::clone(handle);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let still_away = {
+                let cell = handle.lock();
+                cell.owner == 0 && cell.last_owner == connection_id && !cell.ended
+            };
+            if still_away {
+                broker.end_session(&handle);
+            }
+        });
+    }
+
+    /// Discards a session: its subscriptions, queued messages, registry entry and stored data.
     fn end_session(&self, handle: &Arc<SessionHandle>) {
-        let filters: Vec<ByteString> = {
+        let (filters, persisted) = {
             let mut cell = handle.lock();
             if cell.ended {
                 return;
             }
             cell.ended = true;
             let _ = cell.state.drain_all();
-            cell.subscriptions.drain().map(|(f, _)| f).collect()
+            (cell.subscriptions.drain().map(|(f, _)| f).collect::<Vec<_>>(), cell.persisted)
         };
         self.remove_from_index(&handle.client_id, &filters);
         self.sessions.remove_if(&handle.client_id, |_, h| Arc::ptr_eq(h, handle));
-        if let Err(e) = self.store.delete_session(&handle.client_id) {
-            warn!(client_id = %handle.client_id, error = %e, "could not delete session from store");
+        if persisted {
+            self.persist(vec![Op::DeleteSession { client: handle.client_id.clone() }]);
         }
     }
 
@@ -234,19 +290,24 @@ impl Broker {
         let persistent = {
             let mut cell = handle.lock();
             cell.subscriptions.insert(filter.clone(), (options, subscription_id));
-            cell.expiry_interval > 0
+            cell.persistent()
+        };
+        let ticket = if persistent {
+            self.persist(vec![Op::PutSubscription {
+                client: handle.client_id.clone(),
+                filter: filter.clone(),
+                options,
+                id: subscription_id,
+            }])
+        } else {
+            0
         };
         let entry = Entry { client: handle.client_id.clone(), target: Arc::clone(handle), options, subscription_id };
         let existed = {
             let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
             trie.subscribe(trie_filter, group, entry)
         };
-        if persistent {
-            if let Err(e) = self.store.put_subscription(&handle.client_id, filter, options, subscription_id) {
-                warn!(client_id = %handle.client_id, error = %e, "could not store subscription");
-            }
-        }
-        Subscribed { existed, shared: group.is_some() }
+        Subscribed { existed, shared: group.is_some(), ticket }
     }
 
     /// Removes one subscription; returns whether it existed.
@@ -255,16 +316,14 @@ impl Broker {
         let persistent = {
             let mut cell = handle.lock();
             cell.subscriptions.remove(filter);
-            cell.expiry_interval > 0
+            cell.persistent()
         };
         let existed = {
             let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
             trie.unsubscribe(trie_filter, group, &handle.client_id)
         };
         if persistent && existed {
-            if let Err(e) = self.store.delete_subscription(&handle.client_id, filter) {
-                warn!(client_id = %handle.client_id, error = %e, "could not delete subscription");
-            }
+            self.persist(vec![Op::DeleteSubscription { client: handle.client_id.clone(), filter: filter.clone() }]);
         }
         existed
     }
@@ -282,84 +341,119 @@ impl Broker {
     }
 
     /// Publishes a message: updates the retained index when it is retained, and hands a
-    /// delivery to every matching session. Returns how many sessions it matched.
-    pub fn publish(&self, msg: Arc<Message>) -> usize {
+    /// delivery to every matching session. `extra` is store work that must be durable with
+    /// it (the publisher's inbound QoS 2 id). Returns how many sessions it matched and the
+    /// store ticket to wait for before acknowledging.
+    pub fn publish(&self, msg: Arc<Message>, extra: Option<Op>) -> (usize, u64) {
         self.metrics.messages_received.fetch_add(1, Ordering::Relaxed);
+        let mut ops: Vec<Op> = extra.into_iter().collect();
         if msg.retain {
-            self.update_retained(&msg);
+            self.update_retained(&msg, &mut ops);
         }
         let mut matches: Vec<Entry<Arc<SessionHandle>>> = Vec::new();
         {
             let trie = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
             trie.matches(&msg.topic, &mut matches);
         }
-        if matches.is_empty() {
-            return 0;
-        }
         // Overlapping subscriptions of one client give one delivery at the highest QoS, with
-        // every matching subscription identifier [MQTT-3.3.4-2, 3.3.4-3]. Shared ones are
-        // delivered separately, as their own subscriptions.
+        // every matching subscription identifier [MQTT-3.3.4-2, 3.3.4-3].
         matches.sort_by_key(|e| Arc::as_ptr(&e.target) as usize);
-        let mut delivered = 0;
+        let mut deliveries: Vec<(Arc<SessionHandle>, Delivery)> = Vec::new();
         let mut i = 0;
         while i < matches.len() {
-            let first = &matches[i];
             let mut j = i + 1;
-            while j < matches.len() && Arc::ptr_eq(&matches[j].target, &first.target) {
+            while j < matches.len() && Arc::ptr_eq(&matches[j].target, &matches[i].target) {
                 j += 1;
             }
-            if self.deliver_merged(&msg, &matches[i..j]) {
-                delivered += 1;
+            if let Some(d) = merge(&msg, &matches[i..j]) {
+                deliveries.push((Arc::clone(&matches[i].target), d));
             }
             i = j;
         }
-        delivered
-    }
-
-    fn deliver_merged(&self, msg: &Arc<Message>, group: &[Entry<Arc<SessionHandle>>]) -> bool {
-        let target = &group[0].target;
-        let mut qos = None::<QoS>;
-        let mut retain = false;
-        let mut ids = Vec::new();
-        for e in group {
-            // No Local: never back to the publisher's own connection [MQTT-3.8.3-3].
-            if e.options.no_local && e.client == msg.origin {
-                continue;
-            }
-            let q = msg.qos.min(e.options.qos);
-            qos = Some(qos.map_or(q, |old| old.max(q)));
-            retain |= e.options.retain_as_published && msg.retain;
-            if let Some(id) = e.subscription_id {
-                ids.push(id);
+        let matched = deliveries.len();
+        // Copies for persistent sessions reach the store before any subscriber can see (and
+        // acknowledge) them, so the store never sees an ack before its message.
+        let mut encoded: Option<Bytes> = None;
+        for (target, d) in &mut deliveries {
+            if d.qos != QoS::AtMostOnce {
+                self.assign_store_seq(target, d, &mut encoded, &mut ops);
             }
         }
-        let Some(qos) = qos else { return false };
-        let d = Delivery { msg: Arc::clone(msg), qos, retain, subscription_ids: ids };
-        if target.deliver(d) {
-            true
-        } else {
-            self.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
-            false
+        let ticket = self.persist(ops);
+        let mut cleanup = Vec::new();
+        for (target, d) in deliveries {
+            let seq = d.store_seq;
+            if !target.deliver(d) {
+                self.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(seq) = seq {
+                    cleanup.push(Op::DeleteQueued { client: target.client_id.clone(), seq });
+                }
+            }
         }
+        self.persist(cleanup);
+        (matched, ticket)
     }
 
-    fn update_retained(&self, msg: &Arc<Message>) {
+    /// Gives a persistent session's copy its durable-queue key and the store op writing it.
+    fn assign_store_seq(
+        &self,
+        target: &SessionHandle,
+        d: &mut Delivery,
+        encoded: &mut Option<Bytes>,
+        ops: &mut Vec<Op>,
+    ) {
+        let seq = {
+            let mut cell = target.lock();
+            if !cell.persistent() {
+                return;
+            }
+            let seq = cell.next_store_seq;
+            cell.next_store_seq += 1;
+            seq
+        };
+        let body = encoded.get_or_insert_with(|| {
+            let mut b = BytesMut::new();
+            records::encode_message(&d.msg, &mut b);
+            b.freeze()
+        });
+        d.store_seq = Some(seq);
+        ops.push(Op::PutQueued {
+            client: target.client_id.clone(),
+            seq,
+            value: records::encode_queued_parts(d.qos, d.retain, &d.subscription_ids, body),
+        });
+    }
+
+    /// Queues retained messages sent on subscribe (outside the queue limits, persisted for
+    /// persistent sessions). Returns the store ticket.
+    pub fn deliver_retained(&self, handle: &Arc<SessionHandle>, mut ds: Vec<Delivery>) -> u64 {
+        if ds.is_empty() {
+            return 0;
+        }
+        let mut ops = Vec::new();
+        for d in &mut ds {
+            if d.qos != QoS::AtMostOnce {
+                let mut encoded = None;
+                self.assign_store_seq(handle, d, &mut encoded, &mut ops);
+            }
+        }
+        let ticket = self.persist(ops);
+        handle.deliver_retained(ds);
+        ticket
+    }
+
+    fn update_retained(&self, msg: &Arc<Message>, ops: &mut Vec<Op>) {
         let mut trie = self.retained.write().unwrap_or_else(|e| e.into_inner());
         if msg.payload.is_empty() {
             // An empty retained payload clears the topic [MQTT-3.3.1-10].
             if trie.remove(&msg.topic).is_some() {
-                drop(trie);
-                if let Err(e) = self.store.delete_retained(&msg.topic) {
-                    warn!(topic = %msg.topic, error = %e, "could not delete retained message");
-                }
+                ops.push(Op::DeleteRetained { topic: msg.topic.clone() });
             }
         } else {
             trie.insert(&msg.topic, Arc::clone(msg));
-            drop(trie);
-            let rec = RetainedRecord { qos: msg.qos as u8, payload: msg.payload.clone() };
-            if let Err(e) = self.store.put_retained(&msg.topic, &rec) {
-                warn!(topic = %msg.topic, error = %e, "could not store retained message");
-            }
+            let mut b = BytesMut::new();
+            records::encode_message(msg, &mut b);
+            ops.push(Op::PutRetained { topic: msg.topic.clone(), value: b.freeze() });
         }
     }
 
@@ -372,6 +466,27 @@ impl Broker {
             }
         }
     }
+}
+
+/// One delivery for one client out of all its matching subscriptions, or None when No Local
+/// excludes them all.
+fn merge(msg: &Arc<Message>, group: &[Entry<Arc<SessionHandle>>]) -> Option<Delivery> {
+    let mut qos = None::<QoS>;
+    let mut retain = false;
+    let mut ids = Vec::new();
+    for e in group {
+        // No Local: never back to the publisher's own connection [MQTT-3.8.3-3].
+        if e.options.no_local && e.client == msg.origin {
+            continue;
+        }
+        let q = msg.qos.min(e.options.qos);
+        qos = Some(qos.map_or(q, |old| old.max(q)));
+        retain |= e.options.retain_as_published && msg.retain;
+        if let Some(id) = e.subscription_id {
+            ids.push(id);
+        }
+    }
+    Some(Delivery { msg: Arc::clone(msg), qos: qos?, retain, subscription_ids: ids, store_seq: None })
 }
 
 /// `$share/group/filter` -> (Some(group), filter); anything else -> (None, filter).

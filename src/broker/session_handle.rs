@@ -46,6 +46,17 @@ pub struct SessionCell {
     pub subscriptions: HashMap<ByteString, (SubscriptionOptions, Option<u32>)>,
     /// The session was discarded; nothing may be queued to it any more.
     pub ended: bool,
+    /// Something of this session is in the store (so ending it must delete it there).
+    pub persisted: bool,
+    /// Next key in the session's durable queue.
+    pub next_store_seq: u64,
+}
+
+impl SessionCell {
+    /// Persistent sessions keep their state in the store; clean ones never touch the disk.
+    pub fn persistent(&self) -> bool {
+        self.expiry_interval > 0 && !self.ended
+    }
 }
 
 pub struct SessionHandle {
@@ -60,7 +71,7 @@ impl SessionHandle {
         client_id: ByteString,
         limits: QueueLimits,
         owner: u64,
-        control: Arc<ConnControl>,
+        control: Option<Arc<ConnControl>>,
         expiry_interval: u32,
         protocol: ProtocolVersion,
     ) -> Self {
@@ -70,11 +81,13 @@ impl SessionHandle {
                 state: SessionState::new(limits),
                 owner,
                 last_owner: 0,
-                control: Some(control),
+                control,
                 expiry_interval,
                 protocol,
                 subscriptions: HashMap::new(),
                 ended: false,
+                persisted: false,
+                next_store_seq: 1,
             }),
             notify: Notify::new(),
         }

@@ -22,6 +22,8 @@ pub struct Delivery {
     pub retain: bool,
     /// Subscription identifiers of the matching subscriptions (v5).
     pub subscription_ids: Vec<u32>,
+    /// Key of this message in the session's durable queue (persistent sessions, QoS 1/2).
+    pub store_seq: Option<u64>,
 }
 
 /// Where an outbound QoS 1/2 message stands.
@@ -52,8 +54,9 @@ pub enum Outgoing {
 /// How an acknowledgement from the client matched the in-flight window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ack {
-    /// It completed (or advanced) the flow of that packet id.
-    Done,
+    /// It completed (or advanced) the flow of that packet id, whose message has this key in
+    /// the durable queue.
+    Done(Option<u64>),
     /// No message is in flight with that id (a late duplicate, or one from a lost session).
     Unknown,
     /// A message is in flight with that id, but this ack belongs to another QoS flow.
@@ -83,6 +86,9 @@ pub struct SessionState {
     limits: QueueLimits,
     /// Messages dropped since the session began (queue full, expired, too large).
     pub dropped: u64,
+    /// Durable-queue keys of messages dropped without delivery (expired), for the caller to
+    /// delete from the store.
+    discarded: Vec<u64>,
 }
 
 impl SessionState {
@@ -95,6 +101,7 @@ impl SessionState {
             inbound_qos2: HashSet::new(),
             limits,
             dropped: 0,
+            discarded: Vec::new(),
         }
     }
 
@@ -132,7 +139,9 @@ impl SessionState {
         loop {
             let front = self.queue.front()?;
             if front.msg.is_expired(now) {
-                self.pop_front();
+                if let Some(seq) = self.pop_front().and_then(|d| d.store_seq) {
+                    self.discarded.push(seq);
+                }
                 self.dropped += 1;
                 continue;
             }
@@ -178,8 +187,7 @@ impl SessionState {
         let Some(i) = self.find(pid) else { return Ack::Unknown };
         let f = &self.inflight[i];
         if f.delivery.qos == QoS::AtLeastOnce && f.state == OutState::AwaitingAck {
-            self.inflight.remove(i);
-            Ack::Done
+            Ack::Done(self.inflight.remove(i).and_then(|f| f.delivery.store_seq))
         } else {
             Ack::WrongType
         }
@@ -195,26 +203,38 @@ impl SessionState {
         }
         if success {
             self.inflight[i].state = OutState::AwaitingComp;
+            Ack::Done(self.inflight[i].delivery.store_seq)
         } else {
-            self.inflight.remove(i);
+            Ack::Done(self.inflight.remove(i).and_then(|f| f.delivery.store_seq))
         }
-        Ack::Done
     }
 
     /// PUBCOMP ends a QoS 2 delivery.
     pub fn pubcomp(&mut self, pid: u16) -> Ack {
         let Some(i) = self.find(pid) else { return Ack::Unknown };
         if self.inflight[i].state == OutState::AwaitingComp {
-            self.inflight.remove(i);
-            Ack::Done
+            Ack::Done(self.inflight.remove(i).and_then(|f| f.delivery.store_seq))
         } else {
             Ack::WrongType
         }
     }
 
-    /// Forgets an in-flight message without an acknowledgement (it could not be sent).
-    pub fn discard(&mut self, pid: u16) {
-        self.inflight.retain(|f| f.packet_id != pid);
+    /// Forgets an in-flight message without an acknowledgement (it could not be sent);
+    /// returns its durable-queue key.
+    pub fn discard(&mut self, pid: u16) -> Option<u64> {
+        let i = self.find(pid)?;
+        self.inflight.remove(i).and_then(|f| f.delivery.store_seq)
+    }
+
+    /// Durable-queue keys of messages dropped since the last call.
+    pub fn take_discarded(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.discarded)
+    }
+
+    /// Puts back a message that was in flight when the broker stopped, with its packet id.
+    pub fn restore_inflight(&mut self, packet_id: u16, delivery: Delivery, state: OutState) {
+        self.inflight.push_back(Inflight { packet_id, delivery, state });
+        self.next_packet_id = if packet_id == u16::MAX { 1 } else { packet_id + 1 };
     }
 
     /// In-flight messages in the order they were first sent, to resend on reconnect
@@ -268,6 +288,7 @@ mod tests {
             qos,
             retain: false,
             subscription_ids: vec![],
+            store_seq: None,
         }
     }
 
@@ -284,7 +305,7 @@ mod tests {
         let now = Instant::now();
         let Some(Outgoing::Tracked(p1, _)) = s.next_outgoing(1, now) else { panic!() };
         assert!(s.next_outgoing(1, now).is_none(), "window of 1 is full; QoS 0 waits behind message 2");
-        assert_eq!(s.puback(p1), Ack::Done);
+        assert_eq!(s.puback(p1), Ack::Done(None));
         assert_eq!(s.puback(p1), Ack::Unknown, "second PUBACK for the same id is unknown");
         let Some(Outgoing::Tracked(p2, m)) = s.next_outgoing(1, now) else { panic!() };
         assert_ne!(p1, p2);
@@ -300,10 +321,10 @@ mod tests {
         let Some(Outgoing::Tracked(p, _)) = s.next_outgoing(10, Instant::now()) else { panic!() };
         assert_eq!(s.puback(p), Ack::WrongType, "PUBACK does not complete QoS 2");
         assert_eq!(s.pubcomp(p), Ack::WrongType, "PUBCOMP before PUBREC");
-        assert_eq!(s.pubrec(p, true), Ack::Done);
+        assert_eq!(s.pubrec(p, true), Ack::Done(None));
         assert_eq!(s.inflight().next().map(|f| f.state), Some(OutState::AwaitingComp));
         assert_eq!(s.puback(p), Ack::WrongType, "PUBACK after PUBREC");
-        assert_eq!(s.pubcomp(p), Ack::Done);
+        assert_eq!(s.pubcomp(p), Ack::Done(None));
         assert_eq!(s.inflight_len(), 0);
     }
 

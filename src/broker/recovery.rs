@@ -1,0 +1,122 @@
+//! Rebuilding the broker's state from the store at start-up, before the first accept.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytestring::ByteString;
+use tracing::info;
+
+use super::{split_shared, Broker, SessionHandle, EXPIRY_NEVER};
+use crate::session::{Delivery, OutState};
+use crate::store::records::now_unix_ms;
+use crate::store::{InflightState, Op, Recovered};
+use crate::topics::Entry;
+
+impl Broker {
+    /// Loads sessions, subscriptions, queues and retained messages; deletes what expired
+    /// while the broker was down; arms expiry timers for the rest.
+    pub fn restore(self: &Arc<Self>, r: Recovered) {
+        let now_ms = now_unix_ms();
+        let mut ops = Vec::new();
+        let mut handles: HashMap<ByteString, Arc<SessionHandle>> = HashMap::new();
+        let mut timers = Vec::new();
+        for (client, rec) in r.sessions {
+            // A client connected when the broker stopped left at that moment, as far as its
+            // expiry is concerned; we only know it is gone now.
+            let away_ms = rec.disconnected_at.map_or(0, |t| now_ms.saturating_sub(t));
+            let expiry_ms = u64::from(rec.expiry_interval) * 1000;
+            if rec.expiry_interval != EXPIRY_NEVER && away_ms >= expiry_ms {
+                ops.push(Op::DeleteSession { client });
+                continue;
+            }
+            let h = Arc::new(SessionHandle::new(
+                client.clone(),
+                self.queue_limits(),
+                0,
+                None,
+                rec.expiry_interval,
+                rec.protocol,
+            ));
+            h.lock().persisted = true;
+            if rec.expiry_interval != EXPIRY_NEVER {
+                timers.push((Arc::clone(&h), Duration::from_millis(expiry_ms - away_ms)));
+            }
+            handles.insert(client, h);
+        }
+        let mut subscriptions = 0usize;
+        {
+            let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
+            for (client, filter, options, id) in r.subscriptions {
+                let Some(h) = handles.get(&client) else {
+                    ops.push(Op::DeleteSubscription { client, filter });
+                    continue;
+                };
+                let (group, plain) = split_shared(&filter);
+                trie.subscribe(
+                    plain,
+                    group,
+                    Entry { client: client.clone(), target: Arc::clone(h), options, subscription_id: id },
+                );
+                h.lock().subscriptions.insert(filter.clone(), (options, id));
+                subscriptions += 1;
+            }
+        }
+        let mut queued = 0usize;
+        let now = Instant::now();
+        for (client, seq, rec, state) in r.queued {
+            let Some(h) = handles.get(&client) else {
+                ops.push(Op::DeleteQueued { client, seq });
+                continue;
+            };
+            let mut cell = h.lock();
+            cell.next_store_seq = cell.next_store_seq.max(seq + 1);
+            if state.is_none() && rec.message.is_expired(now) {
+                ops.push(Op::DeleteQueued { client: client.clone(), seq });
+                continue;
+            }
+            let d = Delivery {
+                msg: rec.message,
+                qos: rec.qos,
+                retain: rec.retain,
+                subscription_ids: rec.subscription_ids,
+                store_seq: Some(seq),
+            };
+            match state {
+                Some(InflightState::Sent(pid)) => cell.state.restore_inflight(pid, d, OutState::AwaitingAck),
+                Some(InflightState::Released(pid)) => cell.state.restore_inflight(pid, d, OutState::AwaitingComp),
+                None => cell.state.enqueue_unbounded(d),
+            }
+            queued += 1;
+        }
+        for (client, pid) in r.inbound {
+            match handles.get(&client) {
+                Some(h) => {
+                    h.lock().state.inbound_qos2_begin(pid);
+                }
+                None => ops.push(Op::DeleteInbound { client, packet_id: pid }),
+            }
+        }
+        let mut retained = 0usize;
+        {
+            let mut trie = self.retained.write().unwrap_or_else(|e| e.into_inner());
+            for m in r.retained {
+                if m.is_expired(now) {
+                    ops.push(Op::DeleteRetained { topic: m.topic.clone() });
+                    continue;
+                }
+                trie.insert(&m.topic.clone(), m);
+                retained += 1;
+            }
+        }
+        let sessions = handles.len();
+        for (client, h) in handles {
+            self.sessions.insert(client, h);
+        }
+        for (h, after) in timers {
+            self.schedule_expiry(&h, 0, after);
+        }
+        self.persist(ops);
+        info!(sessions, subscriptions, queued, retained, "state recovered from the store");
+    }
+}

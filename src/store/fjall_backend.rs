@@ -1,0 +1,208 @@
+//! The durable backend: one fjall database in `storage.dir`, one keyspace per kind of
+//! record, every commit round one atomic `OwnedWriteBatch`.
+
+use std::path::{Path, PathBuf};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::memory::decode_all;
+use super::records::*;
+use super::{Backend, Op, Recovered, StoreError};
+
+const VERSION_KEY: &str = "store_version";
+
+pub struct FjallBackend {
+    dir: PathBuf,
+    db: Database,
+    sessions: Keyspace,
+    subscriptions: Keyspace,
+    queue: Keyspace,
+    inflight: Keyspace,
+    inbound: Keyspace,
+    retained: Keyspace,
+}
+
+fn engine(e: fjall::Error) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+impl FjallBackend {
+    /// Opens (or creates) the store in `dir`. Refuses a directory locked by another process
+    /// or written by an incompatible version, rather than starting empty.
+    pub fn open(dir: &Path) -> Result<FjallBackend, StoreError> {
+        let shown = dir.display().to_string();
+        let incompatible = |why: String| StoreError::Incompatible { dir: shown.clone(), why };
+        std::fs::create_dir_all(dir).map_err(|e| incompatible(format!("cannot create it: {e}")))?;
+        let db = Database::builder(dir).open().map_err(|e| match e {
+            fjall::Error::Locked => StoreError::Locked(shown.clone()),
+            other => incompatible(format!("cannot open it: {other}")),
+        })?;
+        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(engine);
+        let meta = ks("meta")?;
+        match meta.get(VERSION_KEY).map_err(engine)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(&v[..]).map(u32::from_be_bytes).ok();
+                if found != Some(STORE_VERSION) {
+                    return Err(incompatible(format!(
+                        "store version {found:?}, this tern reads version {STORE_VERSION}"
+                    )));
+                }
+            }
+            None => {
+                meta.insert(VERSION_KEY, STORE_VERSION.to_be_bytes()).map_err(engine)?;
+                db.persist(PersistMode::SyncAll).map_err(engine)?;
+            }
+        }
+        Ok(FjallBackend {
+            dir: dir.to_path_buf(),
+            sessions: ks("sessions")?,
+            subscriptions: ks("subscriptions")?,
+            queue: ks("queue")?,
+            inflight: ks("inflight")?,
+            inbound: ks("inbound")?,
+            retained: ks("retained")?,
+            db,
+        })
+    }
+
+    fn prefix_keys(ks: &Keyspace, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        ks.prefix(prefix).map(|g| g.key().map(|k| k.to_vec()).map_err(engine)).collect()
+    }
+}
+
+impl Backend for FjallBackend {
+    fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for op in ops {
+            match op {
+                Op::PutSession { client, record } => {
+                    batch.insert(&self.sessions, &client.as_bytes()[..], encode_session(record));
+                }
+                Op::DeleteSession { client } => {
+                    // Prefix deletes read committed data, so what this batch has put so far
+                    // must be committed first.
+                    std::mem::replace(&mut batch, self.db.batch()).commit().map_err(engine)?;
+                    batch.remove(&self.sessions, &client.as_bytes()[..]);
+                    let p = client_prefix(client);
+                    for ks in [&self.subscriptions, &self.queue, &self.inflight, &self.inbound] {
+                        for k in Self::prefix_keys(ks, &p)? {
+                            batch.remove(ks, k);
+                        }
+                    }
+                }
+                Op::PutSubscription { client, filter, options, id } => {
+                    batch.insert(
+                        &self.subscriptions,
+                        client_key(client, filter.as_bytes()),
+                        encode_subscription(*options, *id).to_vec(),
+                    );
+                }
+                Op::DeleteSubscription { client, filter } => {
+                    batch.remove(&self.subscriptions, client_key(client, filter.as_bytes()));
+                }
+                Op::PutQueued { client, seq, value } => {
+                    batch.insert(&self.queue, client_key(client, &seq.to_be_bytes()), &value[..]);
+                }
+                Op::SetInflight { client, seq, state } => {
+                    batch.insert(
+                        &self.inflight,
+                        client_key(client, &seq.to_be_bytes()),
+                        encode_inflight(*state).to_vec(),
+                    );
+                }
+                Op::DeleteQueued { client, seq } => {
+                    let k = client_key(client, &seq.to_be_bytes());
+                    batch.remove(&self.queue, k.clone());
+                    batch.remove(&self.inflight, k);
+                }
+                Op::PutInbound { client, packet_id } => {
+                    batch.insert(&self.inbound, client_key(client, &packet_id.to_be_bytes()), Vec::<u8>::new());
+                }
+                Op::DeleteInbound { client, packet_id } => {
+                    batch.remove(&self.inbound, client_key(client, &packet_id.to_be_bytes()));
+                }
+                Op::PutRetained { topic, value } => {
+                    batch.insert(&self.retained, &topic.as_bytes()[..], &value[..]);
+                }
+                Op::DeleteRetained { topic } => {
+                    batch.remove(&self.retained, &topic.as_bytes()[..]);
+                }
+            }
+        }
+        batch.commit().map_err(engine)
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.db.persist(PersistMode::SyncAll).map_err(engine)
+    }
+
+    fn load(&mut self) -> Result<Recovered, StoreError> {
+        let kv = |g: fjall::Guard| g.into_inner().map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine);
+        let inflight = &self.inflight;
+        decode_all(
+            self.sessions.iter().map(kv),
+            self.subscriptions.iter().map(kv),
+            self.queue.iter().map(kv),
+            |k| inflight.get(k).map(|v| v.map(|v| v.to_vec())).map_err(engine),
+            self.inbound.iter().map(kv),
+            self.retained.iter().map(kv),
+        )
+        .map_err(|e| StoreError::Incompatible { dir: self.dir.display().to_string(), why: e.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ProtocolVersion;
+
+    fn session(c: &str) -> Op {
+        Op::PutSession {
+            client: c.into(),
+            record: SessionRecord { protocol: ProtocolVersion::V311, expiry_interval: u32::MAX, disconnected_at: None },
+        }
+    }
+
+    #[test]
+    fn data_survives_reopen_and_prefix_delete_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut b = FjallBackend::open(dir.path()).unwrap();
+            b.apply(&[
+                session("a"),
+                session("ab"),
+                Op::PutInbound { client: "a".into(), packet_id: 7 },
+                Op::PutInbound { client: "ab".into(), packet_id: 8 },
+            ])
+            .unwrap();
+            b.apply(&[Op::DeleteSession { client: "a".into() }]).unwrap();
+            b.sync().unwrap();
+        }
+        let mut b = FjallBackend::open(dir.path()).unwrap();
+        let r = b.load().unwrap();
+        assert_eq!(r.sessions.len(), 1);
+        assert_eq!(r.sessions[0].0, "ab");
+        assert_eq!(r.inbound, vec![("ab".into(), 8)]);
+    }
+
+    #[test]
+    fn second_opener_is_refused_with_the_directory_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = FjallBackend::open(dir.path()).unwrap();
+        let Err(err) = FjallBackend::open(dir.path()) else { panic!("second open succeeded") };
+        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn other_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = FjallBackend::open(dir.path()).unwrap();
+            let meta = b.db.keyspace("meta", KeyspaceCreateOptions::default).unwrap();
+            meta.insert(VERSION_KEY, 99u32.to_be_bytes()).unwrap();
+            b.db.persist(PersistMode::SyncAll).unwrap();
+        }
+        let Err(err) = FjallBackend::open(dir.path()) else { panic!("opened a version 99 store") };
+        assert!(err.to_string().contains("version"), "{err}");
+    }
+}
