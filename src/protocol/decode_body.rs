@@ -121,8 +121,13 @@ pub(crate) fn publish(mut r: Reader, flags: u8, v: ProtocolVersion) -> Result<Pu
     let packet_id = if qos == QoS::AtMostOnce { None } else { Some(r.packet_id()?) };
     let properties = if v.is_v5() { props::read(&mut r, Ctx::Publish)? } else { Properties::default() };
     if topic.is_empty() {
-        // 3.3.2.3.4 calls a missing alias a Protocol Error; mosquitto answers 0x81 ("topic 0").
+        // 3.3.2.3.4: "It is a Protocol Error if the Topic Name is zero length and there is no
+        // Topic Alias" (mosquitto answers 0x81; listed in tests/conformance-divergences.md).
+        // 3.1.1 has no aliases: an empty name breaks [MQTT-4.7.3-1] and the connection closes.
         if properties.topic_alias.is_none() {
+            if v.is_v5() {
+                return Err(DecodeError::Protocol("empty topic name without a topic alias"));
+            }
             return Err(DecodeError::Topic("empty topic name"));
         }
     } else if !topic::valid_topic_name(&topic) {

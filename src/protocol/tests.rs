@@ -418,7 +418,8 @@ fn publish_rejections() {
         // + and # in the topic, empty topic, invalid UTF-8, control character
         rejects(v, &format!("30 {} 00 05 2B 6F 70 69 63 {props} 70", len(8)), 0x81);
         rejects(v, &format!("30 {} 00 05 74 6F 70 2F 23 {props} 70", len(8)), 0x81);
-        rejects(v, &format!("30 {} 00 00 {props} 70", len(3)), 0x81);
+        // empty topic: closes 3.1.1; Protocol Error in 5.0 (3.3.2.3.4)
+        rejects(v, &format!("30 {} 00 00 {props} 70", len(3)), if v.is_v5() { 0x82 } else { 0x81 });
         rejects(v, &format!("30 {} 00 05 74 6F FF 69 63 {props} 70", len(8)), 0x81);
         rejects(v, &format!("30 {} 00 05 74 6F ED A0 80 {props} 70", len(8)), 0x81);
         rejects(v, &format!("30 {} 00 05 74 6F 70 00 63 {props} 70", len(8)), 0x81);
