@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::store::{FjallBackend, Store, StoreError};
+use crate::store::{Backend, FjallBackend, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -67,12 +67,17 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
     let backend = tokio::task::spawn_blocking(move || FjallBackend::open(&dir))
         .await
         .map_err(|e| StoreError::Engine(format!("store opening task failed: {e}")))??;
+    start_with_backend(config, Box::new(backend)).await
+}
+
+/// Like `start`, over any store backend (tests inject failing ones).
+pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) -> Result<BrokerHandle, StartError> {
     let (durable_tx, durable_rx) = watch::channel(0u64);
     let notify = Box::new(move |seq: u64| {
         durable_tx.send_replace(seq);
     });
     let interval = Duration::from_millis(config.storage.sync_interval_ms);
-    let (store, recovered) = Store::open(Box::new(backend), config.storage.durability, interval, notify)?;
+    let (store, recovered) = Store::open(backend, config.storage.durability, interval, notify)?;
     let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable_rx));
     broker.restore(recovered);
     let (tx, rx) = watch::channel(false);
