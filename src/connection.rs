@@ -31,7 +31,10 @@ use crate::topics::level_count;
 /// Encoded bytes gathered before a write; past this the loop writes and comes back for more,
 /// so one busy subscriber cannot grow its buffer without bound.
 const WRITE_BATCH: usize = 64 * 1024;
-const READ_CHUNK: usize = 8 * 1024;
+/// Read buffer space offered to the socket: small while a client is quiet (idle connections
+/// should cost little memory), doubled each time a read fills it, up to the maximum.
+const READ_MIN: usize = 256;
+const READ_MAX: usize = 64 * 1024;
 
 /// Why a connection ends.
 #[derive(Debug)]
@@ -57,7 +60,7 @@ where
 {
     let limits = &broker.config.limits;
     let max_packet = limits.max_packet_size as usize;
-    let mut rbuf = BytesMut::with_capacity(1024);
+    let mut rbuf = BytesMut::new();
     let deadline = Duration::from_secs(limits.connect_timeout_secs);
 
     let first = tokio::time::timeout(deadline, read_connect(&mut stream, &mut rbuf, max_packet)).await;
@@ -112,7 +115,7 @@ async fn read_connect<S: AsyncRead + Unpin>(
             Ok(None) => {}
             Err(e) => return Err(ConnectError::Decode(e)),
         }
-        rbuf.reserve(READ_CHUNK);
+        rbuf.reserve(1024);
         match stream.read_buf(rbuf).await {
             Ok(0) | Err(_) => return Err(ConnectError::Io),
             Ok(_) => {}
@@ -288,7 +291,7 @@ impl Conn {
             client_max_packet,
             inbound_aliases: HashMap::new(),
             rbuf: BytesMut::new(),
-            wbuf: BytesMut::with_capacity(4096),
+            wbuf: BytesMut::new(),
             held: VecDeque::new(),
             durable: broker.durable_watch(),
         };
@@ -333,7 +336,14 @@ impl Conn {
         let handle = Arc::clone(&self.handle);
         // [MQTT-3.1.2-24]: one and a half keep-alive periods without a packet closes.
         let ka = (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
-        let mut deadline = ka.map(|d| tokio::time::Instant::now() + d);
+        // One timer for the connection's life: reads only record the time, and when the
+        // timer fires early it is pushed to the real deadline (cheaper than resetting it on
+        // every read).
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut last_read = tokio::time::Instant::now();
+        let sleep = tokio::time::sleep_until(ka.map_or(far, |d| last_read + d));
+        tokio::pin!(sleep);
+        let mut read_hint = READ_MIN;
         let mut more = true;
         loop {
             if let Err(close) = self.release_held() {
@@ -353,13 +363,13 @@ impl Conn {
             if *shutdown.borrow() {
                 return Close::Kicked(reason::SERVER_SHUTTING_DOWN);
             }
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            self.rbuf.reserve(READ_CHUNK);
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * read_hint {
+                // Quiet again after a burst: drop the big buffer (payloads still using it
+                // keep their part alive).
+                self.rbuf = BytesMut::new();
+            }
+            self.rbuf.reserve(read_hint);
+            let offered = self.rbuf.capacity() - self.rbuf.len();
             tokio::select! {
                 biased;
                 _ = control.kicked.notified() => return Close::Kicked(control.reason()),
@@ -368,9 +378,12 @@ impl Conn {
                     match r {
                         Ok(0) => return Close::Lost("connection closed by client"),
                         Err(_) => return Close::Lost("socket error"),
-                        Ok(_) => {
-                            if let Some(d) = ka {
-                                deadline = Some(tokio::time::Instant::now() + d);
+                        Ok(n) => {
+                            last_read = tokio::time::Instant::now();
+                            if n == offered && read_hint < READ_MAX {
+                                read_hint *= 2;
+                            } else if n < offered / 4 && read_hint > READ_MIN {
+                                read_hint /= 2;
                             }
                             if let Err(close) = self.process_input() {
                                 // Flush acks produced before the failure, then close.
@@ -383,7 +396,13 @@ impl Conn {
                 }
                 _ = handle.notify.notified() => { more = true; }
                 _ = self.durable.changed(), if !self.held.is_empty() => {}
-                _ = sleep => return Close::Error { reason: reason::KEEP_ALIVE_TIMEOUT, what: "keep-alive timeout".into() },
+                _ = &mut sleep, if ka.is_some() => {
+                    let due = last_read + ka.unwrap_or_default();
+                    if due <= tokio::time::Instant::now() {
+                        return Close::Error { reason: reason::KEEP_ALIVE_TIMEOUT, what: "keep-alive timeout".into() };
+                    }
+                    sleep.as_mut().reset(due);
+                }
             }
         }
     }
@@ -402,7 +421,12 @@ impl Conn {
             r = stream.write_all(&self.wbuf) => r,
             _ = control.kicked.notified() => return Err(Close::Kicked(control.reason())),
         };
-        self.wbuf.clear();
+        if self.wbuf.capacity() > 4 * WRITE_BATCH {
+            // A burst grew the buffer; give the memory back rather than keep it per client.
+            self.wbuf = BytesMut::new();
+        } else {
+            self.wbuf.clear();
+        }
         result.map_err(|_| Close::Lost("write failed"))
     }
 
