@@ -780,6 +780,7 @@ impl Conn {
                         retain: true,
                         subscription_ids: sub_id.into_iter().collect(),
                         store_seq: None,
+                        shared: None,
                     });
                 }
             }

@@ -224,6 +224,7 @@ impl Broker {
             cell.expiry_interval = expiry;
             cell.protocol
         };
+        self.move_shared(handle);
         if expiry == 0 {
             self.end_session(handle);
             return;
@@ -234,6 +235,48 @@ impl Broker {
         }]);
         if expiry != EXPIRY_NEVER {
             self.schedule_expiry(handle, connection_id, Duration::from_secs(u64::from(expiry)));
+        }
+    }
+
+    /// Hands a departing member's unacknowledged shared-subscription messages to another
+    /// connected member of the same group [MQTT-4.8.2]; keeps them when there is none.
+    fn move_shared(&self, from: &Arc<SessionHandle>) {
+        let keys = from.lock().state.shared_keys();
+        if keys.is_empty() {
+            return;
+        }
+        // Pick the receiving member of each share first, without holding the session's lock.
+        let mut receivers = std::collections::HashMap::new();
+        for key in keys {
+            let Some((group, filter)) = topic::parse_shared(&key) else { continue };
+            let members = {
+                let trie = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
+                trie.shared_members(filter, group)
+            };
+            if let Some(m) = members.into_iter().find(|m| !Arc::ptr_eq(&m.target, from) && m.target.lock().owner != 0) {
+                receivers.insert(key, m);
+            }
+        }
+        let moved = from.lock().state.take_shared(|k| receivers.contains_key(k));
+        let mut ops = Vec::new();
+        let mut handover = Vec::new();
+        for mut d in moved {
+            let Some(member) = d.shared.as_ref().and_then(|k| receivers.get(k)) else { continue };
+            if let Some(seq) = d.store_seq.take() {
+                ops.push(Op::DeleteQueued { client: from.client_id.clone(), seq });
+            }
+            d.qos = d.msg.qos.min(member.options.qos);
+            d.subscription_ids = member.subscription_id.into_iter().collect();
+            let target = Arc::clone(&member.target);
+            if d.qos != QoS::AtMostOnce {
+                let mut encoded = None;
+                self.assign_store_seq(&target, &mut d, &mut encoded, &mut ops);
+            }
+            handover.push((target, d));
+        }
+        self.persist(ops);
+        for (target, d) in handover {
+            target.deliver(d);
         }
     }
 
@@ -302,7 +345,13 @@ impl Broker {
         } else {
             0
         };
-        let entry = Entry { client: handle.client_id.clone(), target: Arc::clone(handle), options, subscription_id };
+        let entry = Entry {
+            client: handle.client_id.clone(),
+            target: Arc::clone(handle),
+            options,
+            subscription_id,
+            share: group.map(|_| filter.clone()),
+        };
         let existed = {
             let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
             trie.subscribe(trie_filter, group, entry)
@@ -356,9 +405,18 @@ impl Broker {
             trie.matches(&msg.topic, &mut matches);
         }
         // Overlapping subscriptions of one client give one delivery at the highest QoS, with
-        // every matching subscription identifier [MQTT-3.3.4-2, 3.3.4-3].
-        matches.sort_by_key(|e| Arc::as_ptr(&e.target) as usize);
+        // every matching subscription identifier [MQTT-3.3.4-2, 3.3.4-3]. Shared
+        // subscriptions are separate subscriptions: each delivers on its own.
         let mut deliveries: Vec<(Arc<SessionHandle>, Delivery)> = Vec::new();
+        matches.retain(|e| {
+            let Some(share) = &e.share else { return true };
+            if let Some(mut d) = merge(&msg, std::slice::from_ref(e)) {
+                d.shared = Some(share.clone());
+                deliveries.push((Arc::clone(&e.target), d));
+            }
+            false
+        });
+        matches.sort_by_key(|e| Arc::as_ptr(&e.target) as usize);
         let mut i = 0;
         while i < matches.len() {
             let mut j = i + 1;
@@ -486,7 +544,7 @@ fn merge(msg: &Arc<Message>, group: &[Entry<Arc<SessionHandle>>]) -> Option<Deli
             ids.push(id);
         }
     }
-    Some(Delivery { msg: Arc::clone(msg), qos: qos?, retain, subscription_ids: ids, store_seq: None })
+    Some(Delivery { msg: Arc::clone(msg), qos: qos?, retain, subscription_ids: ids, store_seq: None, shared: None })
 }
 
 /// `$share/group/filter` -> (Some(group), filter); anything else -> (None, filter).

@@ -56,7 +56,13 @@ impl Broker {
                 trie.subscribe(
                     plain,
                     group,
-                    Entry { client: client.clone(), target: Arc::clone(h), options, subscription_id: id },
+                    Entry {
+                        client: client.clone(),
+                        target: Arc::clone(h),
+                        options,
+                        subscription_id: id,
+                        share: group.map(|_| filter.clone()),
+                    },
                 );
                 h.lock().subscriptions.insert(filter.clone(), (options, id));
                 subscriptions += 1;
@@ -81,6 +87,7 @@ impl Broker {
                 retain: rec.retain,
                 subscription_ids: rec.subscription_ids,
                 store_seq: Some(seq),
+                shared: None,
             };
             match state {
                 Some(InflightState::Sent(pid)) => cell.state.restore_inflight(pid, d, OutState::AwaitingAck),

@@ -24,6 +24,9 @@ pub struct Delivery {
     pub subscription_ids: Vec<u32>,
     /// Key of this message in the session's durable queue (persistent sessions, QoS 1/2).
     pub store_seq: Option<u64>,
+    /// The `$share/group/filter` it was delivered through, if any: an unacknowledged shared
+    /// delivery may move to another member of the group.
+    pub shared: Option<bytestring::ByteString>,
 }
 
 /// Where an outbound QoS 1/2 message stands.
@@ -243,6 +246,39 @@ impl SessionState {
         self.inflight.iter()
     }
 
+    /// Takes out the shared-subscription deliveries not yet acknowledged at all (queued, or
+    /// sent without PUBACK/PUBREC), to hand them to another member of their group.
+    /// Only those whose share passes `movable` are taken.
+    pub fn take_shared(&mut self, movable: impl Fn(&str) -> bool) -> Vec<Delivery> {
+        let can = |d: &Delivery| d.shared.as_deref().is_some_and(&movable);
+        let mut out = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.inflight.len());
+        for f in self.inflight.drain(..) {
+            if can(&f.delivery) && f.state == OutState::AwaitingAck {
+                out.push(f.delivery);
+            } else {
+                keep.push_back(f);
+            }
+        }
+        self.inflight = keep;
+        let mut rest = VecDeque::with_capacity(self.queue.len());
+        for d in self.queue.drain(..) {
+            if can(&d) {
+                self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.payload.len());
+                out.push(d);
+            } else {
+                rest.push_back(d);
+            }
+        }
+        self.queue = rest;
+        out
+    }
+
+    /// The shares of the shared-subscription deliveries this session holds.
+    pub fn shared_keys(&self) -> std::collections::HashSet<bytestring::ByteString> {
+        self.inflight.iter().map(|f| &f.delivery).chain(self.queue.iter()).filter_map(|d| d.shared.clone()).collect()
+    }
+
     /// Takes every in-flight and queued message out, e.g. to give a departing shared
     /// subscriber's messages to another member.
     pub fn drain_all(&mut self) -> Vec<Delivery> {
@@ -289,6 +325,7 @@ mod tests {
             retain: false,
             subscription_ids: vec![],
             store_seq: None,
+            shared: None,
         }
     }
 

@@ -17,6 +17,8 @@ pub struct Entry<T> {
     pub target: T,
     pub options: SubscriptionOptions,
     pub subscription_id: Option<u32>,
+    /// The full `$share/group/filter` of a shared subscription; None for a plain one.
+    pub share: Option<ByteString>,
 }
 
 #[derive(Debug)]
@@ -218,6 +220,7 @@ mod tests {
             target: 0,
             options: SubscriptionOptions { qos, ..Default::default() },
             subscription_id: None,
+            share: None,
         }
     }
 
