@@ -6,6 +6,8 @@
 //! everything produced by one read or one wake-up is encoded into one buffer and written with
 //! one call.
 
+mod aliases;
+
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -141,6 +143,8 @@ struct Conn {
     window: usize,
     /// Largest packet the client accepts (v5 Maximum Packet Size).
     client_max_packet: usize,
+    /// Topic aliases towards the client (v5, when it accepts some).
+    out_aliases: aliases::OutboundAliases,
     inbound_aliases: HashMap<u16, ByteString>,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -289,6 +293,11 @@ impl Conn {
             connect_expiry_zero: session_expiry == 0,
             window,
             client_max_packet,
+            out_aliases: aliases::OutboundAliases::new(if v5 {
+                c.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            }),
             inbound_aliases: HashMap::new(),
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
@@ -317,7 +326,8 @@ impl Conn {
         for f in cell.state.inflight() {
             match f.state {
                 OutState::AwaitingAck => {
-                    let p = self.publish_packet(&f.delivery, Some(f.packet_id), true, now);
+                    let mut p = self.publish_packet(&f.delivery, Some(f.packet_id), true, now);
+                    self.alias(&mut p);
                     protocol::encode(&Packet::Publish(p), self.version, &mut self.wbuf);
                 }
                 OutState::AwaitingComp => {
@@ -849,7 +859,7 @@ impl Conn {
                 }
             };
             let p = self.publish_packet(&d, pid, false, now);
-            let packet = Packet::Publish(p);
+            let mut packet = Packet::Publish(p);
             if self.client_max_packet != usize::MAX
                 && protocol::encoded_len(&packet, self.version) > self.client_max_packet
             {
@@ -860,6 +870,11 @@ impl Conn {
                 cell.state.dropped += 1;
                 self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
+            }
+            // Aliases only for packets that are really sent, or the client would miss the
+            // definition.
+            if let Packet::Publish(p) = &mut packet {
+                self.alias(p);
             }
             protocol::encode(&packet, self.version, &mut self.wbuf);
             sent += 1;
@@ -873,6 +888,17 @@ impl Conn {
             self.broker.metrics.messages_sent.fetch_add(sent, Ordering::Relaxed);
         }
         full
+    }
+
+    fn alias(&mut self, p: &mut Publish) {
+        match self.out_aliases.apply(&p.topic) {
+            aliases::AliasUse::None => {}
+            aliases::AliasUse::Define(a) => p.properties.topic_alias = Some(a),
+            aliases::AliasUse::Reuse(a) => {
+                p.properties.topic_alias = Some(a);
+                p.topic = ByteString::new();
+            }
+        }
     }
 
     fn publish_packet(&self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> Publish {
