@@ -233,3 +233,25 @@ async fn v5_puback_reports_no_matching_subscribers() {
     }
     c.expect_silence(Duration::from_millis(200)).await;
 }
+
+/// A backlog larger than one write batch (64 KiB) must all go out, not only the first batch:
+/// nothing else wakes a QoS 0 subscriber's connection once the publisher has stopped.
+#[tokio::test]
+async fn qos0_backlog_larger_than_a_write_batch_is_fully_delivered() {
+    let b = start().await;
+    let mut s = Raw::open(b.addr).await;
+    s.handshake(&Connect::v311("bulk-sub")).await;
+    s.subscribe(1, "bulk", 0).await;
+    let mut p = Raw::open(b.addr).await;
+    p.handshake(&Connect::v311("bulk-pub")).await;
+    let mut burst = Vec::new();
+    for i in 0..5000u32 {
+        burst.extend(publish("bulk", format!("{i:08}-padding-padding").as_bytes(), 0, 0));
+    }
+    p.send(&burst).await;
+    p.ping().await;
+    for i in 0..5000u32 {
+        let m = s.recv_publish().await;
+        assert_eq!(m.payload, format!("{i:08}-padding-padding").as_bytes(), "message {i}");
+    }
+}

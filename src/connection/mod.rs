@@ -406,6 +406,9 @@ impl Conn {
                 }
                 _ = handle.notify.notified() => { more = true; }
                 _ = self.durable.changed(), if !self.held.is_empty() => {}
+                // The last drain stopped at a full batch: come straight back for the rest
+                // (the wake-up that announced those messages has been used).
+                _ = std::future::ready(()), if more => {}
                 _ = &mut sleep, if ka.is_some() => {
                     let due = last_read + ka.unwrap_or_default();
                     if due <= tokio::time::Instant::now() {

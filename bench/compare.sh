@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Compare tern with mosquitto on the tern-bench scenarios. See bench/README.md.
+#
+#   bench/compare.sh                       # every scenario, 3 runs per broker, alternating
+#   QUICK=1 bench/compare.sh               # smaller counts: a couple of minutes
+#   SCENARIOS="fanin0 fanout1" RUNS=5 bench/compare.sh
+#
+# Environment:
+#   SCENARIOS   subset of: fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep
+#   RUNS        runs per broker per scenario (default 3; sweep always runs once per broker)
+#   QUICK=1     smaller message counts and shorter latency runs
+#   TIMEOUT     tern-bench hard timeout per run, seconds (default 60)
+#   DURABILITY  tern storage.durability for `durable` (default sync)
+#   TERN_DURABILITY  tern storage.durability for every other scenario (default none, the
+#               closest to mosquitto's `persistence false`)
+#   OUT         results directory (default target/bench/<timestamp>)
+#   NO_BUILD=1  skip `cargo build --release`
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUNS=${RUNS:-3}
+QUICK=${QUICK:-0}
+TIMEOUT=${TIMEOUT:-60}
+DURABILITY=${DURABILITY:-sync}
+TERN_DURABILITY=${TERN_DURABILITY:-none}
+SCENARIOS=${SCENARIOS:-"fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep"}
+OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
+BENCH=$ROOT/target/release/tern-bench
+TERN=$ROOT/target/release/tern
+export PATH="$PATH:/usr/sbin:/usr/local/sbin"
+
+log() { echo "[compare] $*" >&2; }
+
+mkdir -p "$OUT" || exit 1
+RESULTS=$OUT/results.tsv
+: >"$RESULTS"
+
+# --- tools -----------------------------------------------------------------------------
+if ! command -v mosquitto >/dev/null 2>&1; then
+    log "installing mosquitto (Debian package)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+fi
+if ! command -v mosquitto >/dev/null 2>&1; then
+    log "mosquitto is not available; cannot compare"
+    exit 1
+fi
+MOSQ_VERSION=$(mosquitto -h 2>&1 | head -1)
+if [ "${NO_BUILD:-0}" != 1 ]; then
+    log "cargo build --release"
+    cargo build --release --bins >&2 || exit 1
+fi
+# 10,000 idle connections need as many descriptors in the bench and in the broker.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
+log "open-file limit: $(ulimit -n)"
+
+# --- scenario table --------------------------------------------------------------------
+args_for() {
+    local q=$QUICK
+    case $1 in
+        fanin0) [ "$q" = 1 ] && echo "fanin --qos 0 --messages 100000 --drain-ms 1000" || echo "fanin --qos 0 --messages 400000" ;;
+        fanin1) [ "$q" = 1 ] && echo "fanin --qos 1 --messages 100000" || echo "fanin --qos 1 --messages 400000" ;;
+        fanout0) [ "$q" = 1 ] && echo "fanout --qos 0 --messages 10000 --drain-ms 1000" || echo "fanout --qos 0 --messages 50000" ;;
+        fanout1) [ "$q" = 1 ] && echo "fanout --qos 1 --messages 10000" || echo "fanout --qos 1 --messages 50000" ;;
+        latency) [ "$q" = 1 ] && echo "latency --rate 2000 --secs 3" || echo "latency --rate 2000 --secs 10" ;;
+        conns) echo "conns --conns 10000" ;;
+        retained) [ "$q" = 1 ] && echo "retained --messages 20000" || echo "retained --messages 100000" ;;
+        durable) [ "$q" = 1 ] && echo "durable --messages 40000" || echo "durable --messages 200000" ;;
+        sweep) [ "$q" = 1 ] && echo "latency --sweep 1000,2000,5000,10000,20000 --secs 2 --drain-ms 1000" ||
+            echo "latency --sweep 1000,2000,5000,10000,20000,50000,100000 --secs 5" ;;
+        *) return 1 ;;
+    esac
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    local port=$1 pid=$2 i
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+BROKER_PID=
+# start_broker KIND SCENARIO DIR -> sets BROKER_PID, BROKER_PORT
+start_broker() {
+    local kind=$1 scen=$2 dir=$3
+    BROKER_PORT=$(free_port)
+    mkdir -p "$dir/data"
+    if [ "$kind" = tern ]; then
+        local mode=$TERN_DURABILITY
+        [ "$scen" = durable ] && mode=$DURABILITY
+        # Limits matched to the mosquitto config below (queue and in-flight window).
+        cat >"$dir/broker.toml" <<EOF
+[[listener]]
+bind = "127.0.0.1:$BROKER_PORT"
+
+[storage]
+dir = "$dir/data"
+durability = "$mode"
+
+[limits]
+max_queued_messages = 1000000
+max_inflight = 1000
+EOF
+        RUST_LOG=${RUST_LOG:-warn} "$TERN" -c "$dir/broker.toml" >"$dir/broker.log" 2>&1 &
+    else
+        cat >"$dir/broker.conf" <<EOF
+listener $BROKER_PORT 127.0.0.1
+allow_anonymous true
+max_queued_messages 1000000
+max_inflight_messages 1000
+set_tcp_nodelay true
+persistence false
+persistence_location $dir/data/
+log_dest stderr
+log_type error
+log_type warning
+EOF
+        mosquitto -c "$dir/broker.conf" >"$dir/broker.log" 2>&1 &
+    fi
+    BROKER_PID=$!
+    if ! wait_port "$BROKER_PORT" "$BROKER_PID"; then
+        log "$kind did not start; log:"
+        tail -20 "$dir/broker.log" >&2
+        stop_broker
+        return 1
+    fi
+}
+
+stop_broker() {
+    [ -n "$BROKER_PID" ] || return 0
+    kill -TERM "$BROKER_PID" 2>/dev/null
+    local i
+    for i in $(seq 1 50); do
+        kill -0 "$BROKER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$BROKER_PID" 2>/dev/null; then
+        log "broker $BROKER_PID ignored SIGTERM for 5 s; killing"
+        kill -KILL "$BROKER_PID" 2>/dev/null
+    fi
+    wait "$BROKER_PID" 2>/dev/null
+    BROKER_PID=
+}
+trap 'stop_broker' EXIT INT TERM
+
+# run_one KIND SCENARIO RUN
+run_one() {
+    local kind=$1 scen=$2 run=$3 dir args rc line
+    dir=$OUT/$scen/$kind-$run
+    mkdir -p "$dir"
+    args=$(args_for "$scen")
+    if ! start_broker "$kind" "$scen" "$dir"; then
+        printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$kind" "$run" 99 "error=broker_did_not_start" >>"$RESULTS"
+        return
+    fi
+    # shellcheck disable=SC2086
+    timeout $((TIMEOUT * 8 + 60)) "$BENCH" $args --port "$BROKER_PORT" --pid "$BROKER_PID" --timeout "$TIMEOUT" \
+        >"$dir/bench.out" 2>"$dir/bench.err"
+    rc=$?
+    local alive=1
+    kill -0 "$BROKER_PID" 2>/dev/null || alive=0
+    stop_broker
+    if [ "$scen" = sweep ]; then
+        cp "$dir/bench.out" "$OUT/sweep_$kind.txt"
+    fi
+    while IFS= read -r line || [ -n "$line" ]; do
+        [ -n "$line" ] || continue
+        [ $alive = 1 ] || line="$line broker_died=1"
+        printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$kind" "$run" "$rc" "$line" >>"$RESULTS"
+        echo "$kind #$run rc=$rc $line" >&2
+    done <"$dir/bench.out"
+    if [ ! -s "$dir/bench.out" ]; then
+        printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$kind" "$run" "$rc" "error=no_output" >>"$RESULTS"
+        log "$kind #$run rc=$rc: no output; stderr: $(tail -3 "$dir/bench.err")"
+    fi
+    if [ "$rc" != 0 ] || [ $alive = 0 ]; then
+        log "$kind #$run of $scen: exit $rc, broker alive=$alive; broker log tail ($dir/broker.log):"
+        grep -v 'client \(dis\)\?connected' "$dir/broker.log" | tail -5 | sed 's/^/    /' >&2
+    fi
+}
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') x $(nproc)"
+    echo "memory: $(free -h | awk '/^Mem:/ {print $2}')"
+    echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "mosquitto: $MOSQ_VERSION"
+    echo "tern: $(git -C "$ROOT" describe --always --dirty 2>/dev/null)"
+    echo "mode: $([ "$QUICK" = 1 ] && echo QUICK || echo full), RUNS=$RUNS, tern durability: $TERN_DURABILITY (durable: $DURABILITY)"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+
+for scen in $SCENARIOS; do
+    if ! args_for "$scen" >/dev/null; then
+        log "unknown scenario $scen (skipped)"
+        continue
+    fi
+    log "== $scen: tern-bench $(args_for "$scen")"
+    runs=$RUNS
+    [ "$scen" = sweep ] && runs=1
+    for run in $(seq 1 "$runs"); do
+        run_one tern "$scen" "$run"
+        run_one mosquitto "$scen" "$run"
+    done
+done
+
+python3 "$ROOT/bench/summarize.py" "$RESULTS" "$OUT/machine.txt" | tee "$OUT/summary.md"
+
+if [ -f "$OUT/sweep_tern.txt" ] || [ -f "$OUT/sweep_mosquitto.txt" ]; then
+    if ! python3 -c 'import matplotlib' 2>/dev/null; then
+        log "matplotlib missing: pip install matplotlib"
+        python3 -m pip install -q matplotlib >&2 2>&1 || log "pip install matplotlib failed"
+    fi
+    python3 "$ROOT/bench/latency_plot.py" "$OUT/sweep_tern.txt" "$OUT/sweep_mosquitto.txt" "$ROOT/bench/latency.png"
+fi
+log "results in $OUT"
