@@ -544,7 +544,15 @@ fn merge(msg: &Arc<Message>, group: &[Entry<Arc<SessionHandle>>]) -> Option<Deli
             ids.push(id);
         }
     }
-    Some(Delivery { msg: Arc::clone(msg), qos: qos?, retain, subscription_ids: ids, store_seq: None, shared: None })
+    Some(Delivery {
+        msg: Arc::clone(msg),
+        qos: qos?,
+        retain,
+        subscription_ids: ids,
+        store_seq: None,
+        shared: None,
+        maybe_sent: false,
+    })
 }
 
 /// `$share/group/filter` -> (Some(group), filter); anything else -> (None, filter).

@@ -8,6 +8,7 @@ use bytestring::ByteString;
 use tracing::info;
 
 use super::{split_shared, Broker, SessionHandle, EXPIRY_NEVER};
+use crate::protocol::QoS;
 use crate::session::{Delivery, OutState};
 use crate::store::records::now_unix_ms;
 use crate::store::{InflightState, Op, Recovered};
@@ -88,6 +89,9 @@ impl Broker {
                 subscription_ids: rec.subscription_ids,
                 store_seq: Some(seq),
                 shared: None,
+                // QoS 1 sends are not recorded (a duplicate is allowed, if flagged), so any
+                // QoS 1 message may have gone out before the crash.
+                maybe_sent: state.is_none() && rec.qos == QoS::AtLeastOnce,
             };
             match state {
                 Some(InflightState::Sent(pid)) => cell.state.restore_inflight(pid, d, OutState::AwaitingAck),

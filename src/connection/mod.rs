@@ -153,6 +153,9 @@ struct Conn {
     held: VecDeque<HeldAck>,
     /// Changes when the store has processed more; wakes the loop to release `held`.
     durable: watch::Receiver<u64>,
+    /// Store ticket the write buffer waits for: QoS 2 PUBLISHes of persistent sessions go out
+    /// only once their packet id is durable. 0 = nothing to wait for.
+    write_ticket: u64,
 }
 
 /// An acknowledgement waiting for a store ticket, and retained messages to queue after it
@@ -303,6 +306,7 @@ impl Conn {
             wbuf: BytesMut::new(),
             held: VecDeque::new(),
             durable: broker.durable_watch(),
+            write_ticket: 0,
         };
         // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
         let session_present = session_present && v != ProtocolVersion::V31;
@@ -360,16 +364,19 @@ impl Conn {
                 let _ = self.flush(stream, &control).await;
                 return close;
             }
-            if more || !self.wbuf.is_empty() {
+            if (more || !self.wbuf.is_empty()) && self.write_ready() {
                 more = self.drain();
-                if let Err(close) = self.flush(stream, &control).await {
-                    return close;
+                if self.write_ready() {
+                    if let Err(close) = self.flush(stream, &control).await {
+                        return close;
+                    }
                 }
                 if more {
                     // Keep reading between big batches so acks are not starved.
                     tokio::task::yield_now().await;
                 }
             }
+            let can_write = self.write_ready();
             if *shutdown.borrow() {
                 return Close::Kicked(reason::SERVER_SHUTTING_DOWN);
             }
@@ -405,10 +412,10 @@ impl Conn {
                     }
                 }
                 _ = handle.notify.notified() => { more = true; }
-                _ = self.durable.changed(), if !self.held.is_empty() => {}
+                _ = self.durable.changed(), if !self.held.is_empty() || !can_write => {}
                 // The last drain stopped at a full batch: come straight back for the rest
                 // (the wake-up that announced those messages has been used).
-                _ = std::future::ready(()), if more => {}
+                _ = std::future::ready(()), if more && can_write => {}
                 _ = &mut sleep, if ka.is_some() => {
                     let due = last_read + ka.unwrap_or_default();
                     if due <= tokio::time::Instant::now() {
@@ -418,6 +425,18 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// False while the write buffer holds QoS 2 PUBLISHes whose packet ids are not durable.
+    fn write_ready(&mut self) -> bool {
+        if self.write_ticket == 0 {
+            return true;
+        }
+        if self.broker.outcome(self.write_ticket).is_some() {
+            self.write_ticket = 0;
+            return true;
+        }
+        false
     }
 
     /// Writes the buffer, giving up if the connection is kicked meanwhile (a client that stops
@@ -508,6 +527,7 @@ impl Conn {
             }
             Packet::PubRec(r) => {
                 let ack = self.handle.lock().state.pubrec(r.packet_id, r.reason < 0x80);
+                let mut ticket = 0;
                 if let Ack::Done(Some(seq)) = ack {
                     let op = if r.reason < 0x80 {
                         Op::SetInflight {
@@ -518,13 +538,15 @@ impl Conn {
                     } else {
                         Op::DeleteQueued { client: self.client_id.clone(), seq }
                     };
-                    self.broker.persist(vec![op]);
+                    ticket = self.broker.persist(vec![op]);
                 }
                 Self::check_ack(ack, "PUBREC")?;
+                // PUBREL lets the receiver forget the id; after a crash we must then resend
+                // PUBREL, never the PUBLISH, so it waits until "released" is durable.
                 // An unknown id still gets PUBREL with success, as mosquitto answers (0x92
                 // would also be allowed): the client then completes and forgets it.
                 if r.reason < 0x80 {
-                    self.encode(Packet::PubRel(PubResp::new(r.packet_id)));
+                    self.respond(ticket, Packet::PubRel(PubResp::new(r.packet_id)), Vec::new());
                 }
                 Ok(())
             }
@@ -535,11 +557,16 @@ impl Conn {
                     let mut cell = self.handle.lock();
                     (cell.state.inbound_qos2_release(r.packet_id), cell.persistent())
                 };
+                // PUBCOMP lets the publisher reuse the id; were the id still stored after a
+                // crash, its next message with that id would be taken for a duplicate and
+                // lost. So PUBCOMP waits for the delete to be durable.
+                let mut ticket = 0;
                 if known && persistent {
-                    self.broker
+                    ticket = self
+                        .broker
                         .persist(vec![Op::DeleteInbound { client: self.client_id.clone(), packet_id: r.packet_id }]);
                 }
-                self.respond(0, Packet::PubComp(PubResp::new(r.packet_id)), Vec::new());
+                self.respond(ticket, Packet::PubComp(PubResp::new(r.packet_id)), Vec::new());
                 Ok(())
             }
             Packet::PubComp(r) => {
@@ -794,6 +821,7 @@ impl Conn {
                         subscription_ids: sub_id.into_iter().collect(),
                         store_seq: None,
                         shared: None,
+                        maybe_sent: false,
                     });
                 }
             }
@@ -849,9 +877,10 @@ impl Conn {
             let (d, pid) = match out {
                 Outgoing::Unacked(d) => (d, None),
                 Outgoing::Tracked(pid, d) => {
-                    if let Some(seq) = d.store_seq {
-                        // After a crash the message goes out again with the same id, so a
-                        // QoS 2 receiver recognises it [MQTT-4.3.3].
+                    if let (Some(seq), QoS::ExactlyOnce) = (d.store_seq, d.qos) {
+                        // A QoS 2 message must go out again with the same id after a crash,
+                        // or the receiver would take it for a new one [MQTT-4.3.3]: its id is
+                        // durable before the PUBLISH is written (see `write_ticket`).
                         ops.push(Op::SetInflight {
                             client: self.client_id.clone(),
                             seq,
@@ -861,7 +890,7 @@ impl Conn {
                     (d, Some(pid))
                 }
             };
-            let p = self.publish_packet(&d, pid, false, now);
+            let p = self.publish_packet(&d, pid, d.maybe_sent, now);
             let mut packet = Packet::Publish(p);
             if self.client_max_packet != usize::MAX
                 && protocol::encoded_len(&packet, self.version) > self.client_max_packet
@@ -886,7 +915,8 @@ impl Conn {
             ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
         }
         drop(cell);
-        self.broker.persist(ops);
+        let ticket = self.broker.persist(ops);
+        self.write_ticket = self.write_ticket.max(ticket);
         if sent > 0 {
             self.broker.metrics.messages_sent.fetch_add(sent, Ordering::Relaxed);
         }

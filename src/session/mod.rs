@@ -27,6 +27,9 @@ pub struct Delivery {
     /// The `$share/group/filter` it was delivered through, if any: an unacknowledged shared
     /// delivery may move to another member of the group.
     pub shared: Option<bytestring::ByteString>,
+    /// Recovered after a crash without a record of having been sent: it may have been, so
+    /// it goes out with DUP set.
+    pub maybe_sent: bool,
 }
 
 /// Where an outbound QoS 1/2 message stands.
@@ -326,6 +329,7 @@ mod tests {
             subscription_ids: vec![],
             store_seq: None,
             shared: None,
+            maybe_sent: false,
         }
     }
 

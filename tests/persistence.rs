@@ -1,0 +1,988 @@
+//! Crash safety: the built `tern` binary is killed with SIGKILL (or stopped with SIGTERM)
+//! in the middle of traffic and restarted on the same data directory and port; what it
+//! acknowledged before dying must still be there afterwards.
+//!
+//! Each test runs its own broker process with `storage.durability = "sync"` (the default),
+//! captures its output in the test's temporary directory and prints it when the test fails.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{hex, puback, pubcomp, publish, publish_full, pubrec, pubrel, read_varint, Connect};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Longest wait for a single expected packet.
+const WAIT: Duration = Duration::from_secs(5);
+/// Longest wait for the broker process to start listening or to exit.
+const PROCESS_WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// The broker process
+// ---------------------------------------------------------------------------------------------
+
+/// A `tern` process on a fixed port and data directory. Dropping it kills the process and,
+/// when the test is failing, prints what the broker wrote.
+struct BrokerProc {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl BrokerProc {
+    fn new() -> BrokerProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+            l.local_addr().expect("local addr").port()
+        };
+        let config = format!(
+            "[[listener]]\nbind = \"127.0.0.1:{port}\"\n\n[storage]\ndir = \"{}\"\ndurability = \"sync\"\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("tern.toml"), config).expect("write config");
+        BrokerProc { dir, port, child: None, runs: 0 }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tern.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker running").id()
+    }
+
+    /// Starts the broker and waits until its port accepts connections.
+    async fn start(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        self.runs += 1;
+        let mut log = OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open log");
+        writeln!(log, "===== tern run {} =====", self.runs).expect("write log");
+        let err = log.try_clone().expect("clone log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
+        cmd.arg("-c").arg(self.dir.path().join("tern.toml"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("TERN__") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(err));
+        self.child = Some(cmd.spawn().expect("spawn tern"));
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+                self.child = None;
+                panic!("tern exited during start-up with {status}");
+            }
+            let attempt = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(self.addr())).await;
+            if let Ok(Ok(_)) = attempt {
+                return;
+            }
+            assert!(
+                t0.elapsed() < PROCESS_WAIT,
+                "tern not accepting connections on {} after {PROCESS_WAIT:?}",
+                self.addr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("broker running");
+        child.kill().expect("SIGKILL tern");
+        child.wait().expect("wait for tern");
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    async fn terminate(&mut self) {
+        let pid = self.pid();
+        let st = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("run kill");
+        assert!(st.success(), "kill -TERM {pid} failed: {st}");
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
+                self.child = None;
+                assert!(status.success(), "tern exited with {status} after SIGTERM");
+                return;
+            }
+            assert!(t0.elapsed() < PROCESS_WAIT, "tern still running {PROCESS_WAIT:?} after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(300);
+            eprintln!(
+                "----- broker log ({}, last {} of {} lines) -----\n{}\n----- end of broker log -----",
+                self.log_path().display(),
+                lines.len() - from,
+                lines.len(),
+                lines[from..].join("\n")
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw connection that survives the broker dying under it
+// ---------------------------------------------------------------------------------------------
+
+enum Ev {
+    Packet(Vec<u8>),
+    Closed,
+    Timeout,
+}
+
+struct Wire {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Wire {
+    async fn open(addr: SocketAddr) -> Wire {
+        let stream =
+            tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.expect("connect timeout").expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Wire { stream, buf: Vec::new() }
+    }
+
+    /// Sends; false when the connection is gone.
+    async fn send(&mut self, b: &[u8]) -> bool {
+        matches!(tokio::time::timeout(WAIT, self.stream.write_all(b)).await, Ok(Ok(())))
+    }
+
+    fn take_packet(&mut self) -> Option<Vec<u8>> {
+        if self.buf.len() < 2 {
+            return None;
+        }
+        let (len, used) = match read_varint(&self.buf[1..]) {
+            Some(v) => v,
+            None if self.buf.len() >= 5 => panic!("broker sent a bad remaining length: {}", hex(&self.buf)),
+            None => return None,
+        };
+        let total = 1 + used + len;
+        (self.buf.len() >= total).then(|| self.buf.drain(..total).collect())
+    }
+
+    /// The next whole packet, the end of the connection (a partial packet left when the
+    /// broker died is dropped: the client never got it), or nothing within `dur`.
+    async fn next(&mut self, dur: Duration) -> Ev {
+        let deadline = tokio::time::Instant::now() + dur;
+        loop {
+            if let Some(p) = self.take_packet() {
+                return Ev::Packet(p);
+            }
+            let mut chunk = [0u8; 16384];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => return Ev::Timeout,
+                Ok(Ok(0)) | Ok(Err(_)) => return Ev::Closed,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    async fn read(&mut self, what: &str) -> Vec<u8> {
+        match self.next(WAIT).await {
+            Ev::Packet(p) => p,
+            Ev::Closed => panic!("connection closed while waiting for {what}"),
+            Ev::Timeout => panic!("no {what} within {WAIT:?}"),
+        }
+    }
+
+    /// 3.1.1 CONNECT; asserts success and the session-present flag.
+    async fn connect(addr: SocketAddr, id: &str, clean: bool, expect_present: bool) -> Wire {
+        let mut w = Wire::open(addr).await;
+        assert!(w.send(&Connect::v311(id).clean(clean).bytes()).await, "send CONNECT of {id}");
+        let p = w.read("CONNACK").await;
+        assert_eq!(
+            hex(&p),
+            hex(&[0x20, 0x02, u8::from(expect_present), 0x00]),
+            "CONNACK of {id} (clean={clean}): expected session present = {}",
+            u8::from(expect_present)
+        );
+        w
+    }
+
+    async fn subscribe(&mut self, pid: u16, filter: &str, qos: u8) {
+        assert!(self.send(&common::subscribe_pkt(false, pid, &[(filter, qos)])).await, "send SUBSCRIBE");
+        let p = self.read("SUBACK").await;
+        let [hi, lo] = pid.to_be_bytes();
+        assert_eq!(hex(&p), hex(&[0x90, 0x03, hi, lo, qos]), "SUBACK for {filter}");
+    }
+
+    /// DISCONNECT and wait for the broker to close the socket.
+    async fn disconnect(mut self) {
+        assert!(self.send(&common::DISCONNECT).await, "send DISCONNECT");
+        match self.next(WAIT).await {
+            Ev::Closed => {}
+            Ev::Packet(p) => panic!("packet after DISCONNECT: {}", hex(&p)),
+            Ev::Timeout => panic!("connection still open {WAIT:?} after DISCONNECT"),
+        }
+    }
+}
+
+/// Packet id of an acknowledgement (PUBACK, PUBREC, PUBREL, PUBCOMP).
+fn ack_id(p: &[u8]) -> u16 {
+    assert!(p.len() >= 4, "short ack {}", hex(p));
+    u16::from_be_bytes([p[2], p[3]])
+}
+
+/// "1-5, 8, 10-12"
+fn ranges<'a>(nums: impl IntoIterator<Item = &'a u64>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(u64, u64)> = None;
+    let flush = |r: (u64, u64), out: &mut Vec<String>| {
+        out.push(if r.0 == r.1 { r.0.to_string() } else { format!("{}-{}", r.0, r.1) })
+    };
+    for &n in nums {
+        run = match run {
+            Some((a, b)) if n == b + 1 => Some((a, n)),
+            Some(r) => {
+                flush(r, &mut out);
+                Some((n, n))
+            }
+            None => Some((n, n)),
+        };
+    }
+    if let Some(r) = run {
+        flush(r, &mut out);
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(", ")
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.
+async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming publisher
+// ---------------------------------------------------------------------------------------------
+
+/// Publisher progress, shared with the test.
+#[derive(Default)]
+struct PubState {
+    /// Numbers the broker acknowledged (PUBACK for QoS 1, PUBREC for QoS 2).
+    acked: Mutex<BTreeSet<u64>>,
+    acked_count: AtomicU64,
+    sent: AtomicU64,
+    /// Protocol surprises (wrong packet, unknown id).
+    errors: Mutex<Vec<String>>,
+}
+
+/// Streams QoS `qos` messages numbered `first`, `first + 1`, ... to `topic`, at most
+/// `window` unacknowledged, until the connection closes (the broker was killed) or `last` was
+/// sent and everything acknowledged. Packet id = number, so numbers stay below 65,535.
+async fn stream_publisher(
+    addr: SocketAddr,
+    id: String,
+    topic: &'static str,
+    qos: u8,
+    window: usize,
+    (first, last): (u64, u64),
+    st: Arc<PubState>,
+) {
+    assert!(last < 65535, "packet id = sequence number");
+    let mut w = Wire::connect(addr, &id, true, false).await;
+    let mut unacked: HashMap<u16, u64> = HashMap::new();
+    let mut next = first;
+    loop {
+        while unacked.len() < window && next <= last {
+            let pid = next as u16;
+            if !w.send(&publish(topic, next.to_string().as_bytes(), qos, pid)).await {
+                return;
+            }
+            unacked.insert(pid, next);
+            st.sent.store(next, Ordering::SeqCst);
+            next += 1;
+        }
+        if unacked.is_empty() && next > last {
+            return;
+        }
+        match w.next(Duration::from_secs(10)).await {
+            Ev::Closed => return,
+            Ev::Timeout => {
+                st.errors.lock().unwrap().push(format!("no acknowledgement for 10 s; {} unacked", unacked.len()))
+            }
+            Ev::Packet(p) => match (p[0], qos) {
+                (0x40, 1) | (0x50, 2) => {
+                    let pid = ack_id(&p);
+                    match unacked.remove(&pid) {
+                        Some(n) => {
+                            st.acked.lock().unwrap().insert(n);
+                            st.acked_count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        None => st.errors.lock().unwrap().push(format!("ack for unknown id: {}", hex(&p))),
+                    }
+                    if qos == 2 && !w.send(&pubrel(pid)).await {
+                        return;
+                    }
+                }
+                (0x70, 2) => {}
+                _ => st.errors.lock().unwrap().push(format!("unexpected packet to the publisher: {}", hex(&p))),
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistent subscriber with the receiver's side of the QoS rules
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+struct Got {
+    /// Connection number of the subscriber (1-based).
+    run: u32,
+    n: u64,
+    dup: bool,
+    pid: u16,
+}
+
+/// The subscriber's state across connections (and broker restarts), as a real client keeps
+/// its session state.
+#[derive(Default)]
+struct SubState {
+    /// PUBLISH packets received, in order (QoS 1: every one; QoS 2: only new deliveries).
+    got: Vec<Got>,
+    /// QoS 2: every PUBLISH packet received, deliveries and duplicates alike.
+    raw: Vec<Got>,
+    /// QoS 2 ids received and not yet released, with the number first delivered under each.
+    unreleased: HashMap<u16, u64>,
+    /// QoS 2 duplicates that were ignored: (packet, number held under that id).
+    ignored: Vec<(Got, u64)>,
+    /// PUBRELs received for ids not held.
+    unknown_pubrel: Vec<(u32, u16)>,
+    errors: Vec<String>,
+}
+
+/// Subscriber progress: PUBLISH packets received, and the number in the latest one.
+#[derive(Default)]
+struct Progress {
+    count: AtomicU64,
+    last: AtomicU64,
+}
+
+/// How a subscriber connection ended.
+#[derive(Debug, PartialEq)]
+enum End {
+    Closed,
+    Quiet,
+}
+
+/// Reads the subscriber's connection until it closes, or until nothing arrives for `quiet`
+/// (when given), answering every message at once.
+async fn subscriber_loop(
+    mut w: Wire,
+    run: u32,
+    topic: &str,
+    quiet: Option<Duration>,
+    st: Arc<Mutex<SubState>>,
+    progress: Arc<Progress>,
+) -> End {
+    let deadline_quiet = quiet.unwrap_or(Duration::from_secs(30));
+    loop {
+        let p = match w.next(deadline_quiet).await {
+            Ev::Closed => return End::Closed,
+            Ev::Timeout if quiet.is_some() => return End::Quiet,
+            Ev::Timeout => {
+                st.lock()
+                    .unwrap()
+                    .errors
+                    .push(format!("connection {run}: nothing for {deadline_quiet:?} while streaming"));
+                return End::Quiet;
+            }
+            Ev::Packet(p) => p,
+        };
+        let reply = {
+            let mut s = st.lock().unwrap();
+            match p[0] >> 4 {
+                3 => {
+                    let m = common::parse_publish(&p, false);
+                    let n: u64 = match std::str::from_utf8(&m.payload).ok().and_then(|t| t.parse().ok()) {
+                        Some(n) => n,
+                        None => {
+                            s.errors.push(format!("run {run}: bad payload {}", hex(&p)));
+                            continue;
+                        }
+                    };
+                    if m.topic != topic {
+                        s.errors.push(format!("run {run}: unexpected topic {}", m.topic));
+                    }
+                    let pid = m.pid.unwrap_or(0);
+                    let g = Got { run, n, dup: m.dup, pid };
+                    progress.count.fetch_add(1, Ordering::SeqCst);
+                    progress.last.store(n, Ordering::SeqCst);
+                    match m.qos {
+                        1 => {
+                            s.got.push(g);
+                            puback(pid)
+                        }
+                        2 => {
+                            s.raw.push(g);
+                            match s.unreleased.get(&pid) {
+                                Some(&held) => s.ignored.push((g, held)),
+                                None => {
+                                    s.unreleased.insert(pid, n);
+                                    s.got.push(g);
+                                }
+                            }
+                            pubrec(pid)
+                        }
+                        q => {
+                            s.errors.push(format!("run {run}: message {n} at QoS {q}"));
+                            continue;
+                        }
+                    }
+                }
+                6 => {
+                    let pid = ack_id(&p);
+                    if s.unreleased.remove(&pid).is_none() {
+                        s.unknown_pubrel.push((run, pid));
+                    }
+                    pubcomp(pid)
+                }
+                _ => {
+                    s.errors.push(format!("run {run}: unexpected packet {}", hex(&p)));
+                    continue;
+                }
+            }
+        };
+        if !w.send(&reply).await {
+            return End::Closed;
+        }
+    }
+}
+
+/// Per-run checks: messages first sent on this connection come in increasing order; DUP=1
+/// ones (redeliveries) only before them. Returns the violations.
+fn order_violations(got: &[Got]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let runs: BTreeSet<u32> = got.iter().map(|g| g.run).collect();
+    for run in runs {
+        let msgs: Vec<&Got> = got.iter().filter(|g| g.run == run).collect();
+        let mut seen_fresh = false;
+        let mut last_dup: Option<u64> = None;
+        let mut last_fresh: Option<u64> = None;
+        for g in msgs {
+            if g.dup {
+                if seen_fresh {
+                    bad.push(format!("run {run}: {} with DUP=1 after messages without DUP", g.n));
+                }
+                if last_dup.is_some_and(|l| g.n <= l) {
+                    bad.push(format!("run {run}: redelivery {} after redelivery {}", g.n, last_dup.unwrap_or(0)));
+                }
+                last_dup = Some(g.n);
+            } else {
+                seen_fresh = true;
+                if last_fresh.is_some_and(|l| g.n <= l) {
+                    bad.push(format!("run {run}: {} (DUP=0) after {}", g.n, last_fresh.unwrap_or(0)));
+                }
+                last_fresh = Some(g.n);
+            }
+        }
+    }
+    bad
+}
+
+/// How the first few of `nums` were received.
+fn describe(copies: &BTreeMap<u64, Vec<Got>>, nums: &[u64]) -> String {
+    let mut out: Vec<String> = nums
+        .iter()
+        .take(8)
+        .map(|n| {
+            let how: Vec<String> = copies[n]
+                .iter()
+                .map(|g| format!("connection {} id {} DUP={}", g.run, g.pid, u8::from(g.dup)))
+                .collect();
+            format!("{n} [{}]", how.join(", "))
+        })
+        .collect();
+    if nums.len() > 8 {
+        out.push("...".into());
+    }
+    out.join("; ")
+}
+
+fn run_summary(got: &[Got]) -> String {
+    let mut per_run: BTreeMap<u32, (usize, usize, u64, u64)> = BTreeMap::new();
+    for g in got {
+        let e = per_run.entry(g.run).or_insert((0, 0, u64::MAX, 0));
+        e.0 += 1;
+        e.1 += usize::from(g.dup);
+        e.2 = e.2.min(g.n);
+        e.3 = e.3.max(g.n);
+    }
+    per_run
+        .iter()
+        .map(|(r, (c, d, lo, hi))| format!("connection {r}: {c} messages ({d} with DUP=1), numbers {lo}..={hi}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The scenario of the two streaming tests. Returns (publisher state, subscriber state).
+///
+/// 1. The subscriber makes its session and goes offline; publisher A streams while it is away.
+/// 2. The subscriber comes back (connection 2) and drains its backlog while A goes on;
+///    SIGKILL in the middle of the backlog.
+/// 3. Restart; the subscriber comes back (connection 3), publisher B continues the
+///    numbering; SIGKILL once the subscriber has caught up with the live stream.
+/// 4. Restart; the subscriber comes back (connection 4) and reads until quiet.
+async fn stream_kill_restart(
+    b: &mut BrokerProc,
+    qos: u8,
+    topic: &'static str,
+) -> (Arc<PubState>, Arc<Mutex<SubState>>) {
+    /// Acknowledged messages queued for the offline subscriber before it returns.
+    const OFFLINE: u64 = 2000;
+    /// Messages the subscriber receives on connection 2 before the kill (within the backlog).
+    const DRAINING: u64 = 800;
+    /// How far past B's first number the subscriber gets before the second kill.
+    const LIVE: u64 = 500;
+    const WINDOW: usize = 20;
+    let sub_id = format!("crash-sub-q{qos}");
+    let ps = Arc::new(PubState::default());
+    let ss = Arc::new(Mutex::new(SubState::default()));
+    b.start().await;
+    let addr = b.addr();
+
+    // 1. Session made, subscriber away, stream starts.
+    let mut w = Wire::connect(addr, &sub_id, false, false).await;
+    w.subscribe(1, topic, qos).await;
+    w.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    let publisher = tokio::spawn(stream_publisher(
+        addr,
+        format!("crash-pub-a-q{qos}"),
+        topic,
+        qos,
+        WINDOW,
+        (1, 30_000),
+        Arc::clone(&ps),
+    ));
+    wait_until(Duration::from_secs(20), "the publisher's first acknowledgements", || {
+        ps.acked_count.load(Ordering::SeqCst) >= OFFLINE
+    })
+    .await;
+
+    // 2. Back online, draining the backlog while the stream goes on; killed midway.
+    let progress = Arc::new(Progress::default());
+    let w = Wire::connect(addr, &sub_id, false, true).await;
+    let online = tokio::spawn(subscriber_loop(w, 2, topic, None, Arc::clone(&ss), Arc::clone(&progress)));
+    wait_until(Duration::from_secs(20), "the subscriber to receive part of its backlog", || {
+        progress.count.load(Ordering::SeqCst) >= DRAINING
+    })
+    .await;
+    let seen =
+        (ps.sent.load(Ordering::SeqCst), ps.acked_count.load(Ordering::SeqCst), progress.last.load(Ordering::SeqCst));
+    b.kill();
+    println!(
+        "q{qos}: kill 1 at {:?}: publisher A sent up to {}, {} acknowledged; subscriber at {} ({} packets)",
+        t0.elapsed(),
+        seen.0,
+        seen.1,
+        seen.2,
+        progress.count.load(Ordering::SeqCst)
+    );
+    end_of_connections(publisher, online).await;
+    let a_sent = ps.sent.load(Ordering::SeqCst);
+
+    // 3. Restart; back online, publisher B continues; killed once the subscriber is live.
+    b.start().await;
+    let progress = Arc::new(Progress::default());
+    let w = Wire::connect(addr, &sub_id, false, true).await;
+    let online = tokio::spawn(subscriber_loop(w, 3, topic, None, Arc::clone(&ss), Arc::clone(&progress)));
+    let first_b = a_sent + 1;
+    let publisher = tokio::spawn(stream_publisher(
+        addr,
+        format!("crash-pub-b-q{qos}"),
+        topic,
+        qos,
+        WINDOW,
+        (first_b, first_b + 30_000),
+        Arc::clone(&ps),
+    ));
+    wait_until(Duration::from_secs(20), "the subscriber to catch up with the live stream", || {
+        progress.last.load(Ordering::SeqCst) >= first_b + LIVE
+    })
+    .await;
+    let seen =
+        (ps.sent.load(Ordering::SeqCst), ps.acked_count.load(Ordering::SeqCst), progress.last.load(Ordering::SeqCst));
+    b.kill();
+    println!(
+        "q{qos}: kill 2: publisher B (from {first_b}) sent up to {}, {} acknowledged in all; subscriber at {} ({} packets)",
+        seen.0,
+        seen.1,
+        seen.2,
+        progress.count.load(Ordering::SeqCst)
+    );
+    end_of_connections(publisher, online).await;
+
+    // 4. Restart; the rest is delivered.
+    b.start().await;
+    let w = Wire::connect(addr, &sub_id, false, true).await;
+    let end = tokio::time::timeout(
+        Duration::from_secs(30),
+        subscriber_loop(w, 4, topic, Some(Duration::from_secs(2)), Arc::clone(&ss), Arc::new(Progress::default())),
+    )
+    .await;
+    assert_eq!(end.ok(), Some(End::Quiet), "the subscriber's last connection should end by going quiet");
+    (ps, ss)
+}
+
+/// After a kill: the publisher and the subscriber both see their connection end.
+async fn end_of_connections(publisher: tokio::task::JoinHandle<()>, subscriber: tokio::task::JoinHandle<End>) {
+    let p = tokio::time::timeout(Duration::from_secs(10), publisher).await;
+    assert!(matches!(p, Ok(Ok(()))), "publisher did not end cleanly after the kill: {p:?}");
+    let s = tokio::time::timeout(Duration::from_secs(10), subscriber).await;
+    assert!(matches!(s, Ok(Ok(End::Closed))), "subscriber did not see the connection end: {s:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_stream_survives_kill() {
+    let mut b = BrokerProc::new();
+    let (ps, ss) = stream_kill_restart(&mut b, 1, "crash/q1").await;
+    let acked = ps.acked.lock().unwrap().clone();
+    let s = ss.lock().unwrap();
+    let received: BTreeSet<u64> = s.got.iter().map(|g| g.n).collect();
+    let missing: Vec<u64> = acked.difference(&received).copied().collect();
+    let mut copies: BTreeMap<u64, Vec<Got>> = BTreeMap::new();
+    for g in &s.got {
+        copies.entry(g.n).or_default().push(*g);
+    }
+    let bad_dups: Vec<u64> =
+        copies.iter().filter(|(_, c)| c.len() > 1 && c[1..].iter().any(|g| !g.dup)).map(|(n, _)| *n).collect();
+    let redelivered = copies.values().filter(|c| c.len() > 1).count();
+    let order = order_violations(&s.got);
+    println!(
+        "q1: publisher acked {} (max {}); subscriber: {}; {} numbers received more than once",
+        acked.len(),
+        acked.iter().next_back().copied().unwrap_or(0),
+        run_summary(&s.got),
+        redelivered
+    );
+    let perrs = ps.errors.lock().unwrap().clone();
+    assert!(perrs.is_empty() && s.errors.is_empty(), "protocol errors: publisher {perrs:?}, subscriber {:?}", s.errors);
+    assert!(missing.is_empty(), "{} acknowledged messages never delivered: {}", missing.len(), ranges(&missing));
+    assert!(
+        bad_dups.is_empty(),
+        "{} messages delivered again without DUP=1: {}; first ones: {}",
+        bad_dups.len(),
+        ranges(&bad_dups),
+        describe(&copies, &bad_dups)
+    );
+    assert!(order.is_empty(), "order violations: {}", order.join("; "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_stream_survives_kill_exactly_once() {
+    let mut b = BrokerProc::new();
+    let (ps, ss) = stream_kill_restart(&mut b, 2, "crash/q2").await;
+    let acked = ps.acked.lock().unwrap().clone();
+    let s = ss.lock().unwrap();
+    let received: BTreeSet<u64> = s.got.iter().map(|g| g.n).collect();
+    let missing: Vec<u64> = acked.difference(&received).copied().collect();
+    let mut copies: BTreeMap<u64, Vec<Got>> = BTreeMap::new();
+    for g in &s.got {
+        copies.entry(g.n).or_default().push(*g);
+    }
+    let twice: Vec<u64> = copies.iter().filter(|(_, c)| c.len() > 1).map(|(n, _)| *n).collect();
+    // A duplicate ignored under an id that held another message: that message is lost to us.
+    let swallowed: Vec<String> = s
+        .ignored
+        .iter()
+        .filter(|(g, held)| g.n != *held)
+        .map(|(g, held)| {
+            format!("{} (run {}, id {}, DUP={}) ignored: id held {held}", g.n, g.run, g.pid, u8::from(g.dup))
+        })
+        .collect();
+    let order = order_violations(&s.got);
+    println!(
+        "q2: publisher acked {} (max {}); deliveries: {}; {} PUBLISH packets in all, {} duplicates ignored, \
+         {} PUBRELs for unknown ids, {} ids unreleased at the end",
+        acked.len(),
+        acked.iter().next_back().copied().unwrap_or(0),
+        run_summary(&s.got),
+        s.raw.len(),
+        s.ignored.len(),
+        s.unknown_pubrel.len(),
+        s.unreleased.len()
+    );
+    let perrs = ps.errors.lock().unwrap().clone();
+    assert!(perrs.is_empty() && s.errors.is_empty(), "protocol errors: publisher {perrs:?}, subscriber {:?}", s.errors);
+    assert!(missing.is_empty(), "{} acknowledged messages never delivered: {}", missing.len(), ranges(&missing));
+    assert!(
+        twice.is_empty(),
+        "{} messages delivered twice: {}; first ones: {}",
+        twice.len(),
+        ranges(&twice),
+        describe(&copies, &twice)
+    );
+    assert!(swallowed.is_empty(), "packet ids reused while unreleased: {}", swallowed.join("; "));
+    assert!(order.is_empty(), "order violations: {}", order.join("; "));
+    assert!(s.unreleased.is_empty(), "ids never released by the broker: {:?}", s.unreleased);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_survives_kill() {
+    let mut b = BrokerProc::new();
+    b.start().await;
+    let mut w = Wire::connect(b.addr(), "retainer", true, false).await;
+    // 50 retained messages plus one that is set and then cleared, pipelined.
+    let mut out = Vec::new();
+    for i in 0..50u16 {
+        out.extend(publish_full(
+            format!("ret/{i}").as_bytes(),
+            format!("value-{i}").as_bytes(),
+            1,
+            i + 1,
+            true,
+            false,
+            None,
+        ));
+    }
+    out.extend(publish_full(b"ret/cleared", b"soon gone", 1, 51, true, false, None));
+    out.extend(publish_full(b"ret/cleared", b"", 1, 52, true, false, None));
+    assert!(w.send(&out).await, "send the retained messages");
+    let mut acks = BTreeSet::new();
+    while acks.len() < 52 {
+        let p = w.read("PUBACK").await;
+        assert_eq!(p[0], 0x40, "expected PUBACK, got {}", hex(&p));
+        acks.insert(ack_id(&p));
+    }
+    b.kill();
+
+    b.start().await;
+    let mut w = Wire::connect(b.addr(), "reader", true, false).await;
+    assert!(w.send(&common::subscribe_pkt(false, 1, &[("#", 1)])).await);
+    let mut got: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut suback = false;
+    loop {
+        match w.next(Duration::from_millis(1500)).await {
+            Ev::Packet(p) if p[0] == 0x90 => {
+                assert_eq!(hex(&p), hex(&[0x90, 0x03, 0x00, 0x01, 0x01]), "SUBACK");
+                suback = true;
+            }
+            Ev::Packet(p) if p[0] >> 4 == 3 => {
+                let m = common::parse_publish(&p, false);
+                assert!(m.retain, "retained message {} without the retain flag", m.topic);
+                if let Some(pid) = m.pid {
+                    assert!(w.send(&puback(pid)).await);
+                }
+                assert!(got.insert(m.topic.clone(), m.payload).is_none(), "{} delivered twice", m.topic);
+            }
+            Ev::Packet(p) => panic!("unexpected packet {}", hex(&p)),
+            Ev::Closed => panic!("connection closed"),
+            Ev::Timeout => break,
+        }
+    }
+    assert!(suback, "no SUBACK");
+    assert!(!got.contains_key("ret/cleared"), "the cleared retained message came back: {:?}", got.get("ret/cleared"));
+    let wrong: Vec<String> = (0..50)
+        .filter(|i| got.get(&format!("ret/{i}")).map(Vec::as_slice) != Some(format!("value-{i}").as_bytes()))
+        .map(|i| {
+            format!("ret/{i}: {:?}", got.get(&format!("ret/{i}")).map(|v| String::from_utf8_lossy(v).into_owned()))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "retained messages missing or wrong after the kill: {}", wrong.join("; "));
+    assert_eq!(got.len(), 50, "retained topics after restart: {:?}", got.keys().collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_made_just_before_kill_survives() {
+    let mut b = BrokerProc::new();
+    b.start().await;
+    let mut w = Wire::connect(b.addr(), "late-sub", false, false).await;
+    w.subscribe(7, "late/topic", 1).await;
+    b.kill();
+    drop(w);
+
+    b.start().await;
+    let mut w = Wire::connect(b.addr(), "late-sub", false, true).await;
+    let mut p = Wire::connect(b.addr(), "late-pub", true, false).await;
+    assert!(p.send(&publish("late/topic", b"after the crash", 1, 1)).await);
+    let ack = p.read("PUBACK").await;
+    assert_eq!(hex(&ack), hex(&puback(1)), "PUBACK");
+    let m = common::parse_publish(&w.read("the message on the surviving subscription").await, false);
+    assert_eq!((m.topic.as_str(), m.payload.as_slice(), m.qos), ("late/topic", &b"after the crash"[..], 1));
+    assert!(w.send(&puback(m.pid.expect("packet id"))).await);
+    w.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_restart_keeps_10000_retained_and_1000_sessions() {
+    const RETAINED: usize = 10_000;
+    const SESSIONS: usize = 1_000;
+    const CONCURRENCY: usize = 50;
+    let mut b = BrokerProc::new();
+    b.start().await;
+    let addr = b.addr();
+    let t0 = Instant::now();
+
+    // 10,000 retained messages over one connection, QoS 1, pipelined in chunks of 1,000.
+    let mut w = Wire::connect(addr, "bulk-retainer", true, false).await;
+    for chunk in 0..RETAINED / 1000 {
+        let mut out = Vec::new();
+        for i in chunk * 1000..(chunk + 1) * 1000 {
+            let pid = (i % 60_000 + 1) as u16;
+            let topic = format!("bulk/{}/{i}", i / 100);
+            out.extend(publish_full(topic.as_bytes(), format!("payload-{i}").as_bytes(), 1, pid, true, false, None));
+        }
+        assert!(w.send(&out).await, "send retained chunk {chunk}");
+        for _ in 0..1000 {
+            let p = w.read("PUBACK").await;
+            assert_eq!(p[0], 0x40, "expected PUBACK, got {}", hex(&p));
+        }
+    }
+    w.disconnect().await;
+    println!("bulk: {RETAINED} retained stored in {:?}", t0.elapsed());
+
+    // 1,000 persistent sessions, each with one subscription.
+    let t1 = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..SESSIONS {
+        let sem = Arc::clone(&sem);
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore");
+            let mut w = Wire::connect(addr, &format!("sess-{i}"), false, false).await;
+            w.subscribe(1, &format!("s/{i}"), 1).await;
+            w.disconnect().await;
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.expect("session set-up task");
+    }
+    println!("bulk: {SESSIONS} sessions made in {:?}", t1.elapsed());
+
+    let t2 = Instant::now();
+    b.terminate().await;
+    println!("bulk: graceful stop took {:?}", t2.elapsed());
+    let t3 = Instant::now();
+    b.start().await;
+    println!("bulk: restart took {:?}", t3.elapsed());
+    if let Some(line) = b.log().lines().rev().find(|l| l.contains("state recovered")) {
+        println!("bulk: {line}");
+    }
+
+    // Every retained message comes back to a new `#` subscriber.
+    let t4 = Instant::now();
+    let mut r = Wire::connect(addr, "bulk-reader", true, false).await;
+    assert!(r.send(&common::subscribe_pkt(false, 1, &[("#", 1)])).await);
+    let mut got: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut not_retained = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < RETAINED {
+        assert!(Instant::now() < deadline, "only {} of {RETAINED} retained messages within 30 s", got.len());
+        match r.next(Duration::from_secs(3)).await {
+            Ev::Packet(p) if p[0] == 0x90 => assert_eq!(hex(&p), hex(&[0x90, 0x03, 0x00, 0x01, 0x01]), "SUBACK"),
+            Ev::Packet(p) if p[0] >> 4 == 3 => {
+                let m = common::parse_publish(&p, false);
+                not_retained += usize::from(!m.retain);
+                if let Some(pid) = m.pid {
+                    assert!(r.send(&puback(pid)).await);
+                }
+                got.insert(m.topic, m.payload);
+            }
+            Ev::Packet(p) => panic!("unexpected packet {}", hex(&p)),
+            Ev::Closed => panic!("connection closed after {} retained messages", got.len()),
+            Ev::Timeout => panic!("only {} of {RETAINED} retained messages (3 s without one)", got.len()),
+        }
+    }
+    r.disconnect().await;
+    assert_eq!(not_retained, 0, "messages without the retain flag");
+    let wrong: Vec<usize> = (0..RETAINED)
+        .filter(|i| {
+            got.get(&format!("bulk/{}/{i}", i / 100)).map(Vec::as_slice) != Some(format!("payload-{i}").as_bytes())
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} retained messages wrong or missing: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(20)]
+    );
+    println!("bulk: {RETAINED} retained received in {:?}", t4.elapsed());
+
+    // Every session is still there; some are checked to still route.
+    let t5 = Instant::now();
+    let absent = Arc::new(Mutex::new(Vec::new()));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..SESSIONS {
+        let sem = Arc::clone(&sem);
+        let absent = Arc::clone(&absent);
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore");
+            let id = format!("sess-{i}");
+            let mut w = Wire::open(addr).await;
+            assert!(w.send(&Connect::v311(&id).clean(false).bytes()).await);
+            let ack = w.read("CONNACK").await;
+            if ack != [0x20, 0x02, 0x01, 0x00] {
+                absent.lock().unwrap().push(format!("{id}: {}", hex(&ack)));
+                return;
+            }
+            if i % 50 == 7 {
+                let topic = format!("s/{i}");
+                let mut p = Wire::connect(addr, &format!("bulk-pub-{i}"), true, false).await;
+                assert!(p.send(&publish(&topic, b"still routed", 1, 1)).await);
+                assert_eq!(hex(&p.read("PUBACK").await), hex(&puback(1)));
+                p.disconnect().await;
+                let m = common::parse_publish(&w.read(&format!("the message on {topic}")).await, false);
+                assert_eq!((m.topic.as_str(), m.payload.as_slice()), (topic.as_str(), &b"still routed"[..]));
+                assert!(w.send(&puback(m.pid.expect("packet id"))).await);
+            }
+            w.disconnect().await;
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.expect("session check task");
+    }
+    let absent = absent.lock().unwrap();
+    assert!(
+        absent.is_empty(),
+        "{} of {SESSIONS} sessions lost over the restart: {:?}",
+        absent.len(),
+        &absent[..absent.len().min(20)]
+    );
+    println!("bulk: {SESSIONS} sessions checked in {:?}", t5.elapsed());
+}
