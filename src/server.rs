@@ -105,14 +105,11 @@ async fn accept_loop(
     live: Arc<AtomicUsize>,
 ) {
     let max = broker.config.limits.max_connections;
-    let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shutdown.changed() => break,
         };
-        // Reap finished connection tasks so the set does not grow with history.
-        while conns.try_join_next().is_some() {}
         let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
@@ -132,13 +129,20 @@ async fn accept_loop(
         let broker = Arc::clone(&broker);
         let rx = shutdown.clone();
         let live = Arc::clone(&live);
-        conns.spawn(async move {
+        // Detached: the live counter is all the accept loop needs, and a JoinSet entry would
+        // cost every idle connection memory.
+        tokio::spawn(async move {
             serve_tcp(stream, peer, broker, rx).await;
             live.fetch_sub(1, Ordering::Relaxed);
         });
     }
     // Connections see the same shutdown signal; give them a moment to say goodbye.
-    let _ = tokio::time::timeout(Duration::from_secs(3), async { while conns.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while live.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 async fn serve_tcp(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {

@@ -35,7 +35,7 @@ use crate::topics::level_count;
 const WRITE_BATCH: usize = 64 * 1024;
 /// Read buffer space offered to the socket: small while a client is quiet (idle connections
 /// should cost little memory), doubled each time a read fills it, up to the maximum.
-const READ_MIN: usize = 256;
+const READ_MIN: usize = 64;
 const READ_MAX: usize = 64 * 1024;
 
 /// Why a connection ends.
@@ -65,7 +65,10 @@ where
     let mut rbuf = BytesMut::new();
     let deadline = Duration::from_secs(limits.connect_timeout_secs);
 
-    let first = tokio::time::timeout(deadline, read_connect(&mut stream, &mut rbuf, max_packet)).await;
+    // The handshake and goodbye phases are boxed: an async fn's state is as large as its
+    // largest phase, and these would otherwise inflate the memory every idle connection
+    // keeps for its whole life.
+    let first = Box::pin(tokio::time::timeout(deadline, read_connect(&mut stream, &mut rbuf, max_packet))).await;
     let connect = match first {
         Err(_) => {
             debug!(%peer, "no CONNECT within {}s, closing", deadline.as_secs());
@@ -91,13 +94,13 @@ where
         Ok(Ok(c)) => c,
     };
 
-    let mut conn = match Conn::accept(connect, peer, &broker, &mut stream).await {
+    let mut conn = match Box::pin(Conn::accept(connect, peer, &broker, &mut stream)).await {
         Some(c) => c,
         None => return,
     };
     conn.rbuf = rbuf;
     let close = conn.run(&mut stream, shutdown).await;
-    conn.finish(close, &mut stream).await;
+    Box::pin(conn.finish(close, &mut stream)).await;
 }
 
 enum ConnectError {
@@ -135,7 +138,8 @@ struct Conn {
     peer: SocketAddr,
     /// Seconds granted; 0 = no keep-alive.
     keep_alive: u16,
-    will: Option<LastWill>,
+    /// Boxed: a will with its properties is large, and most clients have none.
+    will: Option<Box<LastWill>>,
     session_expiry: u32,
     /// Expiry asked for in CONNECT was 0: a DISCONNECT may not raise it [MQTT-3.14.2-2].
     connect_expiry_zero: bool,
@@ -179,7 +183,9 @@ impl Conn {
         let v5 = v.is_v5();
         let refuse = |v3code: u8, v5code: u8| if v5 { v5code } else { v3code };
 
-        let mut client_id = c.client_id.clone();
+        // Copied out of the packet: a slice would keep the whole CONNECT read buffer alive
+        // for as long as the client stays connected.
+        let mut client_id = ByteString::from(&*c.client_id);
         let mut assigned = None;
         let mut failure = None;
         if client_id.is_empty() {
@@ -291,7 +297,14 @@ impl Conn {
             client_id,
             peer,
             keep_alive,
-            will: c.will.clone(),
+            will: c.will.as_ref().map(|w| {
+                // Same as the client id: own the bytes instead of pinning the read buffer.
+                Box::new(LastWill {
+                    topic: ByteString::from(&*w.topic),
+                    payload: bytes::Bytes::copy_from_slice(&w.payload),
+                    ..w.clone()
+                })
+            }),
             session_expiry,
             connect_expiry_zero: session_expiry == 0,
             window,
@@ -311,12 +324,16 @@ impl Conn {
         // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
         let session_present = session_present && v != ProtocolVersion::V31;
         let ack = Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props });
-        if protocol::encoded_len(&ack, v) > conn.client_max_packet {
+        let fits = protocol::encoded_len(&ack, v) <= conn.client_max_packet;
+        if fits {
+            protocol::encode(&ack, v, &mut conn.wbuf);
+        }
+        drop(ack);
+        if !fits {
             // [MQTT-3.1.2-25]: not even CONNACK fits the client's limit; nothing can be sent.
-            conn.finish(Close::Silent("client Maximum Packet Size below CONNACK size".into()), stream).await;
+            Box::pin(conn.finish(Close::Silent("client Maximum Packet Size below CONNACK size".into()), stream)).await;
             return None;
         }
-        protocol::encode(&ack, v, &mut conn.wbuf);
         conn.resend_inflight();
         Some(conn)
     }
@@ -978,7 +995,7 @@ impl Conn {
         self.broker.detach(&self.handle, self.connection_id, self.session_expiry);
         let Some(w) = will else { return };
         let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
-        let msg = self.will_message(w);
+        let msg = self.will_message(*w);
         if delay == 0 {
             self.broker.publish(msg, None);
             return;
