@@ -36,9 +36,17 @@ fn main() -> ExitCode {
             }
         }
     }
+    // Quiet by default: tern's own info lines (one per connect/disconnect), the storage
+    // engine's only when something is wrong. Logs go to stderr, coloured only on a terminal.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(colour)
+        .with_writer(std::io::stderr)
+        .init();
 
     let config = match Config::load(file.as_deref()) {
         Ok(c) => c,
