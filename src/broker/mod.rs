@@ -55,7 +55,7 @@ pub struct Broker {
     pub config: Arc<Config>,
     sessions: DashMap<ByteString, Arc<SessionHandle>>,
     subscriptions: RwLock<SubscriptionTrie<Arc<SessionHandle>>>,
-    retained: RwLock<RetainedTrie<Arc<Message>>>,
+    retained: RwLock<RetainedTrie<Retained>>,
     store: Store,
     durable: watch::Receiver<u64>,
     next_connection: AtomicU64,
@@ -68,6 +68,14 @@ pub struct Attached {
     pub session_present: bool,
     pub connection_id: u64,
     pub control: Arc<ConnControl>,
+}
+
+/// A retained message in the index: in memory, or (recovered at start-up) only its topic and
+/// expiry, the message itself read from the store when a subscription asks for it.
+#[derive(Debug, Clone)]
+pub enum Retained {
+    Loaded(Arc<Message>),
+    Stored { topic: ByteString, expires_at_ms: Option<u64> },
 }
 
 /// Outcome of one filter of a SUBSCRIBE.
@@ -379,13 +387,33 @@ impl Broker {
 
     /// Retained messages matching a (non-shared) filter, expired ones left out.
     pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
-        let mut out = Vec::new();
+        let mut found = Vec::new();
         {
             let trie = self.retained.read().unwrap_or_else(|e| e.into_inner());
-            trie.matches(filter, &mut out);
+            trie.matches(filter, &mut found);
         }
         let now = Instant::now();
-        out.retain(|m| !m.is_expired(now));
+        let now_ms = now_unix_ms();
+        let mut out = Vec::with_capacity(found.len());
+        for r in found {
+            match r {
+                Retained::Loaded(m) => {
+                    if !m.is_expired(now) {
+                        out.push(m);
+                    }
+                }
+                Retained::Stored { topic, expires_at_ms } => {
+                    if expires_at_ms.is_some_and(|t| t <= now_ms) {
+                        continue;
+                    }
+                    match self.store.read_retained(&topic) {
+                        Ok(Some(m)) => out.push(m),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(topic = %topic, error = %e, "retained message unreadable"),
+                    }
+                }
+            }
+        }
         out
     }
 
@@ -508,7 +536,7 @@ impl Broker {
                 ops.push(Op::DeleteRetained { topic: msg.topic.clone() });
             }
         } else {
-            trie.insert(&msg.topic, Arc::clone(msg));
+            trie.insert(&msg.topic, Retained::Loaded(Arc::clone(msg)));
             let mut b = BytesMut::new();
             records::encode_message(msg, &mut b);
             ops.push(Op::PutRetained { topic: msg.topic.clone(), value: b.freeze() });

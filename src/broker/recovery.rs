@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use bytestring::ByteString;
 use tracing::info;
 
-use super::{split_shared, Broker, SessionHandle, EXPIRY_NEVER};
+use super::{split_shared, Broker, Retained, SessionHandle, EXPIRY_NEVER};
 use crate::protocol::QoS;
 use crate::session::{Delivery, OutState};
 use crate::store::records::now_unix_ms;
-use crate::store::{InflightState, Op, Recovered};
+use crate::store::{InflightState, Op, Recovered, RecoveredRetained};
 use crate::topics::Entry;
 
 impl Broker {
@@ -111,12 +111,24 @@ impl Broker {
         let mut retained = 0usize;
         {
             let mut trie = self.retained.write().unwrap_or_else(|e| e.into_inner());
-            for m in r.retained {
-                if m.is_expired(now) {
-                    ops.push(Op::DeleteRetained { topic: m.topic.clone() });
-                    continue;
-                }
-                trie.insert(&m.topic.clone(), m);
+            for rec in r.retained {
+                let (topic, entry) = match rec {
+                    RecoveredRetained::Loaded(m) => {
+                        if m.is_expired(now) {
+                            ops.push(Op::DeleteRetained { topic: m.topic.clone() });
+                            continue;
+                        }
+                        (m.topic.clone(), Retained::Loaded(m))
+                    }
+                    RecoveredRetained::Indexed { topic, expires_at_ms } => {
+                        if expires_at_ms.is_some_and(|t| t <= now_ms) {
+                            ops.push(Op::DeleteRetained { topic });
+                            continue;
+                        }
+                        (topic.clone(), Retained::Stored { topic, expires_at_ms })
+                    }
+                };
+                trie.insert(&topic, entry);
                 retained += 1;
             }
         }

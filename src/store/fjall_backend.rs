@@ -2,12 +2,27 @@
 //! record, every commit round one atomic `OwnedWriteBatch`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::memory::decode_all;
 use super::records::*;
-use super::{Backend, Op, Recovered, StoreError};
+use super::{Backend, Op, Recovered, RetainedReader, StoreError};
+use crate::message::Message;
+
+/// Retained messages read straight from their keyspace (fjall is safe to read from any
+/// thread while the commit thread writes).
+struct FjallRetained(Keyspace);
+
+impl RetainedReader for FjallRetained {
+    fn get(&self, topic: &str) -> Result<Option<Arc<Message>>, StoreError> {
+        match self.0.get(topic).map_err(engine)? {
+            Some(v) => Ok(Some(Arc::new(decode_message(&v)?))),
+            None => Ok(None),
+        }
+    }
+}
 
 const VERSION_KEY: &str = "store_version";
 
@@ -132,6 +147,10 @@ impl Backend for FjallBackend {
         batch.commit().map_err(engine)
     }
 
+    fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
+        Some(Arc::new(FjallRetained(self.retained.clone())))
+    }
+
     fn sync(&mut self) -> Result<(), StoreError> {
         // fdatasync: the journal is appended to, and its data (with the size that makes it
         // reachable) is what must survive; other metadata need not be flushed each round.
@@ -148,6 +167,7 @@ impl Backend for FjallBackend {
             |k| inflight.get(k).map(|v| v.map(|v| v.to_vec())).map_err(engine),
             self.inbound.iter().map(kv),
             self.retained.iter().map(kv),
+            true,
         )
         .map_err(|e| StoreError::Incompatible { dir: self.dir.display().to_string(), why: e.to_string() })
     }

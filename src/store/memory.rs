@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::records::*;
-use super::{Backend, Op, Recovered, StoreError};
+use super::{Backend, Op, Recovered, RecoveredRetained, StoreError};
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -87,6 +87,7 @@ impl Backend for MemoryBackend {
             |k| Ok(self.inflight.get(k).cloned()),
             self.inbound.iter().map(|(k, v)| Ok((k.clone(), v.clone()))),
             self.retained.iter().map(|(k, v)| Ok((k.clone(), v.clone()))),
+            false,
         )
     }
 }
@@ -101,6 +102,7 @@ pub(super) fn decode_all(
     inflight: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
     inbound: impl Iterator<Item = Kv>,
     retained: impl Iterator<Item = Kv>,
+    retained_index_only: bool,
 ) -> Result<Recovered, StoreError> {
     let bad_key = |what: &str| StoreError::Corrupt(format!("{what} key"));
     let mut r = Recovered::default();
@@ -130,8 +132,13 @@ pub(super) fn decode_all(
         r.inbound.push((client, pid));
     }
     for kv in retained {
-        let (_, v) = kv?;
-        r.retained.push(std::sync::Arc::new(decode_message(&v)?));
+        let (k, v) = kv?;
+        if retained_index_only {
+            let topic = String::from_utf8(k).map_err(|_| bad_key("retained"))?;
+            r.retained.push(RecoveredRetained::Indexed { topic: topic.into(), expires_at_ms: message_deadline(&v)? });
+        } else {
+            r.retained.push(RecoveredRetained::Loaded(std::sync::Arc::new(decode_message(&v)?)));
+        }
     }
     Ok(r)
 }

@@ -109,7 +109,20 @@ pub struct Recovered {
     /// In (client, seq) order.
     pub queued: Vec<(ByteString, u64, QueuedRecord, Option<InflightState>)>,
     pub inbound: Vec<(ByteString, u16)>,
-    pub retained: Vec<Arc<Message>>,
+    pub retained: Vec<RecoveredRetained>,
+}
+
+/// A retained message found at start-up: whole, or (when the backend can serve it later)
+/// only its topic and expiry, so a large retained set does not have to sit in memory.
+#[derive(Debug)]
+pub enum RecoveredRetained {
+    Loaded(Arc<Message>),
+    Indexed { topic: ByteString, expires_at_ms: Option<u64> },
+}
+
+/// Reads retained messages on demand, from any thread.
+pub trait RetainedReader: Send + Sync {
+    fn get(&self, topic: &str) -> Result<Option<Arc<Message>>, StoreError>;
 }
 
 /// A place the state can be written to. Implementations are driven by one thread at a time.
@@ -119,6 +132,11 @@ pub trait Backend: Send + 'static {
     /// Makes everything applied so far durable.
     fn sync(&mut self) -> Result<(), StoreError>;
     fn load(&mut self) -> Result<Recovered, StoreError>;
+    /// A reader for retained messages recovered as `Indexed`; None when `load` returns them
+    /// all `Loaded`.
+    fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
+        None
+    }
 }
 
 struct Pending {
@@ -143,6 +161,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Handle to the commit thread. Dropping it flushes, syncs and stops the thread.
 pub struct Store {
     shared: Arc<Shared>,
+    reader: Option<Arc<dyn RetainedReader>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     durability: Durability,
 }
@@ -157,6 +176,7 @@ impl Store {
         notify: Box<dyn Fn(u64) + Send + Sync>,
     ) -> Result<(Store, Recovered), StoreError> {
         let recovered = backend.load()?;
+        let reader = backend.retained_reader();
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending { ops: Vec::new(), last_seq: 0 }),
             wake: Condvar::new(),
@@ -170,7 +190,7 @@ impl Store {
             .name("tern-store".into())
             .spawn(move || commit_loop(backend, s2, durability, sync_interval))
             .map_err(|e| StoreError::Engine(format!("cannot start the store thread: {e}")))?;
-        Ok((Store { shared, thread: Mutex::new(Some(thread)), durability }, recovered))
+        Ok((Store { shared, reader, thread: Mutex::new(Some(thread)), durability }, recovered))
     }
 
     /// A store that keeps nothing beyond the process (for tests and embedding).
@@ -179,6 +199,14 @@ impl Store {
         match Store::open(backend, Durability::None, Duration::from_millis(100), Box::new(|_| {})) {
             Ok((s, _)) => s,
             Err(e) => unreachable_store(e),
+        }
+    }
+
+    /// Reads a retained message that was recovered as `Indexed`.
+    pub fn read_retained(&self, topic: &str) -> Result<Option<Arc<Message>>, StoreError> {
+        match &self.reader {
+            Some(r) => r.get(topic),
+            None => Ok(None),
         }
     }
 

@@ -135,6 +135,19 @@ pub fn decode_message(mut buf: &[u8]) -> Result<Message, StoreError> {
     })
 }
 
+/// When a stored message expires (unix ms), read from its header alone: the retained index
+/// is rebuilt at start-up without loading payloads.
+pub fn message_deadline(mut buf: &[u8]) -> Result<Option<u64>, StoreError> {
+    need(&buf, 1 + 1 + 8 + 1, "message header")?;
+    buf.advance(2);
+    let received = buf.get_u64();
+    if buf.get_u8() != 1 {
+        return Ok(None);
+    }
+    need(&buf, 4, "message expiry")?;
+    Ok(Some(received.saturating_add(u64::from(buf.get_u32()) * 1000)))
+}
+
 /// A persistent session as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
