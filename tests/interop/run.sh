@@ -294,8 +294,15 @@ check_paho_v5_basic() {
     python3 "$HERE/paho_v5_basic.py" "$HOST" "$PORT"
 }
 
+# One MQTT 5 feature check of paho_v5_features.py (shared_balance, shared_redeliver,
+# message_expiry, will_delay, topic_alias, request_response; see the script's docstring).
+check_paho_v5_feature() {
+    python3 "$HERE/paho_v5_features.py" "$HOST" "$PORT" "$1"
+}
+
 export -f uniq_token check_pubsub check_retained_receive check_retained_verbose_v5 check_retained_cleared \
-    check_durable_before_kill check_durable_after_restart check_paho_persistent check_paho_v5_basic
+    check_durable_before_kill check_durable_after_restart check_paho_persistent check_paho_v5_basic \
+    check_paho_v5_feature
 
 # ---------------------------------------------------------------------------------------------
 
@@ -351,6 +358,9 @@ run_check retained_cleared_v5 "$CHECK_TIMEOUT" check_retained_cleared mqttv5
 
 run_check paho_persistent_v311 "$PAHO_TIMEOUT" check_paho_persistent
 run_check paho_v5_basic "$PAHO_TIMEOUT" check_paho_v5_basic
+for feature in shared_balance shared_redeliver message_expiry will_delay topic_alias request_response; do
+    run_check "paho_v5_$feature" "$PAHO_TIMEOUT" check_paho_v5_feature "$feature"
+done
 
 # Durability across a crash: what the broker acknowledged must survive SIGKILL and a restart
 # on the same data directory and port.
