@@ -858,3 +858,86 @@ impl Drop for V5 {
         self.task.abort();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// v5 property and packet helpers (the tests/v5_*.rs feature tests)
+// ---------------------------------------------------------------------------------------------
+
+/// A v5 string or binary property: identifier, then the length-prefixed value.
+pub fn prop_bin(id: u8, v: &[u8]) -> Vec<u8> {
+    let mut out = vec![id];
+    out.extend(mqtt_str(v));
+    out
+}
+
+/// A v5 variable byte integer property (Subscription Identifier).
+pub fn prop_varint(id: u8, n: usize) -> Vec<u8> {
+    let mut out = vec![id];
+    out.extend(varint(n));
+    out
+}
+
+/// A v5 User Property (0x26) `key` = `value`.
+pub fn prop_user(key: &str, value: &str) -> Vec<u8> {
+    let mut out = vec![0x26];
+    out.extend(mqtt_str(key.as_bytes()));
+    out.extend(mqtt_str(value.as_bytes()));
+    out
+}
+
+/// v5 SUBSCRIBE with a property block; each filter with its options byte.
+pub fn subscribe_props_pkt(pid: u16, properties: &[u8], filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut body = pid.to_be_bytes().to_vec();
+    body.extend(props(properties));
+    for (f, o) in filters {
+        body.extend(mqtt_str(f.as_bytes()));
+        body.push(*o);
+    }
+    packet(0x82, &body)
+}
+
+/// v5 DISCONNECT with a reason code and properties.
+pub fn disconnect_v5(reason: u8, properties: &[u8]) -> Vec<u8> {
+    let mut body = vec![reason];
+    body.extend(props(properties));
+    packet(0xE0, &body)
+}
+
+impl Pub {
+    /// The first property `id`, as `parse_props` returns it.
+    pub fn prop(&self, id: u8) -> Option<&[u8]> {
+        self.props.iter().find(|(i, _)| *i == id).map(|(_, v)| v.as_slice())
+    }
+
+    /// A four-byte integer property (Message Expiry Interval).
+    pub fn prop_u32(&self, id: u8) -> Option<u32> {
+        self.prop(id).map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+    }
+
+    /// Every Subscription Identifier (0x0B), in order.
+    pub fn subscription_ids(&self) -> Vec<usize> {
+        self.props.iter().filter(|(i, _)| *i == 0x0B).map(|(_, v)| read_varint(v).expect("varint").0).collect()
+    }
+}
+
+impl Raw {
+    /// v5 SUBSCRIBE with properties; returns the SUBACK reason codes.
+    pub async fn subscribe_props(&mut self, pid: u16, properties: &[u8], filters: &[(&str, u8)]) -> Vec<u8> {
+        self.send(&subscribe_props_pkt(pid, properties, filters)).await;
+        let p = self.read_packet().await;
+        let (h, body) = split_packet(&p);
+        assert_eq!(h, 0x90, "expected SUBACK, got {}", hex(&p));
+        assert_eq!(u16::from_be_bytes([body[0], body[1]]), pid, "SUBACK packet id: {}", hex(&p));
+        take_props(&body[2..]).1.to_vec()
+    }
+
+    /// Reads an acknowledgement of `kind` for `pid` and returns its reason code (0 when
+    /// absent), failures included.
+    pub async fn read_ack_reason(&mut self, kind: u8, pid: u16) -> u8 {
+        let p = self.read_packet().await;
+        let (h, body) = split_packet(&p);
+        assert_eq!(h, kind, "expected ack 0x{kind:02X} for id {pid}, got {}", hex(&p));
+        assert_eq!(u16::from_be_bytes([body[0], body[1]]), pid, "ack packet id: {}", hex(&p));
+        body.get(2).copied().unwrap_or(0)
+    }
+}
