@@ -28,6 +28,8 @@ pub struct Message {
     pub received_at: Instant,
     /// Message Expiry Interval from the publisher, in seconds.
     pub expiry_interval: Option<u32>,
+    /// `properties` encoded once for all v5 subscribers (`protocol::encode_property_list`).
+    pub props_v5: Bytes,
 }
 
 impl Message {

@@ -24,7 +24,7 @@ use crate::broker::{Attached, Broker, SessionHandle, EXPIRY_NEVER};
 use crate::message::Message;
 use crate::protocol::{
     self, reason, topic, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
-    PubResp, Publish, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    PubResp, Publish, PublishOut, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::session::{Ack, Delivery, OutState, Outgoing};
 use crate::store::{InflightState, Op};
@@ -347,9 +347,8 @@ impl Conn {
         for f in cell.state.inflight() {
             match f.state {
                 OutState::AwaitingAck => {
-                    let mut p = self.publish_packet(&f.delivery, Some(f.packet_id), true, now);
-                    self.alias(&mut p);
-                    protocol::encode(&Packet::Publish(p), self.version, &mut self.wbuf);
+                    // A message too large for the client stays in flight until it goes away.
+                    let _ = self.write_publish(&f.delivery, Some(f.packet_id), true, now);
                 }
                 OutState::AwaitingComp => {
                     protocol::encode(&Packet::PubRel(PubResp::new(f.packet_id)), self.version, &mut self.wbuf);
@@ -770,6 +769,7 @@ impl Conn {
         let mut props = p.properties;
         let expiry = props.message_expiry_interval.take();
         props.topic_alias = None;
+        let props_v5 = protocol::encode_property_list(&props);
         let msg = Message {
             topic: p.topic,
             payload: p.payload,
@@ -779,6 +779,7 @@ impl Conn {
             origin: self.client_id.clone(),
             received_at: Instant::now(),
             expiry_interval: expiry,
+            props_v5,
         };
         self.broker.publish(Arc::new(msg), extra)
     }
@@ -907,11 +908,7 @@ impl Conn {
                     (d, Some(pid))
                 }
             };
-            let p = self.publish_packet(&d, pid, d.maybe_sent, now);
-            let mut packet = Packet::Publish(p);
-            if self.client_max_packet != usize::MAX
-                && protocol::encoded_len(&packet, self.version) > self.client_max_packet
-            {
+            if !self.write_publish(&d, pid, d.maybe_sent, now) {
                 // [MQTT-3.1.2-25]: too large for this client; discard as if delivered.
                 if let Some(seq) = pid.and_then(|pid| cell.state.discard(pid)) {
                     ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
@@ -920,12 +917,6 @@ impl Conn {
                 self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            // Aliases only for packets that are really sent, or the client would miss the
-            // definition.
-            if let Packet::Publish(p) = &mut packet {
-                self.alias(p);
-            }
-            protocol::encode(&packet, self.version, &mut self.wbuf);
             sent += 1;
         };
         for seq in cell.state.take_discarded() {
@@ -940,36 +931,37 @@ impl Conn {
         full
     }
 
-    fn alias(&mut self, p: &mut Publish) {
-        match self.out_aliases.apply(&p.topic) {
-            aliases::AliasUse::None => {}
-            aliases::AliasUse::Define(a) => p.properties.topic_alias = Some(a),
-            aliases::AliasUse::Reuse(a) => {
-                p.properties.topic_alias = Some(a);
-                p.topic = ByteString::new();
-            }
-        }
-    }
-
-    fn publish_packet(&self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> Publish {
+    /// Encodes one delivery into the write buffer, unless it exceeds the client's Maximum
+    /// Packet Size (then false). Topic aliases are applied only to packets really written, or
+    /// the client would miss a definition.
+    fn write_publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> bool {
+        let v5 = self.version.is_v5();
         let m = &d.msg;
-        let properties = if self.version.is_v5() {
-            let mut p = m.properties.clone();
-            p.message_expiry_interval = m.remaining_expiry(now);
-            p.subscription_identifiers = d.subscription_ids.clone();
-            p
-        } else {
-            Properties::default()
-        };
-        Publish {
+        let mut out = PublishOut {
             dup,
             qos: d.qos,
             retain: d.retain,
-            topic: m.topic.clone(),
+            topic: m.topic.as_bytes(),
             packet_id,
-            payload: m.payload.clone(),
-            properties,
+            payload: &m.payload,
+            properties: if v5 { &m.props_v5[..] } else { &[] },
+            message_expiry: if v5 { m.remaining_expiry(now) } else { None },
+            subscription_ids: if v5 { &d.subscription_ids[..] } else { &[] },
+            topic_alias: None,
+        };
+        if self.client_max_packet != usize::MAX && out.encoded_len(self.version) > self.client_max_packet {
+            return false;
         }
+        match self.out_aliases.apply(&m.topic) {
+            aliases::AliasUse::None => {}
+            aliases::AliasUse::Define(a) => out.topic_alias = Some(a),
+            aliases::AliasUse::Reuse(a) => {
+                out.topic_alias = Some(a);
+                out.topic = b"";
+            }
+        }
+        out.encode(self.version, &mut self.wbuf);
+        true
     }
 
     /// Says goodbye as the close reason requires, publishes the will when due, and detaches.
@@ -1020,6 +1012,7 @@ impl Conn {
         let mut props = w.properties;
         let expiry = props.message_expiry_interval.take();
         props.will_delay_interval = None;
+        let props_v5 = protocol::encode_property_list(&props);
         let msg = Message {
             topic: w.topic,
             payload: w.payload,
@@ -1029,6 +1022,7 @@ impl Conn {
             origin: self.client_id.clone(),
             received_at: Instant::now(),
             expiry_interval: expiry,
+            props_v5,
         };
         Arc::new(msg)
     }

@@ -17,5 +17,5 @@ pub mod topic;
 mod tests;
 
 pub use decode::{decode, DecodeError};
-pub use encode::{encode, encoded_len};
+pub use encode::{encode, encode_property_list, encoded_len, PublishOut};
 pub use packet::*;

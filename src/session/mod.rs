@@ -323,6 +323,7 @@ mod tests {
                 origin: "p".into(),
                 received_at: Instant::now(),
                 expiry_interval: None,
+                props_v5: Bytes::new(),
             }),
             qos,
             retain: false,

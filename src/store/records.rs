@@ -128,10 +128,11 @@ pub fn decode_message(mut buf: &[u8]) -> Result<Message, StoreError> {
         payload: p.payload,
         qos,
         retain,
-        properties: p.properties,
         origin,
         received_at: unix_ms_to_instant(received),
         expiry_interval,
+        props_v5: protocol::encode_property_list(&p.properties),
+        properties: p.properties,
     })
 }
 
@@ -299,6 +300,7 @@ mod tests {
             origin: "pub 1".into(),
             received_at: Instant::now(),
             expiry_interval: Some(30),
+            props_v5: Bytes::new(),
         }
     }
 
