@@ -33,6 +33,32 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message as just received from `origin`: its Message Expiry Interval moves out of the
+    /// properties (it is recomputed per delivery), and the rest is encoded once for v5
+    /// subscribers.
+    pub fn received(
+        topic: ByteString,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        mut properties: Properties,
+        origin: ByteString,
+    ) -> Message {
+        let expiry_interval = properties.message_expiry_interval.take();
+        let props_v5 = crate::protocol::encode_property_list(&properties);
+        Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            origin,
+            received_at: Instant::now(),
+            expiry_interval,
+            props_v5,
+        }
+    }
+
     /// True when the message's expiry interval has run out.
     pub fn is_expired(&self, now: Instant) -> bool {
         match self.expiry_interval {

@@ -767,20 +767,8 @@ impl Conn {
     /// store ticket its acknowledgement waits for.
     fn route(&mut self, p: Publish, extra: Option<Op>) -> (usize, u64) {
         let mut props = p.properties;
-        let expiry = props.message_expiry_interval.take();
         props.topic_alias = None;
-        let props_v5 = protocol::encode_property_list(&props);
-        let msg = Message {
-            topic: p.topic,
-            payload: p.payload,
-            qos: p.qos,
-            retain: p.retain,
-            properties: props,
-            origin: self.client_id.clone(),
-            received_at: Instant::now(),
-            expiry_interval: expiry,
-            props_v5,
-        };
+        let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.client_id.clone());
         self.broker.publish(Arc::new(msg), extra)
     }
 
@@ -1010,21 +998,8 @@ impl Conn {
 
     fn will_message(&self, w: LastWill) -> Arc<Message> {
         let mut props = w.properties;
-        let expiry = props.message_expiry_interval.take();
         props.will_delay_interval = None;
-        let props_v5 = protocol::encode_property_list(&props);
-        let msg = Message {
-            topic: w.topic,
-            payload: w.payload,
-            qos: w.qos,
-            retain: w.retain,
-            properties: props,
-            origin: self.client_id.clone(),
-            received_at: Instant::now(),
-            expiry_interval: expiry,
-            props_v5,
-        };
-        Arc::new(msg)
+        Arc::new(Message::received(w.topic, w.payload, w.qos, w.retain, props, self.client_id.clone()))
     }
 }
 
