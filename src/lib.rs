@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
@@ -17,4 +18,4 @@ pub mod store;
 pub mod topics;
 
 pub use config::Config;
-pub use server::{start, BrokerHandle, StartError};
+pub use server::{start, start_with, BrokerHandle, Extensions, StartError};

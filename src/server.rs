@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::auth::{AuthMethod, Authenticator};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::store::{Backend, FjallBackend, Store, StoreError};
@@ -62,23 +63,47 @@ impl BrokerHandle {
 /// Opens the store in `storage.dir`, recovers its state, binds the listeners and starts
 /// serving. Returns once every listener is bound.
 pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
+    start_with(config, Extensions::default()).await
+}
+
+/// What an embedding program (or a test) may add to a broker beyond its configuration.
+#[derive(Default)]
+pub struct Extensions {
+    /// Store backend; None = fjall in `storage.dir`.
+    pub backend: Option<Box<dyn Backend>>,
+    /// MQTT 5 enhanced authentication methods.
+    pub auth_methods: Vec<Arc<dyn AuthMethod>>,
+}
+
+/// Like `start`, with extensions.
+pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle, StartError> {
     let config = Arc::new(config);
-    let dir = config.storage.dir.clone();
-    let backend = tokio::task::spawn_blocking(move || FjallBackend::open(&dir))
-        .await
-        .map_err(|e| StoreError::Engine(format!("store opening task failed: {e}")))??;
-    start_with_backend(config, Box::new(backend)).await
+    let backend = match ext.backend {
+        Some(b) => b,
+        None => {
+            let dir = config.storage.dir.clone();
+            let b = tokio::task::spawn_blocking(move || FjallBackend::open(&dir))
+                .await
+                .map_err(|e| StoreError::Engine(format!("store opening task failed: {e}")))??;
+            Box::new(b)
+        }
+    };
+    run(config, backend, Authenticator::new(ext.auth_methods)).await
 }
 
 /// Like `start`, over any store backend (tests inject failing ones).
 pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) -> Result<BrokerHandle, StartError> {
+    run(config, backend, Authenticator::default()).await
+}
+
+async fn run(config: Arc<Config>, backend: Box<dyn Backend>, auth: Authenticator) -> Result<BrokerHandle, StartError> {
     let (durable_tx, durable_rx) = watch::channel(0u64);
     let notify = Box::new(move |seq: u64| {
         durable_tx.send_replace(seq);
     });
     let interval = Duration::from_millis(config.storage.sync_interval_ms);
     let (store, recovered) = Store::open(backend, config.storage.durability, interval, notify)?;
-    let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable_rx));
+    let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable_rx, auth));
     broker.restore(recovered);
     let (tx, rx) = watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));

@@ -31,6 +31,7 @@ use tokio::sync::watch;
 
 pub use session_handle::{ConnControl, SessionCell, SessionHandle};
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::message::Message;
 use crate::protocol::{topic, ProtocolVersion, QoS, SubscriptionOptions};
@@ -53,6 +54,8 @@ pub struct Metrics {
 
 pub struct Broker {
     pub config: Arc<Config>,
+    /// Enhanced authentication methods offered to MQTT 5 clients.
+    pub auth: Authenticator,
     sessions: DashMap<ByteString, Arc<SessionHandle>>,
     subscriptions: RwLock<SubscriptionTrie<Arc<SessionHandle>>>,
     retained: RwLock<RetainedTrie<Retained>>,
@@ -89,9 +92,10 @@ pub struct Subscribed {
 
 impl Broker {
     /// `durable` carries the store's processed sequence number (see `Store::open`).
-    pub fn new(config: Arc<Config>, store: Store, durable: watch::Receiver<u64>) -> Self {
+    pub fn new(config: Arc<Config>, store: Store, durable: watch::Receiver<u64>, auth: Authenticator) -> Self {
         Broker {
             config,
+            auth,
             sessions: DashMap::new(),
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             retained: RwLock::new(RetainedTrie::new()),

@@ -20,11 +20,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use crate::auth::{AuthExchange, AuthMethod, AuthStep};
 use crate::broker::{Attached, Broker, SessionHandle, EXPIRY_NEVER};
 use crate::message::Message;
 use crate::protocol::{
-    self, reason, topic, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion,
-    PubResp, Publish, PublishOut, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    self, reason, topic, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties,
+    ProtocolVersion, PubResp, Publish, PublishOut, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::session::{Ack, Delivery, OutState, Outgoing};
 use crate::store::{InflightState, Op};
@@ -94,7 +95,7 @@ where
         Ok(Ok(c)) => c,
     };
 
-    let mut conn = match Box::pin(Conn::accept(connect, peer, &broker, &mut stream)).await {
+    let mut conn = match Box::pin(Conn::accept(connect, peer, &broker, &mut stream, &mut rbuf)).await {
         Some(c) => c,
         None => return,
     };
@@ -113,10 +114,22 @@ async fn read_connect<S: AsyncRead + Unpin>(
     rbuf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<Box<Connect>, ConnectError> {
+    match read_packet(stream, rbuf, None, max_packet).await? {
+        Packet::Connect(c) => Ok(c),
+        _ => Err(ConnectError::Decode(DecodeError::Protocol("first packet must be CONNECT"))),
+    }
+}
+
+/// Reads one whole packet during the handshake (before the main loop owns the socket).
+async fn read_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    version: Option<ProtocolVersion>,
+    max_packet: usize,
+) -> Result<Packet, ConnectError> {
     loop {
-        match protocol::decode(rbuf, None, max_packet) {
-            Ok(Some(Packet::Connect(c))) => return Ok(c),
-            Ok(Some(_)) => return Err(ConnectError::Decode(DecodeError::Protocol("first packet must be CONNECT"))),
+        match protocol::decode(rbuf, version, max_packet) {
+            Ok(Some(p)) => return Ok(p),
             Ok(None) => {}
             Err(e) => return Err(ConnectError::Decode(e)),
         }
@@ -138,6 +151,9 @@ struct Conn {
     peer: SocketAddr,
     /// Seconds granted; 0 = no keep-alive.
     keep_alive: u16,
+    /// The enhanced-authentication method the client connected with (v5), for
+    /// re-authentication.
+    auth: Option<ConnAuth>,
     /// Boxed: a will with its properties is large, and most clients have none.
     will: Option<Box<LastWill>>,
     session_expiry: u32,
@@ -172,11 +188,12 @@ struct HeldAck {
 
 impl Conn {
     /// Validates CONNECT, attaches the session and sends CONNACK. None when refused.
-    async fn accept<S: AsyncWrite + Unpin>(
+    async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         c: Box<Connect>,
         peer: SocketAddr,
         broker: &Arc<Broker>,
         stream: &mut S,
+        rbuf: &mut BytesMut,
     ) -> Option<Conn> {
         let cfg = &broker.config;
         let v = c.protocol;
@@ -204,11 +221,28 @@ impl Conn {
             // 3.1 clients too, limited only by limits.max_client_id_length.
             failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));
         }
-        if failure.is_none() && c.properties.authentication_method.is_some() {
-            // No enhanced authentication method is configured [MQTT-4.12.0-1].
-            failure = Some(reason::BAD_AUTHENTICATION_METHOD);
+        // Enhanced authentication [4.12]: settled before the session is touched.
+        let mut auth: Option<ConnAuth> = None;
+        let mut auth_data = None;
+        if let (None, Some(name)) = (failure, &c.properties.authentication_method) {
+            match broker.auth.find(name) {
+                // No such method here [MQTT-4.12.0-1].
+                None => failure = Some(reason::BAD_AUTHENTICATION_METHOD),
+                Some(method) => {
+                    let deadline = Duration::from_secs(cfg.limits.connect_timeout_secs);
+                    let exchange = authenticate(&method, name, &c, stream, rbuf, cfg.limits.max_packet_size as usize);
+                    match tokio::time::timeout(deadline, exchange).await {
+                        Ok(Ok(data)) => {
+                            auth_data = data;
+                            auth = Some(ConnAuth { method, name: ByteString::from(&**name), exchange: None });
+                        }
+                        Ok(Err(Some(code))) => failure = Some(code),
+                        Ok(Err(None)) | Err(_) => return None,
+                    }
+                }
+            }
         }
-        if failure.is_none() && !cfg.anonymous_allowed() {
+        if failure.is_none() && auth.is_none() && !cfg.anonymous_allowed() {
             failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::NOT_AUTHORIZED));
         }
         if let (None, Some(w)) = (failure, &c.will) {
@@ -248,6 +282,10 @@ impl Conn {
                 props.server_keep_alive = Some(max_ka);
             }
             props.assigned_client_identifier = assigned;
+            if let Some(a) = &auth {
+                props.authentication_method = Some(a.name.clone());
+                props.authentication_data = auth_data;
+            }
             if cfg.mqtt.receive_maximum != u16::MAX {
                 props.receive_maximum = Some(cfg.mqtt.receive_maximum);
             }
@@ -297,6 +335,7 @@ impl Conn {
             client_id,
             peer,
             keep_alive,
+            auth,
             will: c.will.as_ref().map(|w| {
                 // Same as the client id: own the bytes instead of pinning the read buffer.
                 Box::new(LastWill {
@@ -523,7 +562,7 @@ impl Conn {
                 return Some(Close::Silent("PINGRESP from a client".into()))
             }
             13 => "PINGRESP from a client",
-            15 if self.version.is_v5() => "AUTH without an authentication method",
+            15 if self.version.is_v5() && self.auth.is_none() => "AUTH without an authentication method",
             _ => return None,
         };
         Some(Self::protocol_error(what))
@@ -598,7 +637,7 @@ impl Conn {
             }
             Packet::Disconnect(d) => self.on_disconnect(d),
             Packet::Connect(_) => Err(Self::protocol_error("second CONNECT")),
-            Packet::Auth(_) => Err(Self::protocol_error("AUTH without an authentication method")),
+            Packet::Auth(a) => self.on_auth(a),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 Err(Self::protocol_error("server-to-client packet sent by client"))
             }
@@ -854,6 +893,43 @@ impl Conn {
         Ok(())
     }
 
+    /// Re-authentication (4.12.1): AUTH 0x19 starts a new exchange with the method of CONNECT,
+    /// AUTH 0x18 continues it; success is answered with AUTH 0x00, failure with DISCONNECT.
+    fn on_auth(&mut self, a: Auth) -> Result<(), Close> {
+        let Some(auth) = self.auth.as_mut() else {
+            return Err(Self::protocol_error("AUTH without an authentication method"));
+        };
+        if a.properties.authentication_method.as_deref() != Some(&*auth.name) {
+            // [MQTT-4.12.1-1]: the method may not change.
+            return Err(Self::protocol_error("AUTH names another authentication method"));
+        }
+        let data = a.properties.authentication_data.as_deref();
+        let step = match (a.reason, auth.exchange.as_mut()) {
+            (reason::REAUTHENTICATE, None) => {
+                let (exchange, step) = auth.method.start(&self.client_id, None, data);
+                auth.exchange = Some(exchange);
+                step
+            }
+            (reason::CONTINUE_AUTHENTICATION, Some(exchange)) => exchange.next(data),
+            _ => return Err(Self::protocol_error("AUTH out of sequence")),
+        };
+        let name = auth.name.clone();
+        let (code, data) = match step {
+            AuthStep::Continue(d) => (reason::CONTINUE_AUTHENTICATION, d),
+            AuthStep::Success(d) => {
+                auth.exchange = None;
+                (reason::SUCCESS, d)
+            }
+            AuthStep::Fail(code) => {
+                return Err(Close::Error { reason: code, what: "re-authentication failed".into() });
+            }
+        };
+        let properties =
+            Properties { authentication_method: Some(name), authentication_data: data, ..Default::default() };
+        self.encode(Packet::Auth(Auth { reason: code, properties }));
+        Ok(())
+    }
+
     fn on_disconnect(&mut self, d: Disconnect) -> Result<(), Close> {
         if let Some(e) = d.properties.session_expiry_interval {
             if self.connect_expiry_zero && e != 0 {
@@ -1000,6 +1076,60 @@ impl Conn {
         let mut props = w.properties;
         props.will_delay_interval = None;
         Arc::new(Message::received(w.topic, w.payload, w.qos, w.retain, props, self.client_id.clone()))
+    }
+}
+
+/// The enhanced-authentication state of a connection.
+struct ConnAuth {
+    method: Arc<dyn AuthMethod>,
+    name: ByteString,
+    /// A re-authentication in progress.
+    exchange: Option<Box<dyn AuthExchange>>,
+}
+
+/// Runs the CONNECT-time exchange: AUTH 0x18 back and forth until the method decides.
+/// Ok(data for CONNACK); Err(Some(code)) to refuse with CONNACK; Err(None) when the
+/// connection is gone.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    method: &Arc<dyn AuthMethod>,
+    name: &ByteString,
+    c: &Connect,
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Option<bytes::Bytes>, Option<u8>> {
+    let data = c.properties.authentication_data.as_deref();
+    let (mut exchange, mut step) = method.start(&c.client_id, c.username.as_deref(), data);
+    loop {
+        let challenge = match step {
+            AuthStep::Success(d) => return Ok(d),
+            AuthStep::Fail(code) => return Err(Some(code)),
+            AuthStep::Continue(d) => d,
+        };
+        let properties = Properties {
+            authentication_method: Some(name.clone()),
+            authentication_data: challenge,
+            ..Default::default()
+        };
+        let mut w = BytesMut::new();
+        protocol::encode(
+            &Packet::Auth(Auth { reason: reason::CONTINUE_AUTHENTICATION, properties }),
+            ProtocolVersion::V5,
+            &mut w,
+        );
+        stream.write_all(&w).await.map_err(|_| None)?;
+        match read_packet(stream, rbuf, Some(ProtocolVersion::V5), max_packet).await {
+            Ok(Packet::Auth(a))
+                if a.reason == reason::CONTINUE_AUTHENTICATION
+                    && a.properties.authentication_method.as_ref() == Some(name) =>
+            {
+                step = exchange.next(a.properties.authentication_data.as_deref());
+            }
+            // Anything else during the exchange is a Protocol Error [MQTT-4.12.0-4].
+            Ok(_) => return Err(Some(reason::PROTOCOL_ERROR)),
+            Err(ConnectError::Decode(e)) => return Err(Some(e.reason_code())),
+            Err(ConnectError::Io) => return Err(None),
+        }
     }
 }
 

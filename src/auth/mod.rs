@@ -1,0 +1,56 @@
+//! Authentication: the MQTT 5 enhanced-authentication interface (section 4.12), through which
+//! an authentication method (SCRAM, Kerberos, a token check...) takes part in CONNECT and in
+//! later re-authentication, exchanging AUTH packets with the client.
+//!
+//! Owns the contract between connections and methods: which method a client named, and what
+//! to send next. Knows nothing of sockets or sessions; a method sees only the client id, the
+//! user name and the opaque Authentication Data. Password files and ACLs, when they come,
+//! live beside it as pure checks over loaded data.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// What a method wants done after looking at the client's latest data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthStep {
+    /// Send AUTH with reason 0x18 (Continue authentication) and this data; the client answers
+    /// with another AUTH.
+    Continue(Option<Bytes>),
+    /// Authenticated: CONNACK (or AUTH 0x00 on re-authentication) carries this data.
+    Success(Option<Bytes>),
+    /// Refused with this reason code, e.g. 0x87 Not authorized or 0x86 Bad user name or
+    /// password.
+    Fail(u8),
+}
+
+/// One exchange in progress, for one connection.
+pub trait AuthExchange: Send {
+    /// The client's next Authentication Data.
+    fn next(&mut self, data: Option<&[u8]>) -> AuthStep;
+}
+
+/// An authentication method clients can name in CONNECT's Authentication Method property.
+pub trait AuthMethod: Send + Sync {
+    /// The name clients use, e.g. "SCRAM-SHA-256".
+    fn name(&self) -> &str;
+    /// Begins an exchange with the data of CONNECT (or of an AUTH 0x19 re-authentication).
+    fn start(&self, client_id: &str, username: Option<&str>, data: Option<&[u8]>) -> (Box<dyn AuthExchange>, AuthStep);
+}
+
+/// The methods a broker offers. Empty by default: a CONNECT naming a method then gets
+/// CONNACK 0x8C (Bad authentication method).
+#[derive(Default, Clone)]
+pub struct Authenticator {
+    methods: Vec<Arc<dyn AuthMethod>>,
+}
+
+impl Authenticator {
+    pub fn new(methods: Vec<Arc<dyn AuthMethod>>) -> Self {
+        Authenticator { methods }
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<dyn AuthMethod>> {
+        self.methods.iter().find(|m| m.name() == name).cloned()
+    }
+}
