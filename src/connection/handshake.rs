@@ -1,0 +1,319 @@
+//! The CONNECT handshake: reading the first packet, validating it, enhanced authentication,
+//! attaching the session and writing CONNACK, then resending what was in flight.
+
+use super::*;
+
+pub(super) enum ConnectError {
+    Io,
+    Decode(DecodeError),
+}
+
+pub(super) async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Box<Connect>, ConnectError> {
+    match read_packet(stream, rbuf, None, max_packet).await? {
+        Packet::Connect(c) => Ok(c),
+        _ => Err(ConnectError::Decode(DecodeError::Protocol("first packet must be CONNECT"))),
+    }
+}
+
+/// Reads one whole packet during the handshake (before the main loop owns the socket).
+pub(super) async fn read_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    version: Option<ProtocolVersion>,
+    max_packet: usize,
+) -> Result<Packet, ConnectError> {
+    loop {
+        match protocol::decode(rbuf, version, max_packet) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) => {}
+            Err(e) => return Err(ConnectError::Decode(e)),
+        }
+        rbuf.reserve(1024);
+        match stream.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return Err(ConnectError::Io),
+            Ok(_) => {}
+        }
+    }
+}
+
+impl Conn {
+    /// Validates CONNECT, attaches the session and sends CONNACK. None when refused.
+    pub(super) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        c: Box<Connect>,
+        peer: SocketAddr,
+        broker: &Arc<Broker>,
+        stream: &mut S,
+        rbuf: &mut BytesMut,
+    ) -> Option<Conn> {
+        let cfg = &broker.config;
+        let v = c.protocol;
+        let v5 = v.is_v5();
+        let refuse = |v3code: u8, v5code: u8| if v5 { v5code } else { v3code };
+
+        // Copied out of the packet: a slice would keep the whole CONNECT read buffer alive
+        // for as long as the client stays connected.
+        let mut client_id = ByteString::from(&*c.client_id);
+        let mut assigned = None;
+        let mut failure = None;
+        if client_id.is_empty() {
+            if v == ProtocolVersion::V31 || (v == ProtocolVersion::V311 && !c.clean_start) {
+                // [MQTT-3.1.3-8]: empty id needs clean session in 3.1.1; 3.1 requires an id.
+                failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));
+            } else {
+                let id: ByteString = format!("tern-{:016x}", random_u64()).into();
+                client_id = id.clone();
+                if v5 {
+                    assigned = Some(id);
+                }
+            }
+        } else if client_id.len() > cfg.limits.max_client_id_length {
+            // MQTT 3.1 capped ids at 23 bytes; like mosquitto, tern accepts longer ones from
+            // 3.1 clients too, limited only by limits.max_client_id_length.
+            failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));
+        }
+        // Enhanced authentication [4.12]: settled before the session is touched.
+        let mut auth: Option<ConnAuth> = None;
+        let mut auth_data = None;
+        if let (None, Some(name)) = (failure, &c.properties.authentication_method) {
+            match broker.auth.find(name) {
+                // No such method here [MQTT-4.12.0-1].
+                None => failure = Some(reason::BAD_AUTHENTICATION_METHOD),
+                Some(method) => {
+                    let deadline = Duration::from_secs(cfg.limits.connect_timeout_secs);
+                    let exchange = authenticate(&method, name, &c, stream, rbuf, cfg.limits.max_packet_size as usize);
+                    match tokio::time::timeout(deadline, exchange).await {
+                        Ok(Ok(data)) => {
+                            auth_data = data;
+                            auth = Some(ConnAuth { method, name: ByteString::from(&**name), exchange: None });
+                        }
+                        Ok(Err(Some(code))) => failure = Some(code),
+                        Ok(Err(None)) | Err(_) => return None,
+                    }
+                }
+            }
+        }
+        if failure.is_none() && auth.is_none() && !cfg.anonymous_allowed() {
+            failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::NOT_AUTHORIZED));
+        }
+        if let (None, Some(w)) = (failure, &c.will) {
+            if (w.qos as u8) > cfg.mqtt.maximum_qos {
+                failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::QOS_NOT_SUPPORTED));
+            } else if w.retain && !cfg.mqtt.retain_available {
+                failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::RETAIN_NOT_SUPPORTED));
+            } else if !topic_within_limits(&w.topic, cfg) {
+                failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::TOPIC_NAME_INVALID));
+            }
+        }
+        if let Some(code) = failure {
+            info!(client_id = %c.client_id, %peer, protocol = v.name(), code, "connection refused");
+            let mut w = BytesMut::new();
+            let ack = ConnAck { session_present: false, code, properties: Properties::default() };
+            protocol::encode(&Packet::ConnAck(ack), v, &mut w);
+            let _ = stream.write_all(&w).await;
+            return None;
+        }
+
+        let session_expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            EXPIRY_NEVER
+        };
+        let Attached { handle, session_present, connection_id, control } =
+            broker.attach(&client_id, c.clean_start, session_expiry, v);
+
+        let mut keep_alive = c.keep_alive;
+        let mut props = Properties::default();
+        if v5 {
+            let max_ka = cfg.limits.max_keepalive;
+            if max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
+                keep_alive = max_ka;
+                props.server_keep_alive = Some(max_ka);
+            }
+            props.assigned_client_identifier = assigned;
+            if let Some(a) = &auth {
+                props.authentication_method = Some(a.name.clone());
+                props.authentication_data = auth_data;
+            }
+            if cfg.mqtt.receive_maximum != u16::MAX {
+                props.receive_maximum = Some(cfg.mqtt.receive_maximum);
+            }
+            if cfg.mqtt.maximum_qos < 2 {
+                props.maximum_qos = Some(cfg.mqtt.maximum_qos);
+            }
+            if !cfg.mqtt.retain_available {
+                props.retain_available = Some(0);
+            }
+            // Absent means the protocol maximum, so only a lower limit is announced.
+            if cfg.limits.max_packet_size < 268_435_460 {
+                props.maximum_packet_size = Some(cfg.limits.max_packet_size);
+            }
+            if cfg.mqtt.topic_alias_maximum > 0 {
+                props.topic_alias_maximum = Some(cfg.mqtt.topic_alias_maximum);
+            }
+            if !cfg.mqtt.wildcard_subscriptions {
+                props.wildcard_subscription_available = Some(0);
+            }
+            if !cfg.mqtt.subscription_identifiers {
+                props.subscription_identifiers_available = Some(0);
+            }
+            if !cfg.mqtt.shared_subscriptions {
+                props.shared_subscription_available = Some(0);
+            }
+        }
+        let client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
+        let window = usize::from(cfg.limits.max_inflight.min(client_receive_max));
+        let client_max_packet = c.properties.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
+
+        info!(
+            client_id = %client_id,
+            %peer,
+            protocol = v.name(),
+            clean_start = c.clean_start,
+            keep_alive,
+            session_present,
+            "client connected"
+        );
+
+        let mut conn = Conn {
+            broker: Arc::clone(broker),
+            handle,
+            connection_id,
+            control,
+            version: v,
+            client_id,
+            peer,
+            keep_alive,
+            auth,
+            will: c.will.as_ref().map(|w| {
+                // Same as the client id: own the bytes instead of pinning the read buffer.
+                Box::new(LastWill {
+                    topic: ByteString::from(&*w.topic),
+                    payload: bytes::Bytes::copy_from_slice(&w.payload),
+                    ..w.clone()
+                })
+            }),
+            session_expiry,
+            connect_expiry_zero: session_expiry == 0,
+            window,
+            client_max_packet,
+            out_aliases: aliases::OutboundAliases::new(if v5 {
+                c.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            }),
+            inbound_aliases: HashMap::new(),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            held: VecDeque::new(),
+            durable: broker.durable_watch(),
+            write_ticket: 0,
+        };
+        // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
+        let session_present = session_present && v != ProtocolVersion::V31;
+        let ack = Packet::ConnAck(ConnAck { session_present, code: reason::SUCCESS, properties: props });
+        let fits = protocol::encoded_len(&ack, v) <= conn.client_max_packet;
+        if fits {
+            protocol::encode(&ack, v, &mut conn.wbuf);
+        }
+        drop(ack);
+        if !fits {
+            // [MQTT-3.1.2-25]: not even CONNACK fits the client's limit; nothing can be sent.
+            Box::pin(conn.finish(Close::Silent("client Maximum Packet Size below CONNACK size".into()), stream)).await;
+            return None;
+        }
+        conn.resend_inflight();
+        Some(conn)
+    }
+
+    /// On resuming a session, unacknowledged messages go out again first, in their original
+    /// order: PUBLISH with DUP, or PUBREL [MQTT-4.4.0-1].
+    pub(super) fn resend_inflight(&mut self) {
+        let handle = Arc::clone(&self.handle);
+        let cell = handle.lock();
+        let now = Instant::now();
+        for f in cell.state.inflight() {
+            match f.state {
+                OutState::AwaitingAck => {
+                    // A message too large for the client stays in flight until it goes away.
+                    let _ = self.write_publish(&f.delivery, Some(f.packet_id), true, now);
+                }
+                OutState::AwaitingComp => {
+                    protocol::encode(&Packet::PubRel(PubResp::new(f.packet_id)), self.version, &mut self.wbuf);
+                }
+            }
+        }
+    }
+}
+
+/// The enhanced-authentication state of a connection.
+pub(super) struct ConnAuth {
+    pub(super) method: Arc<dyn AuthMethod>,
+    pub(super) name: ByteString,
+    /// A re-authentication in progress.
+    pub(super) exchange: Option<Box<dyn AuthExchange>>,
+}
+
+/// Runs the CONNECT-time exchange: AUTH 0x18 back and forth until the method decides.
+/// Ok(data for CONNACK); Err(Some(code)) to refuse with CONNACK; Err(None) when the
+/// connection is gone.
+pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    method: &Arc<dyn AuthMethod>,
+    name: &ByteString,
+    c: &Connect,
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Option<bytes::Bytes>, Option<u8>> {
+    let data = c.properties.authentication_data.as_deref();
+    let (mut exchange, mut step) = method.start(&c.client_id, c.username.as_deref(), data);
+    loop {
+        let challenge = match step {
+            AuthStep::Success(d) => return Ok(d),
+            AuthStep::Fail(code) => return Err(Some(code)),
+            AuthStep::Continue(d) => d,
+        };
+        let properties = Properties {
+            authentication_method: Some(name.clone()),
+            authentication_data: challenge,
+            ..Default::default()
+        };
+        let mut w = BytesMut::new();
+        protocol::encode(
+            &Packet::Auth(Auth { reason: reason::CONTINUE_AUTHENTICATION, properties }),
+            ProtocolVersion::V5,
+            &mut w,
+        );
+        stream.write_all(&w).await.map_err(|_| None)?;
+        match read_packet(stream, rbuf, Some(ProtocolVersion::V5), max_packet).await {
+            Ok(Packet::Auth(a))
+                if a.reason == reason::CONTINUE_AUTHENTICATION
+                    && a.properties.authentication_method.as_ref() == Some(name) =>
+            {
+                step = exchange.next(a.properties.authentication_data.as_deref());
+            }
+            // Anything else during the exchange is a Protocol Error [MQTT-4.12.0-4].
+            Ok(_) => return Err(Some(reason::PROTOCOL_ERROR)),
+            Err(ConnectError::Decode(e)) => return Err(Some(e.reason_code())),
+            Err(ConnectError::Io) => return Err(None),
+        }
+    }
+}
+
+/// Unpredictable enough for assigned client ids, without a dependency: std's hasher is
+/// seeded randomly per process, and mixing in the time and a counter keeps ids distinct.
+pub(super) fn random_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::AtomicU64;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
