@@ -986,3 +986,41 @@ async fn clean_restart_keeps_10000_retained_and_1000_sessions() {
     );
     println!("bulk: {SESSIONS} sessions checked in {:?}", t5.elapsed());
 }
+
+/// A persistent client connected when the broker dies has lost its connection abnormally:
+/// its will is stored with the session and published after the restart. A client that said
+/// DISCONNECT before the crash has no will to publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_of_a_client_connected_at_the_crash_is_published_after_restart() {
+    let mut b = BrokerProc::new();
+    b.start().await;
+    let mut watcher = Wire::connect(b.addr(), "will-watcher", false, false).await;
+    watcher.subscribe(1, "wills/#", 1).await;
+    watcher.disconnect().await;
+
+    let will =
+        |id: &str| common::Connect::v311(id).clean(false).will(common::Will::new(&format!("wills/{id}"), b"gone", 1));
+    let mut doomed = Wire::open(b.addr()).await;
+    assert!(doomed.send(&will("doomed").bytes()).await);
+    assert_eq!(hex(&doomed.read("CONNACK").await), "20 02 00 00");
+    let mut polite = Wire::open(b.addr()).await;
+    assert!(polite.send(&will("polite").bytes()).await);
+    assert_eq!(hex(&polite.read("CONNACK").await), "20 02 00 00");
+    assert!(polite.send(&[0xE0, 0x00]).await);
+    // Make sure the DISCONNECT has been handled before the crash.
+    let probe = Wire::connect(b.addr(), "will-probe", true, false).await;
+    probe.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.kill();
+    drop(doomed);
+
+    b.start().await;
+    let mut watcher = Wire::connect(b.addr(), "will-watcher", false, true).await;
+    let m = common::parse_publish(&watcher.read("the will of the client connected at the crash").await, false);
+    assert_eq!((m.topic.as_str(), m.payload.as_slice()), ("wills/doomed", &b"gone"[..]));
+    assert!(watcher.send(&puback(m.pid.expect("packet id"))).await);
+    if let Ev::Packet(p) = watcher.next(Duration::from_millis(700)).await {
+        panic!("no other will expected, got {}", hex(&p));
+    }
+    watcher.disconnect().await;
+}

@@ -37,7 +37,7 @@ use crate::message::Message;
 use crate::protocol::{topic, ProtocolVersion, QoS, SubscriptionOptions};
 use crate::session::{Delivery, QueueLimits};
 use crate::store::records::{self, now_unix_ms};
-use crate::store::{Op, SessionRecord, Store};
+use crate::store::{Op, SessionRecord, Store, StoredWill};
 use crate::topics::{Entry, RetainedTrie, SubscriptionTrie};
 
 /// Session Expiry Interval meaning "never" (v5 3.1.2.11.2); 3.1.1 persistent sessions too.
@@ -153,12 +153,15 @@ impl Broker {
     /// Attaches a new connection to the client's session: takes over a connected client
     /// (its connection is told to close with `SESSION_TAKEN_OVER`), resumes a stored session
     /// unless `clean_start`, or makes a new one.
+    /// `will` (message and delay) is stored with a persistent session, so that it is still
+    /// published if the broker dies while the client is connected.
     pub fn attach(
         &self,
         client_id: &ByteString,
         clean_start: bool,
         expiry: u32,
         protocol: ProtocolVersion,
+        will: Option<(&Message, u32)>,
     ) -> Attached {
         let connection_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(ConnControl::default());
@@ -215,7 +218,16 @@ impl Broker {
             handle.lock().persisted = true;
             ops.push(Op::PutSession {
                 client: client_id.clone(),
-                record: SessionRecord { protocol, expiry_interval: expiry, disconnected_at: None },
+                record: SessionRecord {
+                    protocol,
+                    expiry_interval: expiry,
+                    disconnected_at: None,
+                    will: will.map(|(m, delay)| {
+                        let mut b = BytesMut::new();
+                        records::encode_message(m, &mut b);
+                        StoredWill { delay, message: b.freeze() }
+                    }),
+                },
             });
         }
         self.persist(ops);
@@ -243,7 +255,12 @@ impl Broker {
         }
         self.persist(vec![Op::PutSession {
             client: handle.client_id.clone(),
-            record: SessionRecord { protocol, expiry_interval: expiry, disconnected_at: Some(now_unix_ms()) },
+            record: SessionRecord {
+                protocol,
+                expiry_interval: expiry,
+                disconnected_at: Some(now_unix_ms()),
+                will: None,
+            },
         }]);
         if expiry != EXPIRY_NEVER {
             self.schedule_expiry(handle, connection_id, Duration::from_secs(u64::from(expiry)));
@@ -290,6 +307,27 @@ impl Broker {
         for (target, d) in handover {
             target.deliver(d);
         }
+    }
+
+    /// Publishes a will after `delay` seconds unless the client is back on the same session
+    /// by then (v5 Will Delay Interval, [MQTT-3.1.3-9]); at once when `delay` is 0.
+    pub fn publish_will(self: &Arc<Self>, handle: &Arc<SessionHandle>, will: Arc<Message>, delay: u32) {
+        if delay == 0 {
+            self.publish(will, None);
+            return;
+        }
+        let broker = Arc::clone(self);
+        let handle = Arc::clone(handle);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+            let resumed = {
+                let cell = handle.lock();
+                cell.owner != 0 && !cell.ended
+            };
+            if !resumed {
+                broker.publish(will, None);
+            }
+        });
     }
 
     fn schedule_expiry(self: &Arc<Self>, handle: &Arc<SessionHandle>, connection_id: u64, after: Duration) {

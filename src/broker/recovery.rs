@@ -10,7 +10,7 @@ use tracing::info;
 use super::{split_shared, Broker, Retained, SessionHandle, EXPIRY_NEVER};
 use crate::protocol::QoS;
 use crate::session::{Delivery, OutState};
-use crate::store::records::now_unix_ms;
+use crate::store::records::{decode_message, now_unix_ms};
 use crate::store::{InflightState, Op, Recovered, RecoveredRetained};
 use crate::topics::Entry;
 
@@ -22,6 +22,7 @@ impl Broker {
         let mut ops = Vec::new();
         let mut handles: HashMap<ByteString, Arc<SessionHandle>> = HashMap::new();
         let mut timers = Vec::new();
+        let mut wills = Vec::new();
         for (client, rec) in r.sessions {
             // A client connected when the broker stopped left at that moment, as far as its
             // expiry is concerned; we only know it is gone now.
@@ -40,6 +41,14 @@ impl Broker {
                 rec.protocol,
             ));
             h.lock().persisted = true;
+            // Connected when the broker died: that connection ended abnormally, so its will
+            // is due (after its delay, bounded by the session's remaining life).
+            if let (None, Some(w)) = (rec.disconnected_at, &rec.will) {
+                match decode_message(&w.message) {
+                    Ok(m) => wills.push((Arc::clone(&h), Arc::new(m), w.delay.min(rec.expiry_interval))),
+                    Err(e) => tracing::warn!(client_id = %client, error = %e, "stored will unreadable, dropped"),
+                }
+            }
             if rec.expiry_interval != EXPIRY_NEVER {
                 timers.push((Arc::clone(&h), Duration::from_millis(expiry_ms - away_ms)));
             }
@@ -140,6 +149,10 @@ impl Broker {
             self.schedule_expiry(&h, 0, after);
         }
         self.persist(ops);
-        info!(sessions, subscriptions, queued, retained, "state recovered from the store");
+        let due_wills = wills.len();
+        for (h, m, delay) in wills {
+            self.publish_will(&h, m, delay);
+        }
+        info!(sessions, subscriptions, queued, retained, wills = due_wills, "state recovered from the store");
     }
 }

@@ -124,8 +124,25 @@ impl Conn {
         } else {
             EXPIRY_NEVER
         };
+        // The will as it would be published, for the store (persistent sessions only).
+        let stored_will = match (&c.will, session_expiry) {
+            (Some(w), e) if e > 0 => {
+                let mut props = w.properties.clone();
+                let delay = props.will_delay_interval.take().unwrap_or(0);
+                let m = Message::received(
+                    ByteString::from(&*w.topic),
+                    bytes::Bytes::copy_from_slice(&w.payload),
+                    w.qos,
+                    w.retain,
+                    props,
+                    client_id.clone(),
+                );
+                Some((Arc::new(m), delay))
+            }
+            _ => None,
+        };
         let Attached { handle, session_present, connection_id, control } =
-            broker.attach(&client_id, c.clean_start, session_expiry, v);
+            broker.attach(&client_id, c.clean_start, session_expiry, v, stored_will.as_ref().map(|(m, d)| (&**m, *d)));
 
         let mut keep_alive = c.keep_alive;
         let mut props = Properties::default();

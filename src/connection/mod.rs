@@ -288,27 +288,12 @@ impl Conn {
         let Some(w) = will else { return };
         let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
         let msg = self.will_message(*w);
-        if delay == 0 {
-            self.broker.publish(msg, None);
-            return;
-        }
         // v5 Will Delay: published when the delay or the session ends, whichever is first,
-        // unless the client has come back to the same session by then [MQTT-3.1.3-9].
-        let broker = Arc::clone(&self.broker);
-        let handle = Arc::clone(&self.handle);
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-            let resumed = {
-                let cell = handle.lock();
-                cell.owner != 0 && !cell.ended
-            };
-            if !resumed {
-                broker.publish(msg, None);
-            }
-        });
+        // unless the client has come back to the same session by then.
+        self.broker.publish_will(&self.handle, msg, delay);
     }
 
-    fn will_message(&self, w: LastWill) -> Arc<Message> {
+    pub(super) fn will_message(&self, w: LastWill) -> Arc<Message> {
         let mut props = w.properties;
         props.will_delay_interval = None;
         Arc::new(Message::received(w.topic, w.payload, w.qos, w.retain, props, self.client_id.clone()))

@@ -181,7 +181,12 @@ mod tests {
     fn session(c: &str) -> Op {
         Op::PutSession {
             client: c.into(),
-            record: SessionRecord { protocol: ProtocolVersion::V311, expiry_interval: u32::MAX, disconnected_at: None },
+            record: SessionRecord {
+                protocol: ProtocolVersion::V311,
+                expiry_interval: u32::MAX,
+                disconnected_at: None,
+                will: None,
+            },
         }
     }
 

@@ -24,7 +24,7 @@ use tracing::{error, info};
 
 pub use fjall_backend::FjallBackend;
 pub use memory::MemoryBackend;
-pub use records::{InflightState, QueuedRecord, SessionRecord};
+pub use records::{InflightState, QueuedRecord, SessionRecord, StoredWill};
 
 use crate::config::Durability;
 use crate::message::Message;
@@ -383,6 +383,7 @@ mod tests {
                 protocol: crate::protocol::ProtocolVersion::V5,
                 expiry_interval: 60,
                 disconnected_at: None,
+                will: None,
             },
         }
     }

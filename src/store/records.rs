@@ -157,6 +157,17 @@ pub struct SessionRecord {
     pub expiry_interval: u32,
     /// When the client went away (unix ms); None while connected.
     pub disconnected_at: Option<u64>,
+    /// The will of the connected client, kept so that a crash of the broker (which ends the
+    /// client's connection abnormally) still publishes it after restart.
+    pub will: Option<StoredWill>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredWill {
+    /// Will Delay Interval, seconds.
+    pub delay: u32,
+    /// `encode_message` of the will.
+    pub message: Bytes,
 }
 
 pub fn encode_session(r: &SessionRecord) -> Vec<u8> {
@@ -169,6 +180,11 @@ pub fn encode_session(r: &SessionRecord) -> Vec<u8> {
             v.extend_from_slice(&t.to_be_bytes());
         }
         None => v.push(0),
+    }
+    if let Some(w) = &r.will {
+        v.extend_from_slice(&w.delay.to_be_bytes());
+        v.extend_from_slice(&(w.message.len() as u32).to_be_bytes());
+        v.extend_from_slice(&w.message);
     }
     v
 }
@@ -188,7 +204,15 @@ pub fn decode_session(mut b: &[u8]) -> Result<SessionRecord, StoreError> {
     } else {
         None
     };
-    Ok(SessionRecord { protocol, expiry_interval, disconnected_at })
+    let will = if b.is_empty() {
+        None
+    } else {
+        need(&b, 8, "session will")?;
+        let delay = b.get_u32();
+        let n = b.get_u32() as usize;
+        Some(StoredWill { delay, message: get_bytes(&mut b, n, "session will")? })
+    };
+    Ok(SessionRecord { protocol, expiry_interval, disconnected_at, will })
 }
 
 /// A queued outbound message of one session: the subscriber's view (granted QoS, retain
@@ -335,15 +359,26 @@ mod tests {
             protocol: ProtocolVersion::V5,
             expiry_interval: 9,
             disconnected_at: Some(5),
+            will: Some(StoredWill { delay: 3, message: Bytes::from_static(b"w") }),
         });
         for n in 0..s.len() {
+            // Exactly the part before the will is a complete record without a will.
+            if n == 14 {
+                assert_eq!(decode_session(&s[..n]).unwrap().will, None);
+                continue;
+            }
             assert!(decode_session(&s[..n]).is_err(), "session prefix {n}");
         }
     }
 
     #[test]
     fn small_records_round_trip() {
-        let s = SessionRecord { protocol: ProtocolVersion::V311, expiry_interval: u32::MAX, disconnected_at: None };
+        let s = SessionRecord {
+            protocol: ProtocolVersion::V311,
+            expiry_interval: u32::MAX,
+            disconnected_at: None,
+            will: None,
+        };
         assert_eq!(decode_session(&encode_session(&s)).unwrap(), s);
         let o = SubscriptionOptions {
             qos: QoS::ExactlyOnce,
