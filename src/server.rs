@@ -123,6 +123,9 @@ async fn run(config: Arc<Config>, backend: Box<dyn Backend>, auth: Authenticator
     Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker })
 }
 
+/// Connections over `limits.max_connections` being answered at once.
+const MAX_REFUSALS: usize = 64;
+
 async fn accept_loop(
     listener: TcpListener,
     broker: Arc<Broker>,
@@ -130,6 +133,7 @@ async fn accept_loop(
     live: Arc<AtomicUsize>,
 ) {
     let max = broker.config.limits.max_connections;
+    let refusing = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -146,7 +150,18 @@ async fn accept_loop(
         };
         if live.load(Ordering::Relaxed) >= max {
             warn!(%peer, max, "connection refused: limits.max_connections reached");
-            drop(stream);
+            // Tell the client why (CONNACK "server unavailable" / v5 "quota exceeded") when
+            // it sends its CONNECT promptly; a bounded number of such refusals run at once,
+            // beyond that the socket is just closed.
+            if refusing.load(Ordering::Relaxed) < MAX_REFUSALS {
+                refusing.fetch_add(1, Ordering::Relaxed);
+                let refusing = Arc::clone(&refusing);
+                let max_packet = broker.config.limits.max_packet_size as usize;
+                tokio::spawn(async move {
+                    crate::connection::refuse(stream, max_packet).await;
+                    refusing.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
             continue;
         }
         live.fetch_add(1, Ordering::Relaxed);

@@ -62,6 +62,21 @@ enum Close {
 }
 
 /// Serves one client until it goes. Never panics on client input.
+/// Answers a connection the server has no room for: reads its CONNECT (briefly) and sends
+/// CONNACK 0x03 Server unavailable (3.x) or 0x97 Quota exceeded (v5), then closes.
+pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet: usize) {
+    let mut rbuf = BytesMut::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), read_connect(&mut stream, &mut rbuf, max_packet));
+    if let Ok(Ok(c)) = read.await {
+        let code = if c.protocol.is_v5() { reason::QUOTA_EXCEEDED } else { reason::v3::SERVER_UNAVAILABLE };
+        let mut w = BytesMut::new();
+        let ack = ConnAck { session_present: false, code, properties: Properties::default() };
+        protocol::encode(&Packet::ConnAck(ack), c.protocol, &mut w);
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&w)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+}
+
 pub async fn serve<S>(mut stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
