@@ -87,6 +87,10 @@ pub struct Limits {
     pub max_keepalive: u16,
     /// Longest client identifier accepted, in bytes.
     pub max_client_id_length: usize,
+    /// Retained messages kept whole in memory; beyond this, the oldest ones (once on disk)
+    /// keep only their topic in memory and are read from the store when a subscription
+    /// matches them.
+    pub max_retained_in_memory: usize,
 }
 
 /// MQTT 5 capabilities announced in CONNACK.
@@ -136,6 +140,7 @@ impl Default for Limits {
             connect_timeout_secs: 10,
             max_keepalive: 0,
             max_client_id_length: 65_535,
+            max_retained_in_memory: 100_000,
         }
     }
 }

@@ -131,3 +131,33 @@ async fn resubscribing_sends_retained_again_v311() {
     let again = c.recv_publish().await;
     assert_eq!((again.payload.as_slice(), again.retain), (&b"v"[..], true));
 }
+
+/// Past `limits.max_retained_in_memory`, older retained messages keep only their topic in
+/// memory and are read back from the store when a subscription matches them.
+#[tokio::test]
+async fn retained_beyond_the_memory_limit_are_served_from_the_store() {
+    let b = start_with(|c| c.limits.max_retained_in_memory = 1).await;
+    let mut p = Raw::open(b.addr).await;
+    p.handshake(&Connect::v311("many-retained")).await;
+    for i in 1..=3u16 {
+        // QoS 1 under durability "sync": the PUBACK means the message is on disk.
+        p.publish_retain(&format!("mem/{i}"), format!("value {i}").as_bytes(), 1, i, true).await;
+    }
+    assert_eq!(b.handle.broker.retained_in_memory(), 1, "only the newest stays whole in memory");
+    assert_eq!(b.handle.broker.retained_count(), 3);
+    let mut s = Raw::open(b.addr).await;
+    s.handshake(&Connect::v311("mem-reader")).await;
+    s.subscribe(1, "mem/#", 1).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = s.recv_publish_ack().await;
+        assert!(m.retain);
+        got.push((m.topic, String::from_utf8(m.payload).unwrap()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        (1..=3).map(|i| (format!("mem/{i}"), format!("value {i}"))).collect::<Vec<_>>(),
+        "every retained message, whether in memory or only on disk"
+    );
+}

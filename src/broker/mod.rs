@@ -59,6 +59,10 @@ pub struct Broker {
     sessions: DashMap<ByteString, Arc<SessionHandle>>,
     subscriptions: RwLock<SubscriptionTrie<Arc<SessionHandle>>>,
     retained: RwLock<RetainedTrie<Retained>>,
+    /// Retained messages held whole in memory, oldest first, with the store sequence number
+    /// that writes them: past `limits.max_retained_in_memory`, the front ones whose write is
+    /// done are reduced to their topic (`Retained::Stored`).
+    retained_loaded: std::sync::Mutex<std::collections::VecDeque<(Arc<Message>, u64)>>,
     store: Store,
     durable: watch::Receiver<u64>,
     next_connection: AtomicU64,
@@ -99,6 +103,7 @@ impl Broker {
             sessions: DashMap::new(),
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             retained: RwLock::new(RetainedTrie::new()),
+            retained_loaded: std::sync::Mutex::new(std::collections::VecDeque::new()),
             store,
             durable,
             next_connection: AtomicU64::new(1),
@@ -134,14 +139,49 @@ impl Broker {
     /// Submits store operations; returns the ticket to wait for (0 when acknowledgements do
     /// not wait, by configuration, or there was nothing to write).
     pub fn persist(&self, ops: Vec<Op>) -> u64 {
+        self.submit(ops).1
+    }
+
+    /// Like `persist`, also returning the store's sequence number for the work (0 = none).
+    fn submit(&self, ops: Vec<Op>) -> (u64, u64) {
         if ops.is_empty() {
-            return 0;
+            return (0, 0);
         }
         let seq = self.store.submit(ops);
-        if self.store.acks_wait() {
-            seq
-        } else {
-            0
+        (seq, if self.store.acks_wait() { seq } else { 0 })
+    }
+
+    /// Retained messages currently held whole in memory.
+    pub fn retained_in_memory(&self) -> usize {
+        self.retained_loaded.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
+    /// Reduces the oldest in-memory retained messages to their topic while there are more
+    /// than `limits.max_retained_in_memory` and their store write is done.
+    fn shed_retained(&self) {
+        let max = self.config.limits.max_retained_in_memory;
+        let mut loaded = self.retained_loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.len() <= max {
+            return;
+        }
+        let processed = self.store.processed();
+        let mut trie = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        while loaded.len() > max {
+            let Some((msg, seq)) = loaded.front() else { break };
+            if *seq > processed {
+                break; // not on disk yet; try again later
+            }
+            // Only if the index still holds this very message (not a newer one or none).
+            if let Some(Retained::Loaded(current)) = trie.get(&msg.topic) {
+                if Arc::ptr_eq(current, msg) {
+                    let expires_at_ms = msg
+                        .expiry_interval
+                        .map(|e| records::instant_to_unix_ms(msg.received_at).saturating_add(u64::from(e) * 1000));
+                    let topic = msg.topic.clone();
+                    trie.insert(&topic.clone(), Retained::Stored { topic, expires_at_ms });
+                }
+            }
+            loaded.pop_front();
         }
     }
 
@@ -434,6 +474,7 @@ impl Broker {
             let trie = self.retained.read().unwrap_or_else(|e| e.into_inner());
             trie.matches(filter, &mut found);
         }
+        self.shed_retained();
         let now = Instant::now();
         let now_ms = now_unix_ms();
         let mut out = Vec::with_capacity(found.len());
@@ -507,7 +548,11 @@ impl Broker {
                 self.assign_store_seq(target, d, &mut encoded, &mut ops);
             }
         }
-        let ticket = self.persist(ops);
+        let (seq, ticket) = self.submit(ops);
+        if msg.retain && !msg.payload.is_empty() {
+            self.retained_loaded.lock().unwrap_or_else(|e| e.into_inner()).push_back((Arc::clone(&msg), seq));
+            self.shed_retained();
+        }
         let mut cleanup = Vec::new();
         for (target, d) in deliveries {
             let seq = d.store_seq;
