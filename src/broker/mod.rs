@@ -629,16 +629,6 @@ impl Broker {
             ops.push(Op::PutRetained { topic: msg.topic.clone(), value: b.freeze() });
         }
     }
-
-    /// Tells every connected client the server is going away.
-    pub fn shutdown_all(&self, reason: u8) {
-        for entry in self.sessions.iter() {
-            let cell = entry.value().lock();
-            if let Some(c) = &cell.control {
-                c.kick(reason);
-            }
-        }
-    }
 }
 
 /// One delivery for one client out of all its matching subscriptions, or None when No Local

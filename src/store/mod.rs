@@ -193,15 +193,6 @@ impl Store {
         Ok((Store { shared, reader, thread: Mutex::new(Some(thread)), durability }, recovered))
     }
 
-    /// A store that keeps nothing beyond the process (for tests and embedding).
-    pub fn memory() -> Store {
-        let backend = Box::new(MemoryBackend::default());
-        match Store::open(backend, Durability::None, Duration::from_millis(100), Box::new(|_| {})) {
-            Ok((s, _)) => s,
-            Err(e) => unreachable_store(e),
-        }
-    }
-
     /// Reads a retained message that was recovered as `Indexed`.
     pub fn read_retained(&self, topic: &str) -> Result<Option<Arc<Message>>, StoreError> {
         match &self.reader {
@@ -221,7 +212,7 @@ impl Store {
         let before = p.ops.len();
         p.ops.extend(ops);
         if p.ops.len() == before {
-            return p.last_seq.min(self.shared.processed.load(Ordering::Acquire));
+            return 0; // nothing to wait for
         }
         p.last_seq += 1;
         let seq = p.last_seq;
@@ -259,12 +250,6 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-fn unreachable_store(e: StoreError) -> Store {
-    // The memory backend's load cannot fail and thread spawn failing means the process is
-    // out of resources; there is no meaningful way to continue.
-    panic!("cannot start the in-memory store: {e}")
 }
 
 fn commit_loop(mut backend: Box<dyn Backend>, shared: Arc<Shared>, durability: Durability, interval: Duration) {

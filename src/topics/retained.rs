@@ -82,17 +82,6 @@ impl<T: Clone> RetainedTrie<T> {
     pub fn matches(&self, filter: &str, out: &mut Vec<T>) {
         walk(&self.root, Some(filter), true, out);
     }
-
-    /// Every retained message, for snapshots.
-    pub fn for_each(&self, mut f: impl FnMut(&T)) {
-        let mut stack = vec![&self.root];
-        while let Some(n) = stack.pop() {
-            if let Some(v) = &n.value {
-                f(v);
-            }
-            stack.extend(n.children.values());
-        }
-    }
 }
 
 /// `root` is true at the first level, where wildcards must skip `$` topics [MQTT-4.7.2-1].
