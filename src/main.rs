@@ -55,6 +55,8 @@ fn main() -> ExitCode {
             return ExitCode::from(78);
         }
     };
+    // Before the runtime starts its threads: see prepare_descriptors.
+    tern::transport::tcp::prepare_descriptors(config.limits.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -116,6 +116,7 @@ async fn run(config: Arc<Config>, backend: Box<dyn Backend>, auth: Authenticator
             source,
         })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { bind: l.bind.clone(), index, source })?;
+        crate::transport::tcp::defer_accept(&listener, config.limits.connect_timeout_secs);
         info!(%addr, "listening (mqtt over tcp)");
         addrs.push(addr);
         tasks.push(tokio::spawn(accept_loop(listener, Arc::clone(&broker), rx.clone(), Arc::clone(&live))));
@@ -186,5 +187,6 @@ async fn accept_loop(
 }
 
 async fn serve_tcp(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
-    crate::connection::serve(stream, peer, broker, shutdown).await;
+    let first = crate::transport::tcp::early_read(&stream);
+    crate::connection::serve(stream, peer, broker, shutdown, first).await;
 }

@@ -7,7 +7,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::mqtt::{Conn, ConnectOpts};
-use crate::stats::{nofile_limit, rss_kb, CpuMeter, Report};
+use crate::stats::{nofile_limit, quantile, rss_kb, CpuMeter, Report};
 use crate::{Args, Outcome};
 
 pub async fn run(a: &Args) -> Outcome {
@@ -35,7 +35,9 @@ pub async fn run(a: &Args) -> Outcome {
         let mine: Vec<usize> = (w..a.conns).step_by(workers).collect();
         set.spawn(async move {
             let mut held = Vec::with_capacity(mine.len());
+            let mut lat = Vec::with_capacity(mine.len());
             for i in mine {
+                let started = Instant::now();
                 let id = format!("bench-idle-{i}");
                 let o = ConnectOpts { client_id: &id, clean: true, keep_alive: ka, v5, session_expiry: 0 };
                 match Conn::open(addr, &o, deadline).await {
@@ -44,24 +46,32 @@ pub async fn run(a: &Args) -> Outcome {
                         c.rbuf = Default::default();
                         c.wbuf = Default::default();
                         held.push(c);
+                        lat.push(started.elapsed().as_micros() as u64);
                     }
-                    Err(e) => return (held, Some(e)),
+                    Err(e) => return (held, lat, Some(e)),
                 }
             }
-            (held, None)
+            (held, lat, None)
         });
     }
     let mut held = Vec::with_capacity(a.conns);
+    let mut lat = Vec::with_capacity(a.conns);
     let mut err = None;
     while let Some(r) = set.join_next().await {
-        let (h, e) = r.expect("connect worker");
+        let (h, l, e) = r.expect("connect worker");
         held.extend(h);
+        lat.extend(l);
         if err.is_none() {
             err = e;
         }
     }
     let secs = t0.elapsed().as_secs_f64();
     rep.kv("opened", held.len()).f("secs", secs, 3).f("conn_rate", held.len() as f64 / secs.max(1e-9), 0);
+    // Connect → CONNACK per connection, with `--concurrency` of them under way at once.
+    lat.sort_unstable();
+    rep.kv("connack_p50_us", quantile(&lat, 0.5))
+        .kv("connack_p99_us", quantile(&lat, 0.99))
+        .kv("connack_max_us", lat.last().copied().unwrap_or(0));
     // Let the broker settle (allocators, lazily created state) before reading its RSS.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     if let (Some(pid), Some(r0)) = (a.pid, rss0) {

@@ -77,13 +77,18 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 
-pub async fn serve<S>(mut stream: S, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>)
-where
+/// `rbuf` holds whatever the transport already read of the client's first bytes.
+pub async fn serve<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+    mut rbuf: BytesMut,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = &broker.config.limits;
     let max_packet = limits.max_packet_size as usize;
-    let mut rbuf = BytesMut::new();
     let deadline = Duration::from_secs(limits.connect_timeout_secs);
 
     // The handshake and goodbye phases are boxed: an async fn's state is as large as its
