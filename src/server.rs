@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::auth::{AuthMethod, Authenticator};
-use crate::broker::Broker;
+use crate::broker::{Broker, DurableWaiters};
 use crate::config::Config;
 use crate::store::{Backend, FjallBackend, Store, StoreError};
 
@@ -52,6 +52,7 @@ impl BrokerHandle {
     /// briefly for connections to close, then flushes and closes the store.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.broker.kick_all(crate::protocol::reason::SERVER_SHUTTING_DOWN);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
@@ -97,13 +98,12 @@ pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) 
 }
 
 async fn run(config: Arc<Config>, backend: Box<dyn Backend>, auth: Authenticator) -> Result<BrokerHandle, StartError> {
-    let (durable_tx, durable_rx) = watch::channel(0u64);
-    let notify = Box::new(move |seq: u64| {
-        durable_tx.send_replace(seq);
-    });
+    let durable = Arc::new(DurableWaiters::default());
+    let waiters = Arc::clone(&durable);
+    let notify = Box::new(move |seq: u64| waiters.progress(seq));
     let interval = Duration::from_millis(config.storage.sync_interval_ms);
     let (store, recovered) = Store::open(backend, config.storage.durability, interval, notify)?;
-    let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable_rx, auth));
+    let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable, auth));
     broker.restore(recovered);
     let (tx, rx) = watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
@@ -167,15 +167,12 @@ async fn accept_loop(
         }
         live.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let broker = Arc::clone(&broker);
-        let rx = shutdown.clone();
-        let live = Arc::clone(&live);
+        let first = crate::transport::tcp::early_read(&stream);
         // Detached: the live counter is all the accept loop needs, and a JoinSet entry would
-        // cost every idle connection memory.
-        tokio::spawn(async move {
-            serve_tcp(stream, peer, broker, rx).await;
-            live.fetch_sub(1, Ordering::Relaxed);
-        });
+        // cost every idle connection memory. The connection's future is spawned as it is,
+        // with no wrapper: every byte of it is kept for the connection's life.
+        let guard = Live(Arc::clone(&live));
+        tokio::spawn(crate::connection::serve(stream, peer, Arc::clone(&broker), first, guard));
     }
     // Connections see the same shutdown signal; give them a moment to say goodbye.
     let _ = tokio::time::timeout(Duration::from_secs(3), async {
@@ -186,7 +183,11 @@ async fn accept_loop(
     .await;
 }
 
-async fn serve_tcp(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
-    let first = crate::transport::tcp::early_read(&stream);
-    crate::connection::serve(stream, peer, broker, shutdown, first).await;
+/// Counts a connection as live until its task ends.
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -3,8 +3,8 @@
 //! the store before anyone is told it happened.
 //!
 //! Owns who is subscribed to what and which session a client id names. Sees session handles
-//! (queues with a wake-up), never sockets: connections call in, and learn of new messages
-//! through their handle's `Notify`.
+//! (queues with a wake-up), never sockets: connections call in, and learn of new messages,
+//! store progress and kicks through their `ConnControl`.
 //!
 //! Lock order, to stay deadlock-free: registry shard -> session cell -> index locks. Matching
 //! copies the matches out of the index and releases its lock before any session cell is
@@ -19,7 +19,7 @@
 mod recovery;
 mod session_handle;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,8 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
-use tokio::sync::watch;
 
-pub use session_handle::{ConnControl, SessionCell, SessionHandle};
+pub use session_handle::{signal, ConnControl, DurableWaiters, SessionCell, SessionHandle};
 
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -64,7 +63,8 @@ pub struct Broker {
     /// done are reduced to their topic (`Retained::Stored`).
     retained_loaded: std::sync::Mutex<std::collections::VecDeque<(Arc<Message>, u64)>>,
     store: Store,
-    durable: watch::Receiver<u64>,
+    durable: Arc<DurableWaiters>,
+    shutting_down: AtomicBool,
     next_connection: AtomicU64,
     pub metrics: Metrics,
 }
@@ -95,8 +95,8 @@ pub struct Subscribed {
 }
 
 impl Broker {
-    /// `durable` carries the store's processed sequence number (see `Store::open`).
-    pub fn new(config: Arc<Config>, store: Store, durable: watch::Receiver<u64>, auth: Authenticator) -> Self {
+    /// `durable` must be told of the store's progress (the `notify` of `Store::open`).
+    pub fn new(config: Arc<Config>, store: Store, durable: Arc<DurableWaiters>, auth: Authenticator) -> Self {
         Broker {
             config,
             auth,
@@ -106,6 +106,7 @@ impl Broker {
             retained_loaded: std::sync::Mutex::new(std::collections::VecDeque::new()),
             store,
             durable,
+            shutting_down: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             metrics: Metrics::default(),
         }
@@ -126,9 +127,25 @@ impl Broker {
         self.retained.read().map(|r| r.len()).unwrap_or(0)
     }
 
-    /// A receiver that changes whenever the store has processed more work.
-    pub fn durable_watch(&self) -> watch::Receiver<u64> {
-        self.durable.clone()
+    /// Signals `control` (DURABLE) once `ticket` is processed. Check `outcome` after calling:
+    /// the ticket may have been processed just before.
+    pub fn wait_durable(&self, ticket: u64, control: &Arc<ConnControl>) {
+        self.durable.wait(ticket, control);
+    }
+
+    /// Server shutdown: every connection is told `reason`, and connections attaching from
+    /// now on end at once (`shutting_down`).
+    pub fn kick_all(&self, reason: u8) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        for entry in self.sessions.iter() {
+            if let Some(c) = &entry.value().lock().control {
+                c.kick(reason);
+            }
+        }
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Whether the store work of `ticket` is done: None = not yet, Some(false) = it failed.

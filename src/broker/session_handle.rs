@@ -4,29 +4,103 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytestring::ByteString;
-use tokio::sync::Notify;
 
 use crate::protocol::{ProtocolVersion, QoS, SubscriptionOptions};
 use crate::session::{Delivery, QueueLimits, SessionState};
 
-/// Lets the broker close a connection from outside its task (takeover, shutdown).
+/// The one thing a connection waits on besides its socket: signals from other tasks (new
+/// deliveries, store progress, a kick) coalesced into a bit set, and the waker of the
+/// connection's task. One small allocation per connection instead of a `Notify` per
+/// signal source, whose pending futures an idle connection would carry.
 #[derive(Debug, Default)]
 pub struct ConnControl {
-    pub kicked: Notify,
+    pending: AtomicU8,
     reason: AtomicU8,
+    waker: Mutex<Option<Waker>>,
+}
+
+/// Signals, as bits of `ConnControl::poll_signals`' result.
+pub mod signal {
+    /// The connection must close: see `ConnControl::reason`.
+    pub const KICK: u8 = 1;
+    /// Deliveries were queued to the session.
+    pub const DELIVERY: u8 = 2;
+    /// The store finished work this connection waits for.
+    pub const DURABLE: u8 = 4;
 }
 
 impl ConnControl {
     /// Asks the connection to send DISCONNECT with `reason` (v5) and close.
     pub fn kick(&self, reason: u8) {
         self.reason.store(reason, Ordering::Relaxed);
-        self.kicked.notify_one();
+        self.signal(signal::KICK);
     }
 
     pub fn reason(&self) -> u8 {
         self.reason.load(Ordering::Relaxed)
+    }
+
+    /// Raises `bits` and wakes the connection, unless they were already raised (then the
+    /// wake-up that raised them is still to be seen by the connection).
+    pub fn signal(&self, bits: u8) {
+        let before = self.pending.fetch_or(bits, Ordering::AcqRel);
+        if before & bits != bits {
+            let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+
+    /// The signals raised since the last call, or Pending with the task's waker stored.
+    /// Checks again after storing it: a signal raised in between finds either the waker or
+    /// its bit seen here, so none is lost.
+    pub fn poll_signals(&self, cx: &mut Context<'_>) -> Poll<u8> {
+        let bits = self.pending.swap(0, Ordering::AcqRel);
+        if bits != 0 {
+            return Poll::Ready(bits);
+        }
+        {
+            let mut slot = self.waker.lock().unwrap_or_else(|e| e.into_inner());
+            match &*slot {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *slot = Some(cx.waker().clone()),
+            }
+        }
+        match self.pending.swap(0, Ordering::AcqRel) {
+            0 => Poll::Pending,
+            bits => Poll::Ready(bits),
+        }
+    }
+}
+
+/// Connections waiting for store work, woken from the store's thread when it is done.
+#[derive(Debug, Default)]
+pub struct DurableWaiters {
+    waiting: Mutex<Vec<(u64, Arc<ConnControl>)>>,
+}
+
+impl DurableWaiters {
+    /// Signals `control` (DURABLE) once the store has processed `ticket`. The caller checks
+    /// the ticket again after this call: it may have been processed just before.
+    pub fn wait(&self, ticket: u64, control: &Arc<ConnControl>) {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).push((ticket, Arc::clone(control)));
+    }
+
+    /// The store has processed everything up to `processed`.
+    pub fn progress(&self, processed: u64) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.retain(|(ticket, control)| {
+            if *ticket <= processed {
+                control.signal(signal::DURABLE);
+                false
+            } else {
+                true
+            }
+        });
     }
 }
 
@@ -62,8 +136,6 @@ impl SessionCell {
 pub struct SessionHandle {
     pub client_id: ByteString,
     cell: Mutex<SessionCell>,
-    /// Wakes the serving connection when deliveries are queued.
-    pub notify: Notify,
 }
 
 impl SessionHandle {
@@ -89,7 +161,6 @@ impl SessionHandle {
                 persisted: false,
                 next_store_seq: 1,
             }),
-            notify: Notify::new(),
         }
     }
 
@@ -103,21 +174,18 @@ impl SessionHandle {
     /// ended, the queue is full, or it is QoS 0 for a client that is away (not queued, as
     /// mosquitto does by default).
     pub fn deliver(&self, d: Delivery) -> bool {
-        let online = {
-            let mut cell = self.lock();
-            if cell.ended || (cell.owner == 0 && d.qos == QoS::AtMostOnce) {
-                return false;
+        let mut cell = self.lock();
+        if cell.ended || (cell.owner == 0 && d.qos == QoS::AtMostOnce) {
+            return false;
+        }
+        if cell.state.enqueue(d).is_err() {
+            if cell.state.dropped.is_power_of_two() {
+                tracing::warn!(client_id = %self.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
             }
-            if cell.state.enqueue(d).is_err() {
-                if cell.state.dropped.is_power_of_two() {
-                    tracing::warn!(client_id = %self.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
-                }
-                return false;
-            }
-            cell.owner != 0
-        };
-        if online {
-            self.notify.notify_one();
+            return false;
+        }
+        if let Some(c) = &cell.control {
+            c.signal(signal::DELIVERY);
         }
         true
     }
@@ -127,15 +195,15 @@ impl SessionHandle {
         if ds.is_empty() {
             return;
         }
-        {
-            let mut cell = self.lock();
-            if cell.ended {
-                return;
-            }
-            for d in ds {
-                cell.state.enqueue_unbounded(d);
-            }
+        let mut cell = self.lock();
+        if cell.ended {
+            return;
         }
-        self.notify.notify_one();
+        for d in ds {
+            cell.state.enqueue_unbounded(d);
+        }
+        if let Some(c) = &cell.control {
+            c.signal(signal::DELIVERY);
+        }
     }
 }

@@ -14,19 +14,21 @@ mod outbound;
 use handshake::{read_connect, ConnAuth, ConnectError};
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use bytestring::ByteString;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::auth::{AuthExchange, AuthMethod, AuthStep};
-use crate::broker::{Attached, Broker, SessionHandle, EXPIRY_NEVER};
+use crate::broker::{signal, Attached, Broker, SessionHandle, EXPIRY_NEVER};
 use crate::message::Message;
 use crate::protocol::{
     self, reason, topic, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties,
@@ -43,6 +45,13 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// should cost little memory), doubled each time a read fills it, up to the maximum.
 const READ_MIN: usize = 64;
 const READ_MAX: usize = 64 * 1024;
+
+/// What ended a connection's wait.
+enum Woke {
+    Signals(u8),
+    Read(std::io::Result<usize>),
+    Timer,
+}
 
 /// Why a connection ends.
 #[derive(Debug)]
@@ -61,7 +70,6 @@ enum Close {
     Silent(String),
 }
 
-/// Serves one client until it goes. Never panics on client input.
 /// Answers a connection the server has no room for: reads its CONNECT (briefly) and sends
 /// CONNACK 0x03 Server unavailable (3.x) or 0x97 Quota exceeded (v5), then closes.
 pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet: usize) {
@@ -77,56 +85,68 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 
-/// `rbuf` holds whatever the transport already read of the client's first bytes.
-pub async fn serve<S>(
+/// Serves one client until it goes. `rbuf` holds whatever the transport already read of the
+/// client's first bytes; `on_end` is dropped when the connection is over.
+///
+/// Not an `async fn`: its arguments would be stored twice in the future (as arguments and
+/// as locals), and this future is what every idle connection costs.
+#[allow(clippy::manual_async_fn)]
+pub fn serve<S, G>(
     mut stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
-    shutdown: watch::Receiver<bool>,
     mut rbuf: BytesMut,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    on_end: G,
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    G: Send + 'static,
 {
-    let limits = &broker.config.limits;
-    let max_packet = limits.max_packet_size as usize;
-    let deadline = Duration::from_secs(limits.connect_timeout_secs);
+    async move {
+        let _on_end = on_end;
+        let max_packet = broker.config.limits.max_packet_size as usize;
+        let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
 
-    // The handshake and goodbye phases are boxed: an async fn's state is as large as its
-    // largest phase, and these would otherwise inflate the memory every idle connection
-    // keeps for its whole life.
-    let first = Box::pin(tokio::time::timeout(deadline, read_connect(&mut stream, &mut rbuf, max_packet))).await;
-    let connect = match first {
-        Err(_) => {
-            debug!(%peer, "no CONNECT within {}s, closing", deadline.as_secs());
-            return;
-        }
-        Ok(Err(ConnectError::Io)) => return,
-        Ok(Err(ConnectError::Decode(e))) => {
-            debug!(%peer, error = %e, "bad first packet, closing");
-            if let DecodeError::UnsupportedProtocol { level, name_is_mqtt } = e {
-                // [MQTT-3.1.2-2]: answer 0x01 (v3) / 0x84 (v5) and close.
-                let (version, code) = if level == 5 && name_is_mqtt {
-                    (ProtocolVersion::V5, reason::UNSUPPORTED_PROTOCOL_VERSION)
-                } else {
-                    (ProtocolVersion::V311, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION)
-                };
-                let mut w = BytesMut::new();
-                let ack = ConnAck { session_present: false, code, properties: Properties::default() };
-                protocol::encode(&Packet::ConnAck(ack), version, &mut w);
-                let _ = stream.write_all(&w).await;
+        // The handshake and goodbye phases are boxed: a future is as large as its largest
+        // phase, and these would otherwise inflate the memory every idle connection keeps for
+        // its whole life.
+        let first = Box::pin(tokio::time::timeout(deadline, read_connect(&mut stream, &mut rbuf, max_packet))).await;
+        let connect = match first {
+            Err(_) => {
+                debug!(%peer, "no CONNECT within {}s, closing", deadline.as_secs());
+                return;
             }
+            Ok(Err(ConnectError::Io)) => return,
+            Ok(Err(ConnectError::Decode(e))) => {
+                Box::pin(refuse_version(&mut stream, peer, e)).await;
+                return;
+            }
+            Ok(Ok(c)) => c,
+        };
+        let Some(mut conn) = Box::pin(Conn::accept(connect, peer, &broker, &mut stream, &mut rbuf)).await else {
             return;
-        }
-        Ok(Ok(c)) => c,
-    };
+        };
+        conn.rbuf = rbuf;
+        let close = conn.run(&mut stream).await;
+        Box::pin(conn.finish(close, &mut stream)).await;
+    }
+}
 
-    let mut conn = match Box::pin(Conn::accept(connect, peer, &broker, &mut stream, &mut rbuf)).await {
-        Some(c) => c,
-        None => return,
-    };
-    conn.rbuf = rbuf;
-    let close = conn.run(&mut stream, shutdown).await;
-    Box::pin(conn.finish(close, &mut stream)).await;
+/// A first packet that is not a usable CONNECT: [MQTT-3.1.2-2] answers an unsupported
+/// protocol version with CONNACK 0x01 (v3) / 0x84 (v5); anything else just closes.
+async fn refuse_version<S: AsyncWrite + Unpin>(stream: &mut S, peer: SocketAddr, e: DecodeError) {
+    debug!(%peer, error = %e, "bad first packet, closing");
+    if let DecodeError::UnsupportedProtocol { level, name_is_mqtt } = e {
+        let (version, code) = if level == 5 && name_is_mqtt {
+            (ProtocolVersion::V5, reason::UNSUPPORTED_PROTOCOL_VERSION)
+        } else {
+            (ProtocolVersion::V311, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION)
+        };
+        let mut w = BytesMut::new();
+        let ack = ConnAck { session_present: false, code, properties: Properties::default() };
+        protocol::encode(&Packet::ConnAck(ack), version, &mut w);
+        let _ = stream.write_all(&w).await;
+    }
 }
 
 struct Conn {
@@ -159,11 +179,15 @@ struct Conn {
     /// Acknowledgements held until the store has made their effects durable, in the order
     /// they must go out [MQTT-4.6.0-2..4].
     held: VecDeque<HeldAck>,
-    /// Changes when the store has processed more; wakes the loop to release `held`.
-    durable: watch::Receiver<u64>,
     /// Store ticket the write buffer waits for: QoS 2 PUBLISHes of persistent sessions go out
     /// only once their packet id is durable. 0 = nothing to wait for.
     write_ticket: u64,
+    /// The store ticket this connection asked to be woken for (`Broker::wait_durable`).
+    durable_wait: u64,
+    /// Signals taken from `control` while writing, for the main loop to act on.
+    signals: u8,
+    /// Keep-alive timer; only clients with a keep-alive have one.
+    keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// An acknowledgement waiting for a store ticket, and retained messages to queue after it
@@ -175,33 +199,27 @@ struct HeldAck {
 }
 
 impl Conn {
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        stream: &mut S,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Close {
-        let control = Arc::clone(&self.control);
-        let handle = Arc::clone(&self.handle);
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Close {
         // [MQTT-3.1.2-24]: one and a half keep-alive periods without a packet closes.
-        let ka = (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
-        // One timer for the connection's life: reads only record the time, and when the
-        // timer fires early it is pushed to the real deadline (cheaper than resetting it on
-        // every read).
-        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        let ka = Duration::from_millis(u64::from(self.keep_alive) * 1500);
         let mut last_read = tokio::time::Instant::now();
-        let sleep = tokio::time::sleep_until(ka.map_or(far, |d| last_read + d));
-        tokio::pin!(sleep);
+        if self.keep_alive > 0 {
+            // One timer for the connection's life: reads only record the time, and when the
+            // timer fires early it is pushed to the real deadline (cheaper than resetting it
+            // on every read).
+            self.keep_alive_timer = Some(Box::pin(tokio::time::sleep_until(last_read + ka)));
+        }
         let mut read_hint = READ_MIN;
         let mut more = true;
         loop {
             if let Err(close) = self.release_held() {
-                let _ = self.flush(stream, &control).await;
+                let _ = self.flush(stream).await;
                 return close;
             }
             if (more || !self.wbuf.is_empty()) && self.write_ready() {
                 more = self.drain();
                 if self.write_ready() {
-                    if let Err(close) = self.flush(stream, &control).await {
+                    if let Err(close) = self.flush(stream).await {
                         return close;
                     }
                 }
@@ -211,8 +229,18 @@ impl Conn {
                 }
             }
             let can_write = self.write_ready();
-            if *shutdown.borrow() {
+            if self.broker.shutting_down() {
                 return Close::Kicked(reason::SERVER_SHUTTING_DOWN);
+            }
+            if let Some(ticket) = self.durable_needed(can_write) {
+                if ticket > self.durable_wait {
+                    self.durable_wait = ticket;
+                    self.broker.wait_durable(ticket, &self.control);
+                    // Done before the wait was registered: go round again.
+                    if self.broker.outcome(ticket).is_some() {
+                        continue;
+                    }
+                }
             }
             if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * read_hint {
                 // Quiet again after a burst: drop the big buffer (payloads still using it
@@ -221,67 +249,119 @@ impl Conn {
             }
             self.rbuf.reserve(read_hint);
             let offered = self.rbuf.capacity() - self.rbuf.len();
-            tokio::select! {
-                biased;
-                _ = control.kicked.notified() => return Close::Kicked(control.reason()),
-                _ = shutdown.changed() => return Close::Kicked(reason::SERVER_SHUTTING_DOWN),
-                r = stream.read_buf(&mut self.rbuf) => {
-                    match r {
-                        Ok(0) => return Close::Lost("connection closed by client"),
-                        Err(_) => return Close::Lost("socket error"),
-                        Ok(n) => {
-                            last_read = tokio::time::Instant::now();
-                            if n == offered && read_hint < READ_MAX {
-                                read_hint *= 2;
-                            } else if n < offered / 4 && read_hint > READ_MIN {
-                                read_hint /= 2;
-                            }
-                            if let Err(close) = self.process_input() {
-                                // Flush acks produced before the failure, then close.
-                                let _ = self.flush(stream, &control).await;
-                                return close;
-                            }
-                            more = true;
-                        }
+            // Whatever comes first: a signal, bytes from the client, or the keep-alive timer.
+            // Polled by hand rather than with `select!`, whose branch futures every waiting
+            // connection would carry.
+            let control = &self.control;
+            let signals = &mut self.signals;
+            let rbuf = &mut self.rbuf;
+            let timer = &mut self.keep_alive_timer;
+            let woke = std::future::poll_fn(|cx| {
+                let mut bits = std::mem::take(signals);
+                if let Poll::Ready(b) = control.poll_signals(cx) {
+                    bits |= b;
+                }
+                if bits != 0 {
+                    return Poll::Ready(Woke::Signals(bits));
+                }
+                if more && can_write {
+                    // The last drain stopped at a full batch: come straight back for the rest
+                    // (the signal that announced those messages has been used).
+                    return Poll::Ready(Woke::Signals(0));
+                }
+                // A fresh read future each poll: it holds nothing between polls.
+                if let Poll::Ready(r) = std::pin::pin!(stream.read_buf(&mut *rbuf)).poll(cx) {
+                    return Poll::Ready(Woke::Read(r));
+                }
+                match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(Woke::Timer),
+                    _ => Poll::Pending,
+                }
+            })
+            .await;
+            match woke {
+                Woke::Signals(bits) => {
+                    if bits & signal::KICK != 0 {
+                        return Close::Kicked(self.control.reason());
+                    }
+                    if bits & signal::DELIVERY != 0 {
+                        more = true;
                     }
                 }
-                _ = handle.notify.notified() => { more = true; }
-                _ = self.durable.changed(), if !self.held.is_empty() || !can_write => {}
-                // The last drain stopped at a full batch: come straight back for the rest
-                // (the wake-up that announced those messages has been used).
-                _ = std::future::ready(()), if more && can_write => {}
-                _ = &mut sleep, if ka.is_some() => {
-                    let due = last_read + ka.unwrap_or_default();
+                Woke::Read(Ok(0)) => return Close::Lost("connection closed by client"),
+                Woke::Read(Err(_)) => return Close::Lost("socket error"),
+                Woke::Read(Ok(n)) => {
+                    last_read = tokio::time::Instant::now();
+                    if n == offered && read_hint < READ_MAX {
+                        read_hint *= 2;
+                    } else if n < offered / 4 && read_hint > READ_MIN {
+                        read_hint /= 2;
+                    }
+                    if let Err(close) = self.process_input() {
+                        // Flush acks produced before the failure, then close.
+                        let _ = self.flush(stream).await;
+                        return close;
+                    }
+                    more = true;
+                }
+                Woke::Timer => {
+                    let due = last_read + ka;
                     if due <= tokio::time::Instant::now() {
                         return Close::Error { reason: reason::KEEP_ALIVE_TIMEOUT, what: "keep-alive timeout".into() };
                     }
-                    sleep.as_mut().reset(due);
+                    if let Some(t) = &mut self.keep_alive_timer {
+                        t.as_mut().reset(due);
+                    }
                 }
             }
         }
     }
 
+    /// The store ticket the loop must be woken for: the oldest held acknowledgement's, or
+    /// the write buffer's when it may not be written yet.
+    fn durable_needed(&self, can_write: bool) -> Option<u64> {
+        let held = self.held.front().map(|h| h.ticket).filter(|&t| t > 0);
+        let write = (!can_write).then_some(self.write_ticket);
+        held.into_iter().chain(write).min()
+    }
+
     /// Writes the buffer, giving up if the connection is kicked meanwhile (a client that stops
-    /// reading must not keep its task alive after takeover).
-    async fn flush<S: AsyncWrite + Unpin>(
-        &mut self,
-        stream: &mut S,
-        control: &crate::broker::ConnControl,
-    ) -> Result<(), Close> {
+    /// reading must not keep its task alive after takeover). Other signals that arrive while
+    /// writing are kept for the main loop.
+    async fn flush<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Result<(), Close> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let result = tokio::select! {
-            r = stream.write_all(&self.wbuf) => r,
-            _ = control.kicked.notified() => return Err(Close::Kicked(control.reason())),
-        };
+        let mut written = 0;
+        let control = &self.control;
+        let signals = &mut self.signals;
+        let wbuf = &self.wbuf;
+        let result = std::future::poll_fn(|cx| {
+            while written < wbuf.len() {
+                match Pin::new(&mut *stream).poll_write(cx, &wbuf[written..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(Close::Lost("write failed"))),
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Pending => {
+                        while let Poll::Ready(bits) = control.poll_signals(cx) {
+                            *signals |= bits;
+                            if bits & signal::KICK != 0 {
+                                return Poll::Ready(Err(Close::Kicked(control.reason())));
+                            }
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await;
         if self.wbuf.capacity() > 4 * WRITE_BATCH {
             // A burst grew the buffer; give the memory back rather than keep it per client.
             self.wbuf = BytesMut::new();
         } else {
             self.wbuf.clear();
         }
-        result.map_err(|_| Close::Lost("write failed"))
+        result
     }
 
     /// Says goodbye as the close reason requires, publishes the will when due, and detaches.
