@@ -76,7 +76,7 @@ impl Conn {
             failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));
         }
         // Enhanced authentication [4.12]: settled before the session is touched.
-        let mut auth: Option<ConnAuth> = None;
+        let mut auth: Option<Box<ConnAuth>> = None;
         let mut auth_data = None;
         if let (None, Some(name)) = (failure, &c.properties.authentication_method) {
             match broker.auth.find(name) {
@@ -88,7 +88,7 @@ impl Conn {
                     match tokio::time::timeout(deadline, exchange).await {
                         Ok(Ok(data)) => {
                             auth_data = data;
-                            auth = Some(ConnAuth { method, name: ByteString::from(&**name), exchange: None });
+                            auth = Some(Box::new(ConnAuth { method, name: ByteString::from(&**name), exchange: None }));
                         }
                         Ok(Err(Some(code))) => failure = Some(code),
                         Ok(Err(None)) | Err(_) => return None,
@@ -219,12 +219,11 @@ impl Conn {
             connect_expiry_zero: session_expiry == 0,
             window,
             client_max_packet,
-            out_aliases: aliases::OutboundAliases::new(if v5 {
-                c.properties.topic_alias_maximum.unwrap_or(0)
-            } else {
-                0
-            }),
-            inbound_aliases: HashMap::new(),
+            out_aliases: match c.properties.topic_alias_maximum {
+                Some(max) if v5 && max > 0 => Some(Box::new(aliases::OutboundAliases::new(max))),
+                _ => None,
+            },
+            inbound_aliases: None,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             held: VecDeque::new(),

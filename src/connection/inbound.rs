@@ -167,12 +167,14 @@ impl Conn {
                     });
                 }
                 if p.topic.is_empty() {
-                    match self.inbound_aliases.get(&alias) {
+                    match self.inbound_aliases.as_ref().and_then(|m| m.get(&alias)) {
                         Some(t) => p.topic = t.clone(),
                         None => return Err(Self::protocol_error("unknown topic alias")),
                     }
                 } else {
-                    self.inbound_aliases.insert(alias, p.topic.clone());
+                    // Copied: a slice would pin the read buffer for as long as the alias lives.
+                    let topic = ByteString::from(&*p.topic);
+                    self.inbound_aliases.get_or_insert_with(Default::default).insert(alias, topic);
                 }
             }
         }

@@ -45,11 +45,14 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// should cost little memory), doubled each time a read fills it, up to the maximum.
 const READ_MIN: usize = 64;
 const READ_MAX: usize = 64 * 1024;
+/// Write buffers up to this size are released when the connection goes idle.
+const IDLE_WRITE_BUFFER: usize = 8 * 1024;
 
 /// What ended a connection's wait.
 enum Woke {
     Signals(u8),
-    Read(std::io::Result<usize>),
+    /// The read's result, and the buffer space it was offered.
+    Read(std::io::Result<usize>, usize),
     Timer,
 }
 
@@ -95,41 +98,56 @@ pub fn serve<S, G>(
     mut stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
-    mut rbuf: BytesMut,
+    rbuf: BytesMut,
     on_end: G,
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     G: Send + 'static,
 {
+    // What only the handshake needs travels in one box, freed when it is done: the future
+    // keeps every captured value for the connection's life.
+    let start = Box::new(Start { peer, broker, rbuf });
     async move {
+        // The handshake and goodbye phases are boxed too: a future is as large as its
+        // largest phase.
         let _on_end = on_end;
-        let max_packet = broker.config.limits.max_packet_size as usize;
-        let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
-
-        // The handshake and goodbye phases are boxed: a future is as large as its largest
-        // phase, and these would otherwise inflate the memory every idle connection keeps for
-        // its whole life.
-        let first = Box::pin(tokio::time::timeout(deadline, read_connect(&mut stream, &mut rbuf, max_packet))).await;
-        let connect = match first {
-            Err(_) => {
-                debug!(%peer, "no CONNECT within {}s, closing", deadline.as_secs());
-                return;
-            }
-            Ok(Err(ConnectError::Io)) => return,
-            Ok(Err(ConnectError::Decode(e))) => {
-                Box::pin(refuse_version(&mut stream, peer, e)).await;
-                return;
-            }
-            Ok(Ok(c)) => c,
+        let mut conn = match Box::pin(handshake(&mut stream, start)).await {
+            Some(conn) => conn,
+            None => return,
         };
-        let Some(mut conn) = Box::pin(Conn::accept(connect, peer, &broker, &mut stream, &mut rbuf)).await else {
-            return;
-        };
-        conn.rbuf = rbuf;
         let close = conn.run(&mut stream).await;
         Box::pin(conn.finish(close, &mut stream)).await;
     }
+}
+
+struct Start {
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    rbuf: BytesMut,
+}
+
+/// Reads CONNECT (within `limits.connect_timeout_secs`) and attaches the session. None when
+/// the connection ends there.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, start: Box<Start>) -> Option<Conn> {
+    let Start { peer, broker, mut rbuf } = *start;
+    let max_packet = broker.config.limits.max_packet_size as usize;
+    let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
+    let connect = match tokio::time::timeout(deadline, read_connect(stream, &mut rbuf, max_packet)).await {
+        Err(_) => {
+            debug!(%peer, "no CONNECT within {}s, closing", deadline.as_secs());
+            return None;
+        }
+        Ok(Err(ConnectError::Io)) => return None,
+        Ok(Err(ConnectError::Decode(e))) => {
+            refuse_version(stream, peer, e).await;
+            return None;
+        }
+        Ok(Ok(c)) => c,
+    };
+    let mut conn = Conn::accept(connect, peer, &broker, stream, &mut rbuf).await?;
+    conn.rbuf = rbuf;
+    Some(conn)
 }
 
 /// A first packet that is not a usable CONNECT: [MQTT-3.1.2-2] answers an unsupported
@@ -161,7 +179,7 @@ struct Conn {
     keep_alive: u16,
     /// The enhanced-authentication method the client connected with (v5), for
     /// re-authentication.
-    auth: Option<ConnAuth>,
+    auth: Option<Box<ConnAuth>>,
     /// Boxed: a will with its properties is large, and most clients have none.
     will: Option<Box<LastWill>>,
     session_expiry: u32,
@@ -172,8 +190,11 @@ struct Conn {
     /// Largest packet the client accepts (v5 Maximum Packet Size).
     client_max_packet: usize,
     /// Topic aliases towards the client (v5, when it accepts some).
-    out_aliases: aliases::OutboundAliases,
-    inbound_aliases: HashMap<u16, ByteString>,
+    /// Boxed and absent unless used: most clients have no aliases.
+    out_aliases: Option<Box<aliases::OutboundAliases>>,
+    // Boxed on purpose: an empty HashMap is still 48 bytes in every connection's task.
+    #[allow(clippy::box_collection)]
+    inbound_aliases: Option<Box<HashMap<u16, ByteString>>>,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Acknowledgements held until the store has made their effects durable, in the order
@@ -247,14 +268,13 @@ impl Conn {
                 // keep their part alive).
                 self.rbuf = BytesMut::new();
             }
-            self.rbuf.reserve(read_hint);
-            let offered = self.rbuf.capacity() - self.rbuf.len();
             // Whatever comes first: a signal, bytes from the client, or the keep-alive timer.
             // Polled by hand rather than with `select!`, whose branch futures every waiting
             // connection would carry.
             let control = &self.control;
             let signals = &mut self.signals;
             let rbuf = &mut self.rbuf;
+            let wbuf = &mut self.wbuf;
             let timer = &mut self.keep_alive_timer;
             let woke = std::future::poll_fn(|cx| {
                 let mut bits = std::mem::take(signals);
@@ -269,14 +289,24 @@ impl Conn {
                     // (the signal that announced those messages has been used).
                     return Poll::Ready(Woke::Signals(0));
                 }
+                rbuf.reserve(read_hint);
+                let offered = rbuf.capacity() - rbuf.len();
                 // A fresh read future each poll: it holds nothing between polls.
                 if let Poll::Ready(r) = std::pin::pin!(stream.read_buf(&mut *rbuf)).poll(cx) {
-                    return Poll::Ready(Woke::Read(r));
+                    return Poll::Ready(Woke::Read(r, offered));
                 }
-                match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-                    Some(Poll::Ready(())) => Poll::Ready(Woke::Timer),
-                    _ => Poll::Pending,
+                if let Some(Poll::Ready(())) = timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    return Poll::Ready(Woke::Timer);
                 }
+                // Going to sleep: an idle connection keeps no buffers (a large write buffer
+                // stays, as its client is likely busy again soon).
+                if rbuf.is_empty() {
+                    *rbuf = BytesMut::new();
+                }
+                if wbuf.is_empty() && wbuf.capacity() <= IDLE_WRITE_BUFFER {
+                    *wbuf = BytesMut::new();
+                }
+                Poll::Pending
             })
             .await;
             match woke {
@@ -288,9 +318,9 @@ impl Conn {
                         more = true;
                     }
                 }
-                Woke::Read(Ok(0)) => return Close::Lost("connection closed by client"),
-                Woke::Read(Err(_)) => return Close::Lost("socket error"),
-                Woke::Read(Ok(n)) => {
+                Woke::Read(Ok(0), _) => return Close::Lost("connection closed by client"),
+                Woke::Read(Err(_), _) => return Close::Lost("socket error"),
+                Woke::Read(Ok(n), offered) => {
                     last_read = tokio::time::Instant::now();
                     if n == offered && read_hint < READ_MAX {
                         read_hint *= 2;

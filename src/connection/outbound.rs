@@ -123,7 +123,7 @@ impl Conn {
         if self.client_max_packet != usize::MAX && out.encoded_len(self.version) > self.client_max_packet {
             return false;
         }
-        match self.out_aliases.apply(&m.topic) {
+        match self.out_aliases.as_mut().map_or(aliases::AliasUse::None, |a| a.apply(&m.topic)) {
             aliases::AliasUse::None => {}
             aliases::AliasUse::Define(a) => out.topic_alias = Some(a),
             aliases::AliasUse::Reuse(a) => {
