@@ -254,7 +254,7 @@ impl Conn {
                 return Close::Kicked(reason::SERVER_SHUTTING_DOWN);
             }
             if let Some(ticket) = self.durable_needed(can_write) {
-                if ticket > self.durable_wait {
+                if ticket != self.durable_wait {
                     self.durable_wait = ticket;
                     self.broker.wait_durable(ticket, &self.control);
                     // Done before the wait was registered: go round again.

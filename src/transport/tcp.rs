@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 
 use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info};
 
 /// Bytes offered to a new connection's first read: a typical CONNECT fits.
 const FIRST_READ: usize = 1024;
@@ -76,9 +76,9 @@ pub fn prepare_descriptors(connections: usize) {
         }
     }
     if lim.rlim_cur < wanted {
-        warn!(
+        info!(
             limit = lim.rlim_cur,
-            wanted, "open-file limit is below limits.max_connections; raise it (ulimit -n) or lower the key"
+            "the open-file limit allows fewer connections than limits.max_connections; `ulimit -n` raises it"
         );
     }
     // The table only needs to cover what the limit allows; past 64k entries, the few
