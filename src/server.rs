@@ -105,6 +105,7 @@ async fn run(config: Arc<Config>, backend: Box<dyn Backend>, auth: Authenticator
     let (store, recovered) = Store::open(backend, config.storage.durability, interval, notify)?;
     let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable, auth));
     broker.restore(recovered);
+    tokio::spawn(Arc::clone(&broker).run_keep_alive());
     let (tx, rx) = watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
     let mut addrs = Vec::new();

@@ -16,6 +16,7 @@
 //! happen. Calls that need an acknowledgement held back return a store ticket (0 = nothing
 //! to wait for).
 
+mod keep_alive;
 mod recovery;
 mod session_handle;
 
@@ -64,6 +65,7 @@ pub struct Broker {
     retained_loaded: std::sync::Mutex<std::collections::VecDeque<(Arc<Message>, u64)>>,
     store: Store,
     durable: Arc<DurableWaiters>,
+    keep_alive: keep_alive::KeepAlive,
     shutting_down: AtomicBool,
     next_connection: AtomicU64,
     pub metrics: Metrics,
@@ -106,6 +108,7 @@ impl Broker {
             retained_loaded: std::sync::Mutex::new(std::collections::VecDeque::new()),
             store,
             durable,
+            keep_alive: keep_alive::KeepAlive::default(),
             shutting_down: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             metrics: Metrics::default(),
@@ -141,6 +144,27 @@ impl Broker {
             if let Some(c) = &entry.value().lock().control {
                 c.kick(reason);
             }
+        }
+    }
+
+    /// Closes the connection of `control` (KICK with 0x8D) once it has read nothing for one
+    /// and a half times `secs`; the connection reports reads with `control.seen(broker.tick())`.
+    pub fn watch_keep_alive(&self, control: &Arc<ConnControl>, secs: u16) {
+        self.keep_alive.watch(control, secs);
+    }
+
+    /// The keep-alive clock.
+    pub fn tick(&self) -> u32 {
+        self.keep_alive.now()
+    }
+
+    /// Runs the keep-alive sweeps until shutdown.
+    pub async fn run_keep_alive(self: Arc<Self>) {
+        let mut every = tokio::time::interval(keep_alive::TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.shutting_down() {
+            every.tick().await;
+            self.keep_alive.sweep();
         }
     }
 

@@ -2,7 +2,7 @@
 //! connection that serves it, and the control channel used to close that connection.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -19,6 +19,8 @@ use crate::session::{Delivery, QueueLimits, SessionState};
 pub struct ConnControl {
     pending: AtomicU8,
     reason: AtomicU8,
+    /// Keep-alive clock tick of the connection's last read (see `keep_alive`).
+    last_seen: AtomicU32,
     waker: Mutex<Option<Waker>>,
 }
 
@@ -41,6 +43,20 @@ impl ConnControl {
 
     pub fn reason(&self) -> u8 {
         self.reason.load(Ordering::Relaxed)
+    }
+
+    /// The connection has been told to close.
+    pub fn closing(&self) -> bool {
+        self.reason() != 0
+    }
+
+    /// Records a read at keep-alive tick `tick`.
+    pub fn seen(&self, tick: u32) {
+        self.last_seen.store(tick, Ordering::Relaxed);
+    }
+
+    pub fn last_seen(&self) -> u32 {
+        self.last_seen.load(Ordering::Relaxed)
     }
 
     /// Raises `bits` and wakes the connection, unless they were already raised (then the

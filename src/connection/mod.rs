@@ -48,12 +48,11 @@ const READ_MAX: usize = 64 * 1024;
 /// Write buffers up to this size are released when the connection goes idle.
 const IDLE_WRITE_BUFFER: usize = 8 * 1024;
 
-/// What ended a connection's wait.
+/// What ended a connection's wait (the keep-alive deadline arrives as a kick).
 enum Woke {
     Signals(u8),
     /// The read's result, and the buffer space it was offered.
     Read(std::io::Result<usize>, usize),
-    Timer,
 }
 
 /// Why a connection ends.
@@ -207,8 +206,6 @@ struct Conn {
     durable_wait: u64,
     /// Signals taken from `control` while writing, for the main loop to act on.
     signals: u8,
-    /// Keep-alive timer; only clients with a keep-alive have one.
-    keep_alive_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// An acknowledgement waiting for a store ticket, and retained messages to queue after it
@@ -221,14 +218,9 @@ struct HeldAck {
 
 impl Conn {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Close {
-        // [MQTT-3.1.2-24]: one and a half keep-alive periods without a packet closes.
-        let ka = Duration::from_millis(u64::from(self.keep_alive) * 1500);
-        let mut last_read = tokio::time::Instant::now();
         if self.keep_alive > 0 {
-            // One timer for the connection's life: reads only record the time, and when the
-            // timer fires early it is pushed to the real deadline (cheaper than resetting it
-            // on every read).
-            self.keep_alive_timer = Some(Box::pin(tokio::time::sleep_until(last_read + ka)));
+            // [MQTT-3.1.2-24]: the broker's keep-alive sweep kicks a silent connection.
+            self.broker.watch_keep_alive(&self.control, self.keep_alive);
         }
         let mut read_hint = READ_MIN;
         let mut more = true;
@@ -268,14 +260,13 @@ impl Conn {
                 // keep their part alive).
                 self.rbuf = BytesMut::new();
             }
-            // Whatever comes first: a signal, bytes from the client, or the keep-alive timer.
+            // Whatever comes first: a signal or bytes from the client.
             // Polled by hand rather than with `select!`, whose branch futures every waiting
             // connection would carry.
             let control = &self.control;
             let signals = &mut self.signals;
             let rbuf = &mut self.rbuf;
             let wbuf = &mut self.wbuf;
-            let timer = &mut self.keep_alive_timer;
             let woke = std::future::poll_fn(|cx| {
                 let mut bits = std::mem::take(signals);
                 if let Poll::Ready(b) = control.poll_signals(cx) {
@@ -294,9 +285,6 @@ impl Conn {
                 // A fresh read future each poll: it holds nothing between polls.
                 if let Poll::Ready(r) = std::pin::pin!(stream.read_buf(&mut *rbuf)).poll(cx) {
                     return Poll::Ready(Woke::Read(r, offered));
-                }
-                if let Some(Poll::Ready(())) = timer.as_mut().map(|t| t.as_mut().poll(cx)) {
-                    return Poll::Ready(Woke::Timer);
                 }
                 // Going to sleep: an idle connection keeps no buffers (a large write buffer
                 // stays, as its client is likely busy again soon).
@@ -321,7 +309,7 @@ impl Conn {
                 Woke::Read(Ok(0), _) => return Close::Lost("connection closed by client"),
                 Woke::Read(Err(_), _) => return Close::Lost("socket error"),
                 Woke::Read(Ok(n), offered) => {
-                    last_read = tokio::time::Instant::now();
+                    self.control.seen(self.broker.tick());
                     if n == offered && read_hint < READ_MAX {
                         read_hint *= 2;
                     } else if n < offered / 4 && read_hint > READ_MIN {
@@ -333,15 +321,6 @@ impl Conn {
                         return close;
                     }
                     more = true;
-                }
-                Woke::Timer => {
-                    let due = last_read + ka;
-                    if due <= tokio::time::Instant::now() {
-                        return Close::Error { reason: reason::KEEP_ALIVE_TIMEOUT, what: "keep-alive timeout".into() };
-                    }
-                    if let Some(t) = &mut self.keep_alive_timer {
-                        t.as_mut().reset(due);
-                    }
                 }
             }
         }
@@ -434,6 +413,7 @@ fn kick_text(reason: u8) -> &'static str {
     match reason {
         reason::SESSION_TAKEN_OVER => "session taken over",
         reason::SERVER_SHUTTING_DOWN => "server shutting down",
+        reason::KEEP_ALIVE_TIMEOUT => "keep-alive timeout",
         _ => "closed by server",
     }
 }
