@@ -4,6 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tern::Config;
+
+/// jemalloc rather than glibc's malloc, measured with `bench/`: an idle connection costs
+/// 1,550 B of RSS instead of 1,760-1,960 B (glibc's per-thread arenas keep the holes left by
+/// each connection's short-lived handshake allocations, differently for each arrival
+/// pattern), and fan-in/fan-out QoS 1 run 10-25 % faster. mimalloc was tried: 1,900-2,100 B.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use tracing::{error, info};
 
 fn usage() -> &'static str {
