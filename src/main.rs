@@ -9,6 +9,7 @@ use tern::Config;
 /// 1,550 B of RSS instead of 1,760-1,960 B (glibc's per-thread arenas keep the holes left by
 /// each connection's short-lived handshake allocations, differently for each arrival
 /// pattern), and fan-in/fan-out QoS 1 run 10-25 % faster. mimalloc was tried: 1,900-2,100 B.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use tracing::{error, info};
