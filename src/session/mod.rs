@@ -46,6 +46,8 @@ pub struct Inflight {
     pub packet_id: u16,
     pub delivery: Delivery,
     pub state: OutState,
+    /// Allocation number (`SessionState::allocs`) that gave the id; 0 for a restored entry.
+    alloc: u64,
 }
 
 /// What the connection should send next.
@@ -88,6 +90,8 @@ pub struct SessionState {
     queued_bytes: usize,
     inflight: VecDeque<Inflight>,
     next_packet_id: u16,
+    /// Packet ids handed out so far (plus one): see `allocate_packet_id`.
+    allocs: u64,
     inbound_qos2: HashSet<u16>,
     limits: QueueLimits,
     /// Messages dropped since the session began (queue full, expired, too large).
@@ -104,6 +108,7 @@ impl SessionState {
             queued_bytes: 0,
             inflight: VecDeque::new(),
             next_packet_id: 1,
+            allocs: 1,
             inbound_qos2: HashSet::new(),
             limits,
             dropped: 0,
@@ -159,7 +164,14 @@ impl SessionState {
             }
             let d = self.pop_front()?;
             let pid = self.allocate_packet_id()?;
-            self.inflight.push_back(Inflight { packet_id: pid, delivery: d.clone(), state: OutState::AwaitingAck });
+            let alloc = self.allocs;
+            self.allocs += 1;
+            self.inflight.push_back(Inflight {
+                packet_id: pid,
+                delivery: d.clone(),
+                state: OutState::AwaitingAck,
+                alloc,
+            });
             return Some(Outgoing::Tracked(pid, d));
         }
     }
@@ -173,6 +185,20 @@ impl SessionState {
     /// Next free packet id, skipping ids still in flight. None only if all 65,535 are in use,
     /// which the window (at most 65,535) prevents.
     fn allocate_packet_id(&mut self) -> Option<u16> {
+        // Ids are handed out in ring order and the in-flight list is in allocation order. While
+        // the oldest entry in flight got its id fewer than a lap of allocations ago, every id
+        // in flight was handed out after it, and the next id in the ring cannot be one of them
+        // (the first clash would need a full lap since its holder). Otherwise (a message
+        // stuck for a lap, or entries restored from the store) search.
+        let clear = match self.inflight.front() {
+            None => true,
+            Some(f) => f.alloc != 0 && self.allocs - f.alloc < u64::from(u16::MAX) - 1,
+        };
+        if clear {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            return Some(id);
+        }
         for _ in 0..=u16::MAX {
             let id = self.next_packet_id;
             self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
@@ -239,7 +265,7 @@ impl SessionState {
 
     /// Puts back a message that was in flight when the broker stopped, with its packet id.
     pub fn restore_inflight(&mut self, packet_id: u16, delivery: Delivery, state: OutState) {
-        self.inflight.push_back(Inflight { packet_id, delivery, state });
+        self.inflight.push_back(Inflight { packet_id, delivery, state, alloc: 0 });
         self.next_packet_id = if packet_id == u16::MAX { 1 } else { packet_id + 1 };
     }
 
@@ -393,6 +419,42 @@ mod tests {
         let Some(Outgoing::Tracked(a, _)) = s.next_outgoing(10, now) else { panic!() };
         let Some(Outgoing::Tracked(b, _)) = s.next_outgoing(10, now) else { panic!() };
         assert_eq!((a, b), (u16::MAX, 1));
+    }
+
+    #[test]
+    fn an_id_held_for_a_whole_lap_is_skipped() {
+        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0 });
+        let now = Instant::now();
+        s.enqueue(d(QoS::AtLeastOnce, "stuck")).unwrap();
+        let Some(Outgoing::Tracked(stuck, _)) = s.next_outgoing(2, now) else { panic!() };
+        assert_eq!(stuck, 1);
+        // A lap of messages acknowledged while id 1 stays in flight.
+        for _ in 0..u16::MAX - 1 {
+            s.enqueue(d(QoS::AtLeastOnce, "x")).unwrap();
+            let Some(Outgoing::Tracked(pid, _)) = s.next_outgoing(2, now) else { panic!() };
+            assert_ne!(pid, stuck);
+            assert!(matches!(s.puback(pid), Ack::Done(_)));
+        }
+        s.enqueue(d(QoS::AtLeastOnce, "y")).unwrap();
+        let Some(Outgoing::Tracked(pid, _)) = s.next_outgoing(2, now) else { panic!() };
+        assert_eq!(pid, 2, "id 1 is still in flight");
+    }
+
+    #[test]
+    fn restored_ids_are_not_reused() {
+        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0 });
+        let now = Instant::now();
+        s.restore_inflight(9, d(QoS::AtLeastOnce, "a"), OutState::AwaitingAck);
+        s.restore_inflight(3, d(QoS::AtLeastOnce, "b"), OutState::AwaitingAck);
+        s.restore_inflight(4, d(QoS::AtLeastOnce, "c"), OutState::AwaitingAck);
+        // Next in the ring after the last restored id is 5; then 6, 7, 8, and 9 is taken.
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            s.enqueue(d(QoS::AtLeastOnce, "x")).unwrap();
+            let Some(Outgoing::Tracked(pid, _)) = s.next_outgoing(100, now) else { panic!() };
+            got.push(pid);
+        }
+        assert_eq!(got, vec![5, 6, 7, 8, 10]);
     }
 
     #[test]
