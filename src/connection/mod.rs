@@ -1,8 +1,11 @@
 //! One task per client connection: the CONNECT handshake, then a loop that reads and answers
-//! packets, drains the session's queue into the socket, and enforces keep-alive.
+//! packets and drains the session's queue into the socket. It waits on exactly two things,
+//! the socket and its `ConnControl` (deliveries, store progress, kicks — keep-alive expiry
+//! arrives as a kick from the broker's sweep), because whatever it waits on is kept in memory
+//! by every idle connection.
 //!
-//! Owns the socket and per-connection protocol state (topic aliases, the will, keep-alive).
-//! Session state it reaches only through the broker's `SessionHandle`. Writes are batched:
+//! Owns the socket and per-connection protocol state (topic aliases, the will, the keep-alive
+//! granted). Session state it reaches only through the broker's `SessionHandle`. Writes are batched:
 //! everything produced by one read or one wake-up is encoded into one buffer and written with
 //! one call.
 
