@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tern::Config;
+use tracing::{error, info};
 
 /// jemalloc rather than glibc's malloc, measured with `bench/`: an idle connection costs
 /// 1,550 B of RSS instead of 1,760-1,960 B (glibc's per-thread arenas keep the holes left by
@@ -12,7 +13,6 @@ use tern::Config;
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use tracing::{error, info};
 
 fn usage() -> &'static str {
     "usage: tern [-c|--config FILE]\n\nWith no FILE, the embedded default config is used (listen on 127.0.0.1:1883, data in ./data).\nEnvironment variables TERN__SECTION__KEY override keys, e.g. TERN__LIMITS__MAX_INFLIGHT=128.\nRUST_LOG sets the log filter (default: info)."

@@ -221,6 +221,11 @@ struct HeldAck {
 
 impl Conn {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Close {
+        // Server shutdown sets the flag, then kicks every attached connection; one that
+        // attached after the kicks went out sees the flag here, once.
+        if self.broker.shutting_down() {
+            return Close::Kicked(reason::SERVER_SHUTTING_DOWN);
+        }
         if self.keep_alive > 0 {
             // [MQTT-3.1.2-24]: the broker's keep-alive sweep kicks a silent connection.
             self.broker.watch_keep_alive(&self.control, self.keep_alive);
@@ -245,9 +250,6 @@ impl Conn {
                 }
             }
             let can_write = self.write_ready();
-            if self.broker.shutting_down() {
-                return Close::Kicked(reason::SERVER_SHUTTING_DOWN);
-            }
             if let Some(ticket) = self.durable_needed(can_write) {
                 if ticket != self.durable_wait {
                     self.durable_wait = ticket;
