@@ -38,6 +38,76 @@ pub struct Config {
 pub struct Listener {
     /// `host:port`; port 0 picks a free port (tests).
     pub bind: String,
+    /// What runs over the accepted sockets.
+    #[serde(default)]
+    pub kind: ListenerKind,
+    /// Certificates for `kind = "tls"`; required there, refused elsewhere.
+    #[serde(default)]
+    pub tls: Option<Tls>,
+}
+
+impl Listener {
+    /// A plain TCP listener on `bind`.
+    pub fn tcp(bind: &str) -> Listener {
+        Listener { bind: bind.into(), kind: ListenerKind::Tcp, tls: None }
+    }
+
+    /// Whether every client of this listener is known by its certificate (mutual TLS with the
+    /// certificate's CN as the user name), so it needs no password file to be safe.
+    pub fn identifies_clients(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.require_client_cert && t.use_identity_as_username && t.client_ca.is_some())
+    }
+
+    pub fn is_loopback(&self) -> bool {
+        self.bind.parse::<SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or(false)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// MQTT over plain TCP.
+    #[default]
+    Tcp,
+    /// MQTT over TLS (1.2 or 1.3).
+    Tls,
+}
+
+impl ListenerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Tls => "tls",
+        }
+    }
+}
+
+/// A TLS listener's certificates, in PEM files (mosquitto's `certfile`, `keyfile`, `cafile`,
+/// `require_certificate`, `use_identity_as_username`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// The server's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates that sign client certificates; without it, clients are not asked for one.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (needs `client_ca`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// The verified client certificate's subject CN is the client's user name; the CONNECT
+    /// user name and password are then not used.
+    #[serde(default)]
+    pub use_identity_as_username: bool,
+    /// Seconds a client may take to finish the TLS handshake.
+    #[serde(default = "default_tls_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+}
+
+fn default_tls_handshake_timeout() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -57,11 +127,24 @@ pub enum Durability {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     /// `None` = decided from the listeners: allowed only when every listener is on loopback.
     pub allow_anonymous: Option<bool>,
+    /// mosquitto-compatible password file (`user:hash` lines: `$7$`, `$6$`, argon2id, SCRAM).
+    pub password_file: Option<PathBuf>,
+    /// mosquitto-compatible ACL file; when set, whatever it does not allow is denied.
+    pub acl_file: Option<PathBuf>,
+    /// Password checks running at once (each is deliberately slow and may use ~19 MiB);
+    /// further CONNECTs wait their turn.
+    pub max_concurrent_password_checks: usize,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth { allow_anonymous: None, password_file: None, acl_file: None, max_concurrent_password_checks: 4 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -112,7 +195,7 @@ pub struct Mqtt {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listener: vec![Listener { bind: "127.0.0.1:1883".into() }],
+            listener: vec![Listener::tcp("127.0.0.1:1883")],
             storage: Storage::default(),
             auth: Auth::default(),
             limits: Limits::default(),
@@ -213,6 +296,58 @@ impl Config {
                     format!("`{}` is not an IP address and port, e.g. \"127.0.0.1:1883\" or \"0.0.0.0:1883\"", l.bind),
                 );
             }
+            match (l.kind, &l.tls) {
+                (ListenerKind::Tls, None) => {
+                    return bad(
+                        &format!("listener[{i}].tls"),
+                        "a `kind = \"tls\"` listener needs `tls = { cert = \"server.crt\", key = \"server.key\" }`".into(),
+                    )
+                }
+                (ListenerKind::Tcp, Some(_)) => {
+                    return bad(
+                        &format!("listener[{i}].kind"),
+                        "this listener has `tls` settings; set `kind = \"tls\"` (or remove `tls`)".into(),
+                    )
+                }
+                _ => {}
+            }
+            if let Some(t) = &l.tls {
+                if t.require_client_cert && t.client_ca.is_none() {
+                    return bad(
+                        &format!("listener[{i}].tls.client_ca"),
+                        "`require_client_cert = true` needs `client_ca`, the CA file that signs client certificates".into(),
+                    );
+                }
+                if t.use_identity_as_username && !t.require_client_cert {
+                    return bad(
+                        &format!("listener[{i}].tls.require_client_cert"),
+                        "`use_identity_as_username = true` needs `require_client_cert = true`".into(),
+                    );
+                }
+                if t.handshake_timeout_secs == 0 {
+                    return bad(&format!("listener[{i}].tls.handshake_timeout_secs"), "must be at least 1 second".into());
+                }
+            }
+        }
+        // Safe by default: a listener reachable from other machines never lets unknown
+        // clients in unless the operator says so.
+        if self.auth.allow_anonymous != Some(true) && self.auth.password_file.is_none() {
+            if let Some((i, l)) =
+                self.listener.iter().enumerate().find(|(_, l)| !l.is_loopback() && !l.identifies_clients())
+            {
+                return bad(
+                    "auth.password_file",
+                    format!(
+                        "listener[{i}] (`{}`) is reachable from other machines but no client could log in: set \
+                         `auth.password_file` (see `tern passwd`), or `auth.allow_anonymous = true` to accept \
+                         anyone, or bind it to 127.0.0.1",
+                        l.bind
+                    ),
+                );
+            }
+        }
+        if self.auth.max_concurrent_password_checks == 0 {
+            return bad("auth.max_concurrent_password_checks", "must be at least 1".into());
         }
         let l = &self.limits;
         if l.max_packet_size < 64 || l.max_packet_size > 268_435_460 {
@@ -253,9 +388,7 @@ impl Config {
 
     /// Anonymous access: the explicit setting, or allowed only when every listener is loopback.
     pub fn anonymous_allowed(&self) -> bool {
-        self.auth.allow_anonymous.unwrap_or_else(|| {
-            self.listener.iter().all(|l| l.bind.parse::<SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or(false))
-        })
+        self.auth.allow_anonymous.unwrap_or_else(|| self.listener.iter().all(Listener::is_loopback))
     }
 }
 
@@ -293,7 +426,24 @@ mod tests {
         assert!(c.anonymous_allowed());
         c.listener[0].bind = "0.0.0.0:1883".into();
         assert!(!c.anonymous_allowed());
+        let err = c.validate("z.toml").unwrap_err().to_string();
+        assert!(err.contains("auth.password_file") && err.contains("allow_anonymous"), "{err}");
         c.auth.allow_anonymous = Some(true);
         assert!(c.anonymous_allowed());
+        c.validate("z.toml").unwrap();
+    }
+
+    #[test]
+    fn tls_listener_needs_certificates() {
+        let err = Config::from_toml("[[listener]]\nbind = \"127.0.0.1:8883\"\nkind = \"tls\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener[0].tls") && err.contains("cert"), "{err}");
+        let ok = "[[listener]]\nbind = \"127.0.0.1:8883\"\nkind = \"tls\"\ntls = { cert = \"a.crt\", key = \"a.key\" }\n";
+        let c = Config::from_toml(ok, "t.toml").unwrap();
+        assert_eq!(c.listener[0].kind, ListenerKind::Tls);
+        let bad = "[[listener]]\nbind = \"127.0.0.1:8883\"\nkind = \"tls\"\ntls = { cert = \"a\", key = \"b\", require_client_cert = true }\n";
+        let err = Config::from_toml(bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("client_ca"), "{err}");
     }
 }

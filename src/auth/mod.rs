@@ -7,9 +7,23 @@
 //! user name and the opaque Authentication Data. Password files and ACLs, when they come,
 //! live beside it as pure checks over loaded data.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+/// A password or ACL file that cannot be used. Loading never yields a partial result: a file
+/// with one bad line is refused whole, so a typo can never turn into an extra user or right.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthFileError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A line is malformed; `line` counts from 1, `origin` is the file's path (or a test's name).
+    #[error("{origin}:{line}: {message}")]
+    Line { origin: String, line: usize, message: String },
+}
 
 /// What a method wants done after looking at the client's latest data.
 #[derive(Debug, Clone, PartialEq, Eq)]
