@@ -42,6 +42,11 @@ pub enum AuthStep {
 pub trait AuthExchange: Send {
     /// The client's next Authentication Data.
     fn next(&mut self, data: Option<&[u8]>) -> AuthStep;
+    /// After `Success`: the user name the method authenticated (SCRAM's `n=`), which becomes
+    /// the connection's user name for authorisation. None keeps CONNECT's user name.
+    fn identity(&self) -> Option<String> {
+        None
+    }
 }
 
 /// An authentication method clients can name in CONNECT's Authentication Method property.
