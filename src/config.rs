@@ -300,7 +300,8 @@ impl Config {
                 (ListenerKind::Tls, None) => {
                     return bad(
                         &format!("listener[{i}].tls"),
-                        "a `kind = \"tls\"` listener needs `tls = { cert = \"server.crt\", key = \"server.key\" }`".into(),
+                        "a `kind = \"tls\"` listener needs `tls = { cert = \"server.crt\", key = \"server.key\" }`"
+                            .into(),
                     )
                 }
                 (ListenerKind::Tcp, Some(_)) => {
@@ -315,7 +316,8 @@ impl Config {
                 if t.require_client_cert && t.client_ca.is_none() {
                     return bad(
                         &format!("listener[{i}].tls.client_ca"),
-                        "`require_client_cert = true` needs `client_ca`, the CA file that signs client certificates".into(),
+                        "`require_client_cert = true` needs `client_ca`, the CA file that signs client certificates"
+                            .into(),
                     );
                 }
                 if t.use_identity_as_username && !t.require_client_cert {
@@ -325,7 +327,10 @@ impl Config {
                     );
                 }
                 if t.handshake_timeout_secs == 0 {
-                    return bad(&format!("listener[{i}].tls.handshake_timeout_secs"), "must be at least 1 second".into());
+                    return bad(
+                        &format!("listener[{i}].tls.handshake_timeout_secs"),
+                        "must be at least 1 second".into(),
+                    );
                 }
             }
         }
@@ -439,7 +444,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listener[0].tls") && err.contains("cert"), "{err}");
-        let ok = "[[listener]]\nbind = \"127.0.0.1:8883\"\nkind = \"tls\"\ntls = { cert = \"a.crt\", key = \"a.key\" }\n";
+        let ok =
+            "[[listener]]\nbind = \"127.0.0.1:8883\"\nkind = \"tls\"\ntls = { cert = \"a.crt\", key = \"a.key\" }\n";
         let c = Config::from_toml(ok, "t.toml").unwrap();
         assert_eq!(c.listener[0].kind, ListenerKind::Tls);
         let bad = "[[listener]]\nbind = \"127.0.0.1:8883\"\nkind = \"tls\"\ntls = { cert = \"a\", key = \"b\", require_client_cert = true }\n";

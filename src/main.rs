@@ -15,11 +15,21 @@ use tracing::{error, info};
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn usage() -> &'static str {
-    "usage: tern [-c|--config FILE]\n\nWith no FILE, the embedded default config is used (listen on 127.0.0.1:1883, data in ./data).\nEnvironment variables TERN__SECTION__KEY override keys, e.g. TERN__LIMITS__MAX_INFLIGHT=128.\nRUST_LOG sets the log filter (default: info)."
+    "usage: tern [-c|--config FILE]\n       tern passwd [-c] [-b] [-D] [--scram] FILE USER [PASSWORD]\n\nWith no FILE, the embedded default config is used (listen on 127.0.0.1:1883, data in ./data).\nEnvironment variables TERN__SECTION__KEY override keys, e.g. TERN__LIMITS__MAX_INFLIGHT=128.\nRUST_LOG sets the log filter (default: info).\nSIGHUP reads the password file, the ACL file and TLS certificates again.\n`tern passwd` writes a password file entry (argon2id; --scram for SCRAM-SHA-256), like mosquitto_passwd."
 }
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some("passwd") {
+        return match tern::auth::password::passwd_command(&all[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tern passwd: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let mut args = all.into_iter();
     let mut file: Option<PathBuf> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -65,6 +75,7 @@ fn main() -> ExitCode {
     };
     // Before the runtime starts its threads: see prepare_descriptors.
     tern::transport::tcp::prepare_descriptors(config.limits.max_connections);
+    tern::transport::os::private_files();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -81,31 +92,40 @@ fn main() -> ExitCode {
             }
         };
         info!("tern {} ready", env!("CARGO_PKG_VERSION"));
-        wait_for_signal().await;
+        wait_for_signal(&handle).await;
         info!("shutting down");
         handle.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_signal() {
+/// Returns on SIGINT or SIGTERM; on SIGHUP reloads passwords, ACLs and certificates.
+async fn wait_for_signal(handle: &tern::BrokerHandle) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return,
+                _ = hup.recv() => match handle.reload().await {
+                    Ok(()) => info!("reloaded password file, ACL file and certificates"),
+                    Err(errors) => {
+                        for e in errors {
+                            error!("reload failed, previous state kept: {e}");
+                        }
+                    }
+                },
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = handle;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -2,7 +2,8 @@
 //! connections up to `limits.max_connections`, spawns one task per connection, and stops
 //! them all on shutdown.
 //!
-//! Owns sockets until a connection task takes one. Knows nothing of MQTT packets.
+//! Owns sockets until a connection task takes one, and each TLS listener's certificates
+//! (reloaded with the policy's files by `BrokerHandle::reload`). Knows nothing of MQTT packets.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,15 +11,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::auth::{AuthMethod, Authenticator};
+use crate::auth::{AuthFileError, AuthMethod, Authenticator, FilePolicy, Policy};
 use crate::broker::{Broker, DurableWaiters};
-use crate::config::Config;
+use crate::config::{Config, ConfigError, ListenerKind};
 use crate::store::{Backend, FjallBackend, Store, StoreError};
+use crate::transport::tls::{TlsAcceptor, TlsError};
+use crate::transport::ConnInfo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -28,6 +32,15 @@ pub enum StartError {
     /// The store in storage.dir could not be opened or read.
     #[error("{0} (config key storage.dir)")]
     Store(#[from] StoreError),
+    /// The configuration is not usable.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The password or ACL file (auth.password_file, auth.acl_file) could not be used.
+    #[error("{0} (config keys auth.password_file, auth.acl_file)")]
+    Auth(#[from] AuthFileError),
+    /// A TLS listener's certificate or key could not be used.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A running broker. Dropping it does not stop it; call `shutdown`.
@@ -36,6 +49,8 @@ pub struct BrokerHandle {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     pub broker: Arc<Broker>,
+    /// Every TLS listener's certificates, for reload.
+    tls: Vec<Arc<TlsAcceptor>>,
 }
 
 impl BrokerHandle {
@@ -46,6 +61,34 @@ impl BrokerHandle {
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Reads the password file, the ACL file and every TLS listener's certificates again
+    /// (SIGHUP). Each source that fails keeps what it had and its error is returned; connected
+    /// clients keep their connections, and their rights are checked against the new rules
+    /// from their next message on.
+    pub async fn reload(&self) -> Result<(), Vec<String>> {
+        let policy = Arc::clone(&self.broker.policy);
+        let tls = self.tls.clone();
+        let errors = tokio::task::spawn_blocking(move || {
+            let mut errors = Vec::new();
+            if let Err(e) = policy.reload() {
+                errors.push(e);
+            }
+            for t in &tls {
+                if let Err(e) = t.reload() {
+                    errors.push(e.to_string());
+                }
+            }
+            errors
+        })
+        .await
+        .unwrap_or_else(|e| vec![format!("reload task failed: {e}")]);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     /// Stops accepting, tells v5 clients the server is shutting down (0x8B), waits
@@ -72,13 +115,28 @@ pub async fn start(config: Config) -> Result<BrokerHandle, StartError> {
 pub struct Extensions {
     /// Store backend; None = fjall in `storage.dir`.
     pub backend: Option<Box<dyn Backend>>,
-    /// MQTT 5 enhanced authentication methods.
+    /// MQTT 5 enhanced authentication methods (SCRAM-SHA-256 is added when there is a
+    /// password file and no method of that name is given).
     pub auth_methods: Vec<Arc<dyn AuthMethod>>,
+    /// Authentication and authorisation; None = `FilePolicy` from `config.auth`.
+    pub policy: Option<Arc<dyn Policy>>,
 }
 
 /// Like `start`, with extensions.
 pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle, StartError> {
+    config.validate("configuration passed to tern::start")?;
     let config = Arc::new(config);
+    let mut methods = ext.auth_methods;
+    let policy: Arc<dyn Policy> = match ext.policy {
+        Some(p) => p,
+        None => {
+            let policy = Arc::new(load_policy(&config).await?);
+            if config.auth.password_file.is_some() && !methods.iter().any(|m| m.name() == "SCRAM-SHA-256") {
+                methods.push(Arc::new(crate::auth::scram::ScramSha256::new(policy.passwords())));
+            }
+            policy
+        }
+    };
     let backend = match ext.backend {
         Some(b) => b,
         None => {
@@ -89,28 +147,59 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
             Box::new(b)
         }
     };
-    run(config, backend, Authenticator::new(ext.auth_methods)).await
+    run(config, backend, Authenticator::new(methods), policy).await
 }
 
 /// Like `start`, over any store backend (tests inject failing ones).
 pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) -> Result<BrokerHandle, StartError> {
-    run(config, backend, Authenticator::default()).await
+    config.validate("configuration passed to tern::start")?;
+    let policy = Arc::new(load_policy(&config).await?);
+    run(config, backend, Authenticator::default(), policy).await
 }
 
-async fn run(config: Arc<Config>, backend: Box<dyn Backend>, auth: Authenticator) -> Result<BrokerHandle, StartError> {
+/// Reads the password and ACL files off the async workers.
+async fn load_policy(config: &Arc<Config>) -> Result<FilePolicy, StartError> {
+    let c = Arc::clone(config);
+    let loaded = tokio::task::spawn_blocking(move || FilePolicy::load(&c))
+        .await
+        .map_err(|e| StoreError::Engine(format!("policy loading task failed: {e}")))?;
+    Ok(loaded?)
+}
+
+async fn run(
+    config: Arc<Config>,
+    backend: Box<dyn Backend>,
+    auth: Authenticator,
+    policy: Arc<dyn Policy>,
+) -> Result<BrokerHandle, StartError> {
+    // Certificates first: a bad file should stop start-up before the store is touched.
+    let mut acceptors = Vec::new();
+    for (index, l) in config.listener.iter().enumerate() {
+        let acceptor = match (&l.tls, l.kind) {
+            (Some(settings), ListenerKind::Tls) => {
+                let settings = settings.clone();
+                let a = tokio::task::spawn_blocking(move || TlsAcceptor::new(&settings, index))
+                    .await
+                    .map_err(|e| StoreError::Engine(format!("certificate loading task failed: {e}")))??;
+                Some(Arc::new(a))
+            }
+            _ => None,
+        };
+        acceptors.push(acceptor);
+    }
     let durable = Arc::new(DurableWaiters::default());
     let waiters = Arc::clone(&durable);
     let notify = Box::new(move |seq: u64| waiters.progress(seq));
     let interval = Duration::from_millis(config.storage.sync_interval_ms);
     let (store, recovered) = Store::open(backend, config.storage.durability, interval, notify)?;
-    let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable, auth));
+    let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable, auth, policy));
     broker.restore(recovered);
     tokio::spawn(Arc::clone(&broker).run_keep_alive());
     let (tx, rx) = watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
-    for (index, l) in config.listener.iter().enumerate() {
+    for ((index, l), tls) in config.listener.iter().enumerate().zip(acceptors.iter()) {
         let listener = TcpListener::bind(&l.bind).await.map_err(|source| StartError::Bind {
             bind: l.bind.clone(),
             index,
@@ -118,11 +207,19 @@ async fn run(config: Arc<Config>, backend: Box<dyn Backend>, auth: Authenticator
         })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { bind: l.bind.clone(), index, source })?;
         crate::transport::tcp::defer_accept(&listener, config.limits.connect_timeout_secs);
-        info!(%addr, "listening (mqtt over tcp)");
+        info!(%addr, kind = l.kind.name(), "listening");
         addrs.push(addr);
-        tasks.push(tokio::spawn(accept_loop(listener, Arc::clone(&broker), rx.clone(), Arc::clone(&live))));
+        let spot = Spot { index, tls: tls.clone() };
+        tasks.push(tokio::spawn(accept_loop(listener, spot, Arc::clone(&broker), rx.clone(), Arc::clone(&live))));
     }
-    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker })
+    let tls = acceptors.into_iter().flatten().collect();
+    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls })
+}
+
+/// Which listener an accept loop serves, and its TLS acceptor when it has one.
+struct Spot {
+    index: usize,
+    tls: Option<Arc<TlsAcceptor>>,
 }
 
 /// Connections over `limits.max_connections` being answered at once.
@@ -130,6 +227,7 @@ const MAX_REFUSALS: usize = 64;
 
 async fn accept_loop(
     listener: TcpListener,
+    spot: Spot,
     broker: Arc<Broker>,
     mut shutdown: watch::Receiver<bool>,
     live: Arc<AtomicUsize>,
@@ -159,8 +257,16 @@ async fn accept_loop(
                 refusing.fetch_add(1, Ordering::Relaxed);
                 let refusing = Arc::clone(&refusing);
                 let max_packet = broker.config.limits.max_packet_size as usize;
+                let tls = spot.tls.clone();
                 tokio::spawn(async move {
-                    crate::connection::refuse(stream, max_packet).await;
+                    match tls {
+                        None => crate::connection::refuse(stream, max_packet).await,
+                        Some(tls) => {
+                            if let Ok((stream, _)) = tls.accept(stream).await {
+                                crate::connection::refuse(stream, max_packet).await;
+                            }
+                        }
+                    }
                     refusing.fetch_sub(1, Ordering::Relaxed);
                 });
             }
@@ -168,12 +274,35 @@ async fn accept_loop(
         }
         live.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let first = crate::transport::tcp::early_read(&stream);
         // Detached: the live counter is all the accept loop needs, and a JoinSet entry would
-        // cost every idle connection memory. The connection's future is spawned as it is,
-        // with no wrapper: every byte of it is kept for the connection's life.
+        // cost every idle connection memory.
         let guard = Live(Arc::clone(&live));
-        tokio::spawn(crate::connection::serve(stream, peer, Arc::clone(&broker), first, guard));
+        let mut info = ConnInfo { peer, listener: spot.index, kind: ListenerKind::Tcp, cert_identity: None };
+        match &spot.tls {
+            None => {
+                // Plain MQTT: the CONNECT is usually waiting already (deferred accept). The
+                // connection's future is spawned as it is, with no wrapper: every byte of it
+                // is kept for the connection's life.
+                let first = crate::transport::tcp::early_read(&stream);
+                tokio::spawn(crate::connection::serve(stream, info, Arc::clone(&broker), first, guard));
+            }
+            Some(tls) => {
+                // The handshake runs in the connection's own task, never in the accept loop:
+                // a slow or silent client must not hold up the next one.
+                let tls = Arc::clone(tls);
+                let broker = Arc::clone(&broker);
+                info.kind = ListenerKind::Tls;
+                tokio::spawn(async move {
+                    match tls.accept(stream).await {
+                        Ok((stream, cert_identity)) => {
+                            info.cert_identity = cert_identity;
+                            crate::connection::serve(stream, info, broker, BytesMut::new(), guard).await;
+                        }
+                        Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    }
+                });
+            }
+        }
     }
     // Connections see the same shutdown signal; give them a moment to say goodbye.
     let _ = tokio::time::timeout(Duration::from_secs(3), async {

@@ -1,11 +1,19 @@
-//! Authentication: the MQTT 5 enhanced-authentication interface (section 4.12), through which
-//! an authentication method (SCRAM, Kerberos, a token check...) takes part in CONNECT and in
-//! later re-authentication, exchanging AUTH packets with the client.
+//! Authentication and authorisation: the policy every entry point asks (`policy`), the
+//! password and ACL files behind the default one (`password`, `acl`), and the MQTT 5
+//! enhanced-authentication interface (section 4.12), through which an authentication method
+//! (SCRAM, `scram`; Kerberos, a token check...) takes part in CONNECT and in later
+//! re-authentication, exchanging AUTH packets with the client.
 //!
 //! Owns the contract between connections and methods: which method a client named, and what
 //! to send next. Knows nothing of sockets or sessions; a method sees only the client id, the
-//! user name and the opaque Authentication Data. Password files and ACLs, when they come,
-//! live beside it as pure checks over loaded data.
+//! user name and the opaque Authentication Data; files are pure checks over loaded data.
+
+pub mod acl;
+pub mod password;
+pub mod policy;
+pub mod scram;
+
+pub use policy::{FilePolicy, Login, Policy, Principal, Refusal};
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -31,7 +31,7 @@ use dashmap::DashMap;
 
 pub use session_handle::{signal, ConnControl, DurableWaiters, SessionCell, SessionHandle};
 
-use crate::auth::Authenticator;
+use crate::auth::{policy::is_sys_topic, Authenticator, Policy, Principal};
 use crate::config::Config;
 use crate::message::Message;
 use crate::protocol::{topic, ProtocolVersion, QoS, SubscriptionOptions};
@@ -56,6 +56,8 @@ pub struct Broker {
     pub config: Arc<Config>,
     /// Enhanced authentication methods offered to MQTT 5 clients.
     pub auth: Authenticator,
+    /// Who may log in, publish, subscribe and receive; asked by connections at every entry.
+    pub policy: Arc<dyn Policy>,
     sessions: DashMap<ByteString, Arc<SessionHandle>>,
     subscriptions: RwLock<SubscriptionTrie<Arc<SessionHandle>>>,
     retained: RwLock<RetainedTrie<Retained>>,
@@ -98,10 +100,17 @@ pub struct Subscribed {
 
 impl Broker {
     /// `durable` must be told of the store's progress (the `notify` of `Store::open`).
-    pub fn new(config: Arc<Config>, store: Store, durable: Arc<DurableWaiters>, auth: Authenticator) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        durable: Arc<DurableWaiters>,
+        auth: Authenticator,
+        policy: Arc<dyn Policy>,
+    ) -> Self {
         Broker {
             config,
             auth,
+            policy,
             sessions: DashMap::new(),
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             retained: RwLock::new(RetainedTrie::new()),
@@ -390,11 +399,30 @@ impl Broker {
         }
     }
 
+    /// Whether `owner` may publish `topic` now: never in `$SYS`, otherwise as the policy says.
+    /// Wills are published with their owner's rights, checked when they are published.
+    pub fn may_publish(&self, owner: &Principal, topic: &str) -> bool {
+        !is_sys_topic(topic) && self.policy.may_publish(owner, topic)
+    }
+
     /// Publishes a will after `delay` seconds unless the client is back on the same session
-    /// by then (v5 Will Delay Interval, [MQTT-3.1.3-9]); at once when `delay` is 0.
-    pub fn publish_will(self: &Arc<Self>, handle: &Arc<SessionHandle>, will: Arc<Message>, delay: u32) {
+    /// by then (v5 Will Delay Interval, [MQTT-3.1.3-9]); at once when `delay` is 0. The will
+    /// is published only if its owner may still publish there at that moment. `owner` is None
+    /// for wills recovered from the store, whose owner's identity was not kept: those were
+    /// allowed when their client connected.
+    pub fn publish_will(
+        self: &Arc<Self>,
+        handle: &Arc<SessionHandle>,
+        will: Arc<Message>,
+        delay: u32,
+        owner: Option<Arc<Principal>>,
+    ) {
+        let allowed =
+            move |broker: &Broker, will: &Message| owner.as_ref().is_none_or(|o| broker.may_publish(o, &will.topic));
         if delay == 0 {
-            self.publish(will, None);
+            if allowed(self, &will) {
+                self.publish(will, None);
+            }
             return;
         }
         let broker = Arc::clone(self);
@@ -405,7 +433,7 @@ impl Broker {
                 let cell = handle.lock();
                 cell.owner != 0 && !cell.ended
             };
-            if !resumed {
+            if !resumed && allowed(&broker, &will) {
                 broker.publish(will, None);
             }
         });

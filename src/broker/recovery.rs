@@ -151,7 +151,7 @@ impl Broker {
         self.persist(ops);
         let due_wills = wills.len();
         for (h, m, delay) in wills {
-            self.publish_will(&h, m, delay);
+            self.publish_will(&h, m, delay, None);
         }
         info!(sessions, subscriptions, queued, retained, wills = due_wills, "state recovered from the store");
     }

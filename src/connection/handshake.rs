@@ -44,12 +44,13 @@ impl Conn {
     /// Validates CONNECT, attaches the session and sends CONNACK. None when refused.
     pub(super) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         c: Box<Connect>,
-        peer: SocketAddr,
+        info: ConnInfo,
         broker: &Arc<Broker>,
         stream: &mut S,
         rbuf: &mut BytesMut,
     ) -> Option<Conn> {
         let cfg = &broker.config;
+        let peer = info.peer;
         let v = c.protocol;
         let v5 = v.is_v5();
         let refuse = |v3code: u8, v5code: u8| if v5 { v5code } else { v3code };
@@ -75,6 +76,19 @@ impl Conn {
             // 3.1 clients too, limited only by limits.max_client_id_length.
             failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));
         }
+        // Who the client is: CONNECT's user name, or the CN of its verified certificate on a
+        // `use_identity_as_username` listener (then CONNECT's name and password are not used),
+        // or the name an enhanced-authentication method proved.
+        let certified =
+            cfg.listener.get(info.listener).and_then(|l| l.tls.as_ref()).is_some_and(|t| t.use_identity_as_username);
+        let mut username = match certified {
+            true => info.cert_identity.as_deref().map(ByteString::from),
+            false => c.username.as_deref().map(ByteString::from),
+        };
+        if certified && username.is_none() && failure.is_none() {
+            // A certificate without a CN gives no user name to authorise.
+            failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::NOT_AUTHORIZED));
+        }
         // Enhanced authentication [4.12]: settled before the session is touched.
         let mut auth: Option<Box<ConnAuth>> = None;
         let mut auth_data = None;
@@ -86,8 +100,11 @@ impl Conn {
                     let deadline = Duration::from_secs(cfg.limits.connect_timeout_secs);
                     let exchange = authenticate(&method, name, &c, stream, rbuf, cfg.limits.max_packet_size as usize);
                     match tokio::time::timeout(deadline, exchange).await {
-                        Ok(Ok(data)) => {
+                        Ok(Ok((data, identity))) => {
                             auth_data = data;
+                            if let Some(name) = identity {
+                                username = Some(name.into());
+                            }
                             auth = Some(Box::new(ConnAuth { method, name: ByteString::from(&**name), exchange: None }));
                         }
                         Ok(Err(Some(code))) => failure = Some(code),
@@ -96,8 +113,38 @@ impl Conn {
                 }
             }
         }
-        if failure.is_none() && auth.is_none() && !cfg.anonymous_allowed() {
-            failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::NOT_AUTHORIZED));
+        if failure.is_none() && auth.is_none() {
+            let login = Login {
+                client_id: &client_id,
+                username: username.as_deref(),
+                password: c.password.as_deref(),
+                certified,
+                listener: info.listener,
+            };
+            let deadline = Duration::from_secs(cfg.limits.connect_timeout_secs);
+            match tokio::time::timeout(deadline, broker.policy.authenticate(login)).await {
+                Ok(Ok(())) => {}
+                // 3.1.1 clients get 0x05 for both, as from mosquitto.
+                Ok(Err(Refusal::BadCredentials)) => {
+                    failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::BAD_USER_NAME_OR_PASSWORD))
+                }
+                Ok(Err(Refusal::NotAuthorized)) | Err(_) => {
+                    failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::NOT_AUTHORIZED))
+                }
+            }
+        }
+        let principal = Arc::new(Principal {
+            client_id: client_id.clone(),
+            username,
+            cert_identity: info.cert_identity.clone(),
+            listener: info.listener,
+        });
+        if let (None, Some(w)) = (failure, &c.will) {
+            // The will is published with its owner's rights: a will it could not publish is
+            // refused now rather than dropped later without a word.
+            if !broker.may_publish(&principal, &w.topic) {
+                failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::NOT_AUTHORIZED));
+            }
         }
         if let (None, Some(w)) = (failure, &c.will) {
             if (w.qos as u8) > cfg.mqtt.maximum_qos {
@@ -113,7 +160,8 @@ impl Conn {
             let mut w = BytesMut::new();
             let ack = ConnAck { session_present: false, code, properties: Properties::default() };
             protocol::encode(&Packet::ConnAck(ack), v, &mut w);
-            let _ = stream.write_all(&w).await;
+            let _ = send(stream, &w).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
             return None;
         }
 
@@ -204,6 +252,7 @@ impl Conn {
             control,
             version: v,
             client_id,
+            principal,
             peer,
             keep_alive,
             auth,
@@ -252,8 +301,24 @@ impl Conn {
     /// order: PUBLISH with DUP, or PUBREL [MQTT-4.4.0-1].
     pub(super) fn resend_inflight(&mut self) {
         let handle = Arc::clone(&self.handle);
-        let cell = handle.lock();
+        let mut cell = handle.lock();
         let now = Instant::now();
+        // Messages the client may no longer read are not sent again; they end here.
+        let revoked: Vec<u16> = cell
+            .state
+            .inflight()
+            .filter(|f| {
+                f.state == OutState::AwaitingAck
+                    && !self.broker.policy.may_receive(&self.principal, &f.delivery.msg.topic)
+            })
+            .map(|f| f.packet_id)
+            .collect();
+        let mut ops = Vec::new();
+        for pid in revoked {
+            if let Some(seq) = cell.state.discard(pid) {
+                ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
+            }
+        }
         for f in cell.state.inflight() {
             match f.state {
                 OutState::AwaitingAck => {
@@ -265,6 +330,8 @@ impl Conn {
                 }
             }
         }
+        drop(cell);
+        self.broker.persist(ops);
     }
 }
 
@@ -277,8 +344,8 @@ pub(super) struct ConnAuth {
 }
 
 /// Runs the CONNECT-time exchange: AUTH 0x18 back and forth until the method decides.
-/// Ok(data for CONNACK); Err(Some(code)) to refuse with CONNACK; Err(None) when the
-/// connection is gone.
+/// Ok((data for CONNACK, the user name the method proved)); Err(Some(code)) to refuse with
+/// CONNACK; Err(None) when the connection is gone.
 pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     method: &Arc<dyn AuthMethod>,
     name: &ByteString,
@@ -286,12 +353,12 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     rbuf: &mut BytesMut,
     max_packet: usize,
-) -> Result<Option<bytes::Bytes>, Option<u8>> {
+) -> Result<(Option<bytes::Bytes>, Option<String>), Option<u8>> {
     let data = c.properties.authentication_data.as_deref();
     let (mut exchange, mut step) = method.start(&c.client_id, c.username.as_deref(), data);
     loop {
         let challenge = match step {
-            AuthStep::Success(d) => return Ok(d),
+            AuthStep::Success(d) => return Ok((d, exchange.identity())),
             AuthStep::Fail(code) => return Err(Some(code)),
             AuthStep::Continue(d) => d,
         };
@@ -306,7 +373,7 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             ProtocolVersion::V5,
             &mut w,
         );
-        stream.write_all(&w).await.map_err(|_| None)?;
+        send(stream, &w).await.map_err(|_| None)?;
         match read_packet(stream, rbuf, Some(ProtocolVersion::V5), max_packet).await {
             Ok(Packet::Auth(a))
                 if a.reason == reason::CONTINUE_AUTHENTICATION

@@ -197,6 +197,16 @@ impl Conn {
         if v5 && p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             ack_reason = reason::PAYLOAD_FORMAT_INVALID;
         }
+        if !self.broker.may_publish(&self.principal, &p.topic) {
+            // v5 hears why (0x87); a 3.1.1 client has no way to, so its message is
+            // acknowledged and dropped, as mosquitto does.
+            debug!(client_id = %self.client_id, topic = %p.topic, "publish not authorised");
+            if v5 {
+                ack_reason = reason::NOT_AUTHORIZED;
+            } else {
+                return self.acknowledge_dropped(&p);
+            }
+        }
         let pid = p.packet_id.unwrap_or(0);
         match p.qos {
             QoS::AtMostOnce => {
@@ -249,6 +259,17 @@ impl Conn {
         Ok(())
     }
 
+    /// Acknowledges a 3.1.1 PUBLISH that is not passed on.
+    fn acknowledge_dropped(&mut self, p: &Publish) -> Result<(), Close> {
+        let pid = p.packet_id.unwrap_or(0);
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.respond(0, Packet::PubAck(PubResp::new(pid)), Vec::new()),
+            QoS::ExactlyOnce => self.respond(0, Packet::PubRec(PubResp::new(pid)), Vec::new()),
+        }
+        Ok(())
+    }
+
     /// Hands a client's PUBLISH to the broker; returns how many sessions it reached and the
     /// store ticket its acknowledgement waits for.
     pub(super) fn route(&mut self, p: Publish, extra: Option<Op>) -> (usize, u64) {
@@ -286,6 +307,11 @@ impl Conn {
                 Some(reason::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
             } else if !topic_within_limits(plain, &cfg) {
                 Some(reason::TOPIC_FILTER_INVALID)
+            } else if !self.broker.policy.may_subscribe(&self.principal, plain) {
+                // Unlike mosquitto 2.0, which grants every SUBSCRIBE and filters deliveries,
+                // the client learns at once that it will receive nothing here.
+                debug!(client_id = %self.client_id, filter = %filter, "subscription not authorised");
+                Some(reason::NOT_AUTHORIZED)
             } else {
                 None
             };

@@ -30,7 +30,7 @@ use bytestring::ByteString;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 
-use crate::auth::{AuthExchange, AuthMethod, AuthStep};
+use crate::auth::{AuthExchange, AuthMethod, AuthStep, Login, Principal, Refusal};
 use crate::broker::{signal, Attached, Broker, SessionHandle, EXPIRY_NEVER};
 use crate::message::Message;
 use crate::protocol::{
@@ -40,6 +40,7 @@ use crate::protocol::{
 use crate::session::{Ack, Delivery, OutState, Outgoing};
 use crate::store::{InflightState, Op};
 use crate::topics::level_count;
+use crate::transport::ConnInfo;
 
 /// Encoded bytes gathered before a write; past this the loop writes and comes back for more,
 /// so one busy subscriber cannot grow its buffer without bound.
@@ -85,12 +86,20 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet
         let mut w = BytesMut::new();
         let ack = ConnAck { session_present: false, code, properties: Properties::default() };
         protocol::encode(&Packet::ConnAck(ack), c.protocol, &mut w);
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&w)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, &w)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 
-/// Serves one client until it goes. `rbuf` holds whatever the transport already read of the
+/// Writes `bytes` and flushes them: TLS (and later WebSocket) streams keep written bytes in
+/// their own buffer until flushed, so a write that is not flushed may never be sent.
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Serves one client over `stream` (plain TCP, TLS...) until it goes. `info` is what the
+/// listener learnt of the peer; `rbuf` holds whatever the transport already read of the
 /// client's first bytes; `on_end` is dropped when the connection is over.
 ///
 /// Not an `async fn`: its arguments would be stored twice in the future (as arguments and
@@ -98,7 +107,7 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet
 #[allow(clippy::manual_async_fn)]
 pub fn serve<S, G>(
     mut stream: S,
-    peer: SocketAddr,
+    info: ConnInfo,
     broker: Arc<Broker>,
     rbuf: BytesMut,
     on_end: G,
@@ -109,7 +118,7 @@ where
 {
     // What only the handshake needs travels in one box, freed when it is done: the future
     // keeps every captured value for the connection's life.
-    let start = Box::new(Start { peer, broker, rbuf });
+    let start = Box::new(Start { info, broker, rbuf });
     async move {
         // The handshake and goodbye phases are boxed too: a future is as large as its
         // largest phase.
@@ -124,7 +133,7 @@ where
 }
 
 struct Start {
-    peer: SocketAddr,
+    info: ConnInfo,
     broker: Arc<Broker>,
     rbuf: BytesMut,
 }
@@ -132,7 +141,8 @@ struct Start {
 /// Reads CONNECT (within `limits.connect_timeout_secs`) and attaches the session. None when
 /// the connection ends there.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, start: Box<Start>) -> Option<Conn> {
-    let Start { peer, broker, mut rbuf } = *start;
+    let Start { info, broker, mut rbuf } = *start;
+    let peer = info.peer;
     let max_packet = broker.config.limits.max_packet_size as usize;
     let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
     let connect = match tokio::time::timeout(deadline, read_connect(stream, &mut rbuf, max_packet)).await {
@@ -147,7 +157,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, start: Box
         }
         Ok(Ok(c)) => c,
     };
-    let mut conn = Conn::accept(connect, peer, &broker, stream, &mut rbuf).await?;
+    let mut conn = Conn::accept(connect, info, &broker, stream, &mut rbuf).await?;
     conn.rbuf = rbuf;
     Some(conn)
 }
@@ -165,7 +175,7 @@ async fn refuse_version<S: AsyncWrite + Unpin>(stream: &mut S, peer: SocketAddr,
         let mut w = BytesMut::new();
         let ack = ConnAck { session_present: false, code, properties: Properties::default() };
         protocol::encode(&Packet::ConnAck(ack), version, &mut w);
-        let _ = stream.write_all(&w).await;
+        let _ = send(stream, &w).await;
     }
 }
 
@@ -176,6 +186,8 @@ struct Conn {
     control: Arc<crate::broker::ConnControl>,
     version: ProtocolVersion,
     client_id: ByteString,
+    /// Who the client is, for every authorisation check (publish, subscribe, delivery, will).
+    principal: Arc<Principal>,
     peer: SocketAddr,
     /// Seconds granted; 0 = no keep-alive.
     keep_alive: u16,
@@ -351,22 +363,33 @@ impl Conn {
         let signals = &mut self.signals;
         let wbuf = &self.wbuf;
         let result = std::future::poll_fn(|cx| {
-            while written < wbuf.len() {
-                match Pin::new(&mut *stream).poll_write(cx, &wbuf[written..]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Err(Close::Lost("write failed"))),
-                    Poll::Ready(Ok(n)) => written += n,
-                    Poll::Pending => {
-                        while let Poll::Ready(bits) = control.poll_signals(cx) {
-                            *signals |= bits;
-                            if bits & signal::KICK != 0 {
-                                return Poll::Ready(Err(Close::Kicked(control.reason())));
-                            }
+            // Written, then flushed: a TLS stream holds records until it is flushed.
+            let progress = loop {
+                if written < wbuf.len() {
+                    match Pin::new(&mut *stream).poll_write(cx, &wbuf[written..]) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                            return Poll::Ready(Err(Close::Lost("write failed")))
                         }
-                        return Poll::Pending;
+                        Poll::Ready(Ok(n)) => written += n,
+                        Poll::Pending => break Poll::Pending,
                     }
+                } else {
+                    break Pin::new(&mut *stream).poll_flush(cx);
+                }
+            };
+            match progress {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(Close::Lost("write failed"))),
+                Poll::Pending => {
+                    while let Poll::Ready(bits) = control.poll_signals(cx) {
+                        *signals |= bits;
+                        if bits & signal::KICK != 0 {
+                            return Poll::Ready(Err(Close::Kicked(control.reason())));
+                        }
+                    }
+                    Poll::Pending
                 }
             }
-            Poll::Ready(Ok(()))
         })
         .await;
         if self.wbuf.capacity() > 4 * WRITE_BATCH {
@@ -393,7 +416,7 @@ impl Conn {
         if let (true, Some(code)) = (v5, reason_code) {
             self.wbuf.clear();
             self.encode(Packet::Disconnect(Disconnect { reason: code, properties: Properties::default() }));
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&self.wbuf)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), send(stream, &self.wbuf)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
         info!(client_id = %self.client_id, peer = %self.peer, reason = %why, "client disconnected");
@@ -403,8 +426,9 @@ impl Conn {
         let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
         let msg = self.will_message(*w);
         // v5 Will Delay: published when the delay or the session ends, whichever is first,
-        // unless the client has come back to the same session by then.
-        self.broker.publish_will(&self.handle, msg, delay);
+        // unless the client has come back to the same session by then; with its owner's
+        // rights at that moment.
+        self.broker.publish_will(&self.handle, msg, delay, Some(Arc::clone(&self.principal)));
     }
 
     pub(super) fn will_message(&self, w: LastWill) -> Arc<Message> {

@@ -63,6 +63,19 @@ impl Conn {
                 break true;
             }
             let Some(out) = cell.state.next_outgoing(self.window, now) else { break false };
+            let (Outgoing::Unacked(d) | Outgoing::Tracked(_, d)) = &out;
+            if !self.broker.policy.may_receive(&self.principal, &d.msg.topic) {
+                // The right to read was revoked after the message was queued (or retained,
+                // or subscribed): it is dropped as if delivered, and counted.
+                if let Outgoing::Tracked(pid, _) = out {
+                    if let Some(seq) = cell.state.discard(pid) {
+                        ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
+                    }
+                }
+                cell.state.dropped += 1;
+                self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let (d, pid) = match out {
                 Outgoing::Unacked(d) => (d, None),
                 Outgoing::Tracked(pid, d) => {

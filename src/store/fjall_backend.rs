@@ -48,6 +48,14 @@ impl FjallBackend {
         let shown = dir.display().to_string();
         let incompatible = |why: String| StoreError::Incompatible { dir: shown.clone(), why };
         std::fs::create_dir_all(dir).map_err(|e| incompatible(format!("cannot create it: {e}")))?;
+        // Messages and sessions are nobody else's business: the directory is the owner's
+        // only (the binary also sets umask 077, so the files are 0600).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| incompatible(format!("cannot make it private (mode 0700): {e}")))?;
+        }
         let db = Database::builder(dir).open().map_err(|e| match e {
             fjall::Error::Locked => StoreError::Locked(shown.clone()),
             other => incompatible(format!("cannot open it: {other}")),
