@@ -7,6 +7,7 @@
 #
 # Environment:
 #   SCENARIOS   subset of: fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep
+#               tls_handshakes tls_fanin1
 #   RUNS        runs per broker per scenario (default 3; sweep always runs once per broker)
 #   QUICK=1     smaller message counts and shorter latency runs
 #   TIMEOUT     tern-bench hard timeout per run, seconds (default 60)
@@ -15,6 +16,9 @@
 #               closest to mosquitto's `persistence false`)
 #   OUT         results directory (default target/bench/<timestamp>)
 #   NO_BUILD=1  skip `cargo build --release`
+#   CARGO_TARGET_DIR  where the binaries are (default target/)
+#   TLS_KEY     key type of the generated test certificates for the tls_* scenarios: ec
+#               (P-256, default) or rsa (2048 bits)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,10 +28,11 @@ QUICK=${QUICK:-0}
 TIMEOUT=${TIMEOUT:-60}
 DURABILITY=${DURABILITY:-sync}
 TERN_DURABILITY=${TERN_DURABILITY:-none}
-SCENARIOS=${SCENARIOS:-"fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep"}
+SCENARIOS=${SCENARIOS:-"fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep tls_handshakes tls_fanin1"}
+TLS_KEY=${TLS_KEY:-ec}
 OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
-BENCH=$ROOT/target/release/tern-bench
-TERN=$ROOT/target/release/tern
+BENCH=${CARGO_TARGET_DIR:-$ROOT/target}/release/tern-bench
+TERN=${CARGO_TARGET_DIR:-$ROOT/target}/release/tern
 export PATH="$PATH:/usr/sbin:/usr/local/sbin"
 
 log() { echo "[compare] $*" >&2; }
@@ -46,6 +51,18 @@ if ! command -v mosquitto >/dev/null 2>&1; then
     exit 1
 fi
 MOSQ_VERSION=$(mosquitto -h 2>&1 | head -1)
+case " $SCENARIOS " in
+    *" tls_"*)
+        if ! command -v openssl >/dev/null 2>&1; then
+            log "installing openssl (Debian package)"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+        fi
+        if ! command -v openssl >/dev/null 2>&1; then
+            log "openssl is not available; cannot make the TLS test certificates"
+            exit 1
+        fi
+        ;;
+esac
 if [ "${NO_BUILD:-0}" != 1 ]; then
     log "cargo build --release"
     cargo build --release --bins >&2 || exit 1
@@ -53,6 +70,41 @@ fi
 # 10,000 idle connections need as many descriptors in the bench and in the broker.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
 log "open-file limit: $(ulimit -n)"
+
+# --- TLS test certificates --------------------------------------------------------------
+# One CA and one server certificate (SAN DNS:localhost, IP:127.0.0.1) per results directory,
+# used by both brokers; tern-bench trusts the CA (--tls-ca) and checks the name `localhost`.
+TLS_DIR=$OUT/tls
+make_certs() {
+    [ -f "$TLS_DIR/server.crt" ] && return 0
+    mkdir -p "$TLS_DIR" || return 1
+    local newkey
+    case $TLS_KEY in
+        ec) newkey=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1) ;;
+        rsa) newkey=(-newkey rsa:2048) ;;
+        *) log "TLS_KEY must be ec or rsa"; return 1 ;;
+    esac
+    (
+        cd "$TLS_DIR" &&
+            openssl req -x509 "${newkey[@]}" -nodes -days 30 -subj "/CN=tern-bench test CA" \
+                -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+                -keyout ca.key -out ca.crt &&
+            openssl req "${newkey[@]}" -nodes -subj "/CN=localhost" -keyout server.key -out server.csr &&
+            printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+                "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >server.ext &&
+            openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+                -extfile server.ext -out server.crt &&
+            # A throwaway key: readable, so mosquitto can load it after dropping root.
+            chmod 644 server.key
+    ) >"$OUT/openssl.log" 2>&1 || {
+        log "openssl failed; see $OUT/openssl.log"
+        return 1
+    }
+    log "TLS test certificates ($TLS_KEY) in $TLS_DIR"
+}
+case " $SCENARIOS " in
+    *" tls_"*) make_certs || exit 1 ;;
+esac
 
 # --- scenario table --------------------------------------------------------------------
 args_for() {
@@ -68,6 +120,10 @@ args_for() {
         durable) [ "$q" = 1 ] && echo "durable --messages 40000" || echo "durable --messages 200000" ;;
         sweep) [ "$q" = 1 ] && echo "latency --sweep 1000,2000,5000,10000,20000 --secs 2 --drain-ms 1000" ||
             echo "latency --sweep 1000,2000,5000,10000,20000,50000,100000 --secs 5" ;;
+        tls_handshakes) [ "$q" = 1 ] && echo "handshakes --conns 500 --tls-ca $TLS_DIR/ca.crt" ||
+            echo "handshakes --conns 2000 --tls-ca $TLS_DIR/ca.crt" ;;
+        tls_fanin1) [ "$q" = 1 ] && echo "fanin --qos 1 --messages 100000 --tls-ca $TLS_DIR/ca.crt" ||
+            echo "fanin --qos 1 --messages 400000 --tls-ca $TLS_DIR/ca.crt" ;;
         *) return 1 ;;
     esac
 }
@@ -92,6 +148,16 @@ start_broker() {
     local kind=$1 scen=$2 dir=$3
     BROKER_PORT=$(free_port)
     mkdir -p "$dir/data"
+    # tls_* scenarios: the only listener is TLS, with the certificates from make_certs.
+    local tern_tls="" mosq_tls=""
+    case $scen in
+        tls_*)
+            tern_tls="kind = \"tls\"
+tls = { cert = \"$TLS_DIR/server.crt\", key = \"$TLS_DIR/server.key\" }"
+            mosq_tls="certfile $TLS_DIR/server.crt
+keyfile $TLS_DIR/server.key"
+            ;;
+    esac
     if [ "$kind" = tern ]; then
         local mode=$TERN_DURABILITY
         [ "$scen" = durable ] && mode=$DURABILITY
@@ -99,6 +165,7 @@ start_broker() {
         cat >"$dir/broker.toml" <<EOF
 [[listener]]
 bind = "127.0.0.1:$BROKER_PORT"
+$tern_tls
 
 [storage]
 dir = "$dir/data"
@@ -112,6 +179,7 @@ EOF
     else
         cat >"$dir/broker.conf" <<EOF
 listener $BROKER_PORT 127.0.0.1
+$mosq_tls
 allow_anonymous true
 max_queued_messages 1000000
 max_inflight_messages 1000

@@ -18,6 +18,8 @@ METRICS = {
     "conns": [("conn_rate", "conn/s", True), ("bytes_per_conn", "B", False)],
     "retained": [("rate", "msg/s", True), ("secs", "s", False)],
     "durable": [("rate", "msg/s", True)],
+    "tls_handshakes": [("conn_rate", "conn/s", True), ("connack_p99_us", "µs", False)],
+    "tls_fanin1": [("rate", "msg/s", True)],
 }
 TARGETS = {
     ("fanin0", "rate"): "≥ 8×",
@@ -75,7 +77,9 @@ def main():
             ok = []
             for b in BROKERS:
                 rs = [r for r in rows if r[0] == scen and r[1] == b]
-                vals = [float(r[4][metric]) for r in rs if metric in r[4] and r[4].get("timeout", "0") == "0"]
+                # A run that failed before measuring anything (e.g. no TLS handshake) reports 0.
+                vals = [float(r[4][metric]) for r in rs if metric in r[4] and r[4].get("timeout", "0") == "0"
+                        and not ("error" in r[4] and float(r[4][metric]) == 0)]
                 ok.append(f"{sum(1 for r in rs if r[3] == 0)}/{len(rs)}")
                 if vals:
                     m = statistics.median(vals)

@@ -130,7 +130,8 @@ pub enum Durability {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
-    /// `None` = decided from the listeners: allowed only when every listener is on loopback.
+    /// `None` = allowed only when there is no password file and every listener is on
+    /// loopback.
     pub allow_anonymous: Option<bool>,
     /// mosquitto-compatible password file (`user:hash` lines: `$7$`, `$6$`, argon2id, SCRAM).
     pub password_file: Option<PathBuf>,
@@ -393,7 +394,10 @@ impl Config {
 
     /// Anonymous access: the explicit setting, or allowed only when every listener is loopback.
     pub fn anonymous_allowed(&self) -> bool {
-        self.auth.allow_anonymous.unwrap_or_else(|| self.listener.iter().all(Listener::is_loopback))
+        // A password file means "clients log in", as in mosquitto, even on loopback.
+        self.auth
+            .allow_anonymous
+            .unwrap_or_else(|| self.auth.password_file.is_none() && self.listener.iter().all(Listener::is_loopback))
     }
 }
 

@@ -91,6 +91,18 @@ impl BrokerHandle {
         }
     }
 
+    /// Serves one MQTT client over any byte stream the embedding program accepted itself
+    /// (a Unix socket, a pipe, a tunnel), as if it had arrived on listener 0 from `peer`.
+    /// The stream gets the same handshake, policy and limits as a network client; writes are
+    /// flushed, so buffering streams work.
+    pub fn serve<S>(&self, stream: S, peer: SocketAddr) -> JoinHandle<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let info = ConnInfo { peer, listener: 0, kind: ListenerKind::Tcp, cert_identity: None };
+        tokio::spawn(crate::connection::serve(stream, info, Arc::clone(&self.broker), BytesMut::new(), ()))
+    }
+
     /// Stops accepting, tells v5 clients the server is shutting down (0x8B), waits
     /// briefly for connections to close, then flushes and closes the store.
     pub async fn shutdown(self) {

@@ -214,7 +214,7 @@ pub async fn throughput(a: &Args) -> Outcome {
     for i in 0..subs {
         let id = if durable { "bench-durable-sub".to_string() } else { format!("bench-sub-{i}") };
         let o = ConnectOpts { client_id: &id, clean: !durable, keep_alive: 0, v5: a.v5, session_expiry: 3600 };
-        let mut c = match Conn::open(a.addr, &o, deadline).await {
+        let mut c = match Conn::open(&a.ep, &o, deadline).await {
             Ok(c) => c,
             Err(e) => return fail(rep, "subscriber_connect", e),
         };
@@ -232,7 +232,7 @@ pub async fn throughput(a: &Args) -> Outcome {
     for p in 0..pubs {
         let id = format!("bench-pub-{p}");
         let o = ConnectOpts { client_id: &id, clean: true, keep_alive: 0, v5: a.v5, session_expiry: 0 };
-        match Conn::open(a.addr, &o, deadline).await {
+        match Conn::open(&a.ep, &o, deadline).await {
             Ok(c) => pub_conns.push(c),
             Err(e) => return fail(rep, "publisher_connect", e),
         }
@@ -334,7 +334,7 @@ pub async fn retained(a: &Args) -> Outcome {
     };
     let cpu = CpuMeter::start(a.pid);
     let o = ConnectOpts { client_id: "bench-ret-pub", clean: true, keep_alive: 0, v5: a.v5, session_expiry: 0 };
-    let c = match Conn::open(a.addr, &o, deadline).await {
+    let c = match Conn::open(&a.ep, &o, deadline).await {
         Ok(c) => c,
         Err(e) => return fail(rep, "publisher_connect", e),
     };
@@ -359,7 +359,7 @@ pub async fn retained(a: &Args) -> Outcome {
     }
 
     let o = ConnectOpts { client_id: "bench-ret-sub", clean: true, keep_alive: 0, v5: a.v5, session_expiry: 0 };
-    let mut c = match Conn::open(a.addr, &o, deadline).await {
+    let mut c = match Conn::open(&a.ep, &o, deadline).await {
         Ok(c) => c,
         Err(e) => return fail(rep, "subscriber_connect", e),
     };

@@ -5,10 +5,11 @@
 //!
 //! Runs on two plain threads with blocking sockets (publisher sleeps precisely between sends,
 //! subscriber blocks in read) rather than on the async runtime, whose timer has 1 ms
-//! granularity.
+//! granularity. With `--tls-ca` the sockets are blocking rustls streams; a TLS stream cannot be
+//! read on a second thread, so at QoS 1 the publisher reads its PUBACKs itself after each
+//! write (non-blocking) instead of on the PUBACK thread used for TCP.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 
 use crate::mqtt;
+use crate::net::SyncStream;
 use crate::stats::{quantile, CpuMeter, Report, Tracker};
 use crate::{Args, Outcome};
 
@@ -51,7 +53,7 @@ fn schedule(rate: f64, secs: f64, seed: u64) -> Vec<u64> {
 }
 
 struct SyncConn {
-    s: TcpStream,
+    s: SyncStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     scratch: Vec<u8>,
@@ -60,9 +62,8 @@ struct SyncConn {
 impl SyncConn {
     fn open(a: &Args, id: &str, deadline: Instant) -> io::Result<SyncConn> {
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let s = TcpStream::connect_timeout(&a.addr, left)?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let s = SyncStream::connect(&a.ep, left)?;
+        s.tcp().set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut c = SyncConn {
             s,
             rbuf: BytesMut::with_capacity(256 * 1024),
@@ -80,8 +81,31 @@ impl SyncConn {
 
     fn flush(&mut self) -> io::Result<()> {
         self.s.write_all(&self.wbuf)?;
+        self.s.flush()?;
         self.wbuf.clear();
         Ok(())
+    }
+
+    /// TLS publisher at QoS 1: reads what has arrived without blocking and counts the PUBACKs.
+    fn drain_acks(&mut self) -> io::Result<u64> {
+        self.s.tcp().set_nonblocking(true)?;
+        let mut acks = 0;
+        let r = loop {
+            match self.s.read(&mut self.scratch) {
+                Ok(0) => break Err(io::Error::new(io::ErrorKind::UnexpectedEof, "broker closed the connection")),
+                Ok(n) => self.rbuf.extend_from_slice(&self.scratch[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            while let Some((f, k)) = mqtt::frame(&self.rbuf)? {
+                if f.kind == mqtt::PUBACK {
+                    acks += 1;
+                }
+                self.rbuf.advance(k);
+            }
+        };
+        self.s.tcp().set_nonblocking(false)?;
+        r.map(|()| acks)
     }
 
     /// Reads whatever is available (up to the read timeout); Ok(false) on timeout.
@@ -224,8 +248,8 @@ fn one_rate(a: &Args, rate: f64, run: u64) -> (String, u8) {
 
     // QoS 1: drain the PUBACKs on a second handle so the broker never blocks writing them.
     let acks = Arc::new(AtomicU64::new(0));
-    let ack_thread = if qos == 1 {
-        let mut rd = match publ.s.try_clone() {
+    let ack_thread = if qos == 1 && !publ.s.is_tls() {
+        let mut rd = match publ.s.tcp().try_clone() {
             Ok(s) => s,
             Err(e) => return fail(rep, "clone", e),
         };
@@ -279,6 +303,17 @@ fn one_rate(a: &Args, rate: f64, run: u64) -> (String, u8) {
             pub_err = Some(e.to_string().replace(char::is_whitespace, "_"));
             break;
         }
+        if qos == 1 && ack_thread.is_none() {
+            match publ.drain_acks() {
+                Ok(n) => {
+                    acks.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    pub_err = Some(e.to_string().replace(char::is_whitespace, "_"));
+                    break;
+                }
+            }
+        }
         if Instant::now() >= deadline {
             pub_timeout = true;
             break;
@@ -289,6 +324,11 @@ fn one_rate(a: &Args, rate: f64, run: u64) -> (String, u8) {
     let so = sub_thread.join().expect("subscriber thread");
     if let Some(t) = ack_thread {
         let _ = t.join();
+    } else if qos == 1 && pub_err.is_none() {
+        // TLS: the PUBACKs that arrived after the last write.
+        if let Ok(n) = publ.drain_acks() {
+            acks.fetch_add(n, Ordering::Relaxed);
+        }
     }
     mqtt::disconnect(&mut publ.wbuf);
     let _ = publ.flush();

@@ -7,11 +7,14 @@
 
 mod conns;
 mod flow;
+mod handshakes;
 mod latency;
 mod mqtt;
+mod net;
 mod stats;
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -22,6 +25,8 @@ scenarios:
   fanout    1 publisher -> M subscribers (rate = deliveries/s)
   latency   open-loop Poisson arrivals at --rate for --secs (or --sweep R1,R2,...)
   conns     open --conns idle connections; connection rate and broker RSS per connection
+  handshakes  open and close --conns connections, --concurrency at a time: connections/s
+            (TCP connect + TLS handshake with --tls-ca + CONNECT/CONNACK + DISCONNECT)
   retained  publish --messages retained messages, then time a new `#` QoS 1 subscriber
   durable   QoS 1 fan-in to a persistent-session (clean session false) QoS 1 subscriber
 
@@ -32,14 +37,20 @@ options (defaults in brackets):
   --messages N  total publishes [fanin 400000, fanout 50000, retained 100000, durable 200000]
   --size B [64] payload bytes (min 20)   --window W [64] unacked QoS 1 publishes per publisher
   --rate R [2000] msg/s   --secs S [10]   --sweep R1,R2,...   (latency)
-  --conns N [10000]  --keepalive S [0]  --concurrency C [64]   (conns)
+  --conns N [conns 10000, handshakes 2000]  --keepalive S [0]
+  --concurrency C [conns 64, handshakes 32]
+  --tls-ca FILE  connect with TLS, trusting the CA certificate(s) in this PEM file (every
+                 scenario; without it plain TCP)
+  --tls-server-name NAME [localhost]  name the broker's certificate must be valid for
+  --tls-resume   allow TLS session resumption (default: off, every handshake is a full one)
   --pid PID  broker process: its CPU (and for conns its RSS) is reported
   --timeout S [60] hard limit on the run   --drain-ms MS [2000] QoS 0 quiet time before giving up";
 
 #[derive(Clone, Debug)]
 pub struct Args {
     pub scenario: String,
-    pub addr: SocketAddr,
+    /// The broker's address and, with `--tls-ca`, the TLS client settings.
+    pub ep: net::Endpoint,
     pub v5: bool,
     pub qos: u8,
     pub pubs: usize,
@@ -73,14 +84,18 @@ fn parse_args() -> Result<Args, String> {
         "fanout" => (1, 16, 50_000),
         "retained" => (1, 1, 100_000),
         "durable" => (8, 1, 200_000),
-        "latency" | "conns" => (1, 1, 0),
+        "latency" | "conns" | "handshakes" => (1, 1, 0),
         other => return Err(format!("unknown scenario `{other}`")),
     };
+    let (def_conns, def_concurrency) = if scenario == "handshakes" { (2_000, 32) } else { (10_000, 64) };
     let mut host = "127.0.0.1".to_string();
     let mut port: u16 = 1883;
+    let mut tls_ca: Option<PathBuf> = None;
+    let mut tls_name = "localhost".to_string();
+    let mut tls_resume = false;
     let mut a = Args {
         scenario,
-        addr: "127.0.0.1:1883".parse().unwrap(),
+        ep: net::Endpoint { addr: "127.0.0.1:1883".parse().unwrap(), tls: None },
         v5: false,
         qos: 0,
         pubs: def_pubs,
@@ -91,9 +106,9 @@ fn parse_args() -> Result<Args, String> {
         rate: 2000.0,
         secs: 10.0,
         sweep: Vec::new(),
-        conns: 10_000,
+        conns: def_conns,
         keepalive: 0,
-        concurrency: 64,
+        concurrency: def_concurrency,
         pid: None,
         timeout: Duration::from_secs(60),
         drain: Duration::from_millis(2000),
@@ -101,6 +116,10 @@ fn parse_args() -> Result<Args, String> {
     while let Some(k) = it.next() {
         if k == "--v5" {
             a.v5 = true;
+            continue;
+        }
+        if k == "--tls-resume" {
+            tls_resume = true;
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
@@ -122,6 +141,8 @@ fn parse_args() -> Result<Args, String> {
             "--pid" => a.pid = Some(num(&k, &v)?),
             "--timeout" => a.timeout = Duration::from_secs_f64(num::<f64>(&k, &v)?),
             "--drain-ms" => a.drain = Duration::from_millis(num(&k, &v)?),
+            "--tls-ca" => tls_ca = Some(PathBuf::from(v)),
+            "--tls-server-name" => tls_name = v,
             _ => return Err(format!("unknown option `{k}`")),
         }
     }
@@ -140,11 +161,14 @@ fn parse_args() -> Result<Args, String> {
     if a.rate <= 0.0 || a.secs <= 0.0 || a.sweep.iter().any(|&r| r <= 0.0) {
         return Err("--rate, --secs and --sweep rates must be positive".into());
     }
-    a.addr = (host.as_str(), port)
+    a.ep.addr = (host.as_str(), port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {host}:{port}: {e}"))?
         .next()
         .ok_or_else(|| format!("{host} has no address"))?;
+    if let Some(ca) = &tls_ca {
+        a.ep.tls = Some(net::TlsClient::new(ca, &tls_name, tls_resume)?);
+    }
     Ok(a)
 }
 
@@ -183,6 +207,7 @@ fn main() -> ExitCode {
                 "fanin" | "fanout" | "durable" => flow::throughput(&a).await,
                 "retained" => flow::retained(&a).await,
                 "conns" => conns::run(&a).await,
+                "handshakes" => handshakes::run(&a).await,
                 "latency" => {
                     let a2 = a.clone();
                     tokio::task::spawn_blocking(move || latency::run(&a2)).await.unwrap_or_else(|e| Outcome {

@@ -5,12 +5,12 @@
 //! reused `BytesMut`, received frames are parsed in place.
 
 use std::io;
-use std::net::SocketAddr;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
+
+use crate::net::{Endpoint, Stream};
 
 pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
@@ -218,9 +218,9 @@ pub fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "deadline reached")
 }
 
-/// A client connection: the socket plus reused read and write buffers.
+/// A client connection: the socket (TCP or TLS) plus reused read and write buffers.
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub rbuf: BytesMut,
     pub wbuf: BytesMut,
     pub v5: bool,
@@ -236,10 +236,9 @@ pub struct ConnectOpts<'a> {
 }
 
 impl Conn {
-    /// TCP connect, CONNECT, wait for CONNACK (which must accept).
-    pub async fn open(addr: SocketAddr, o: &ConnectOpts<'_>, deadline: Instant) -> io::Result<Conn> {
-        let stream = timeout_at(deadline, TcpStream::connect(addr)).await.map_err(|_| timed_out())??;
-        stream.set_nodelay(true)?;
+    /// TCP connect (and TLS handshake), CONNECT, wait for CONNACK (which must accept).
+    pub async fn open(ep: &Endpoint, o: &ConnectOpts<'_>, deadline: Instant) -> io::Result<Conn> {
+        let stream = Stream::connect(ep, deadline).await?;
         let mut c = Conn {
             stream,
             rbuf: BytesMut::with_capacity(64 * 1024),
@@ -265,12 +264,18 @@ impl Conn {
         }
     }
 
-    /// Writes and clears the write buffer.
+    /// Writes and clears the write buffer. A TLS stream is flushed too (a no-op for TCP), so
+    /// nothing stays in its buffer.
     pub async fn flush(&mut self, deadline: Instant) -> io::Result<()> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        timeout_at(deadline, self.stream.write_all(&self.wbuf)).await.map_err(|_| timed_out())??;
+        timeout_at(deadline, async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| timed_out())??;
         self.wbuf.clear();
         Ok(())
     }
@@ -329,7 +334,12 @@ impl Conn {
     /// DISCONNECT and close (errors ignored: this is the end of the run).
     pub async fn close(mut self) {
         disconnect(&mut self.wbuf);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.stream.write_all(&self.wbuf)).await;
-        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        })
+        .await;
+        // TLS: close_notify, then FIN; TCP: FIN.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.stream.shutdown()).await;
     }
 }

@@ -146,6 +146,8 @@ pub struct Connect {
     pub will: Option<Will>,
     /// v5 CONNECT properties (without the length).
     pub properties: Vec<u8>,
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
 }
 
 impl Connect {
@@ -158,7 +160,22 @@ impl Connect {
             keep_alive: 30,
             will: None,
             properties: Vec::new(),
+            username: None,
+            password: None,
         }
+    }
+
+    /// User Name and Password.
+    pub fn login(mut self, username: &str, password: &str) -> Connect {
+        self.username = Some(username.into());
+        self.password = Some(password.as_bytes().to_vec());
+        self
+    }
+
+    /// User Name without a password.
+    pub fn user(mut self, username: &str) -> Connect {
+        self.username = Some(username.into());
+        self
     }
 
     pub fn v31(client_id: &str) -> Connect {
@@ -207,6 +224,12 @@ impl Connect {
                 flags |= 0x20;
             }
         }
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        if self.password.is_some() {
+            flags |= 0x40;
+        }
         body.push(flags);
         body.extend(self.keep_alive.to_be_bytes());
         if self.is_v5() {
@@ -219,6 +242,12 @@ impl Connect {
             }
             body.extend(mqtt_str(w.topic.as_bytes()));
             body.extend(mqtt_str(&w.payload));
+        }
+        if let Some(u) = &self.username {
+            body.extend(mqtt_str(u.as_bytes()));
+        }
+        if let Some(p) = &self.password {
+            body.extend(mqtt_str(p));
         }
         packet(0x10, &body)
     }
@@ -429,8 +458,12 @@ pub enum Event {
 }
 
 /// A hand-driven MQTT client: exact bytes out, whole packets in.
+/// Any byte stream a test client speaks MQTT over (TCP, TLS).
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
 pub struct Raw {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     buf: Vec<u8>,
     pub v5: bool,
 }
@@ -440,16 +473,29 @@ impl Raw {
         let stream =
             tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.expect("connect timeout").expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        Raw { stream, buf: Vec::new(), v5: false }
+        Raw::over(stream)
+    }
+
+    /// A client over an already open stream (a TLS session, say).
+    pub fn over(stream: impl Stream + 'static) -> Raw {
+        Raw { stream: Box::new(stream), buf: Vec::new(), v5: false }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
-        tokio::time::timeout(WAIT, self.stream.write_all(bytes)).await.expect("write timeout").expect("write");
+        let write = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(WAIT, write).await.expect("write timeout").expect("write");
     }
 
     /// Sends, ignoring failures (the broker may already have closed the socket).
     pub async fn send_lossy(&mut self, bytes: &[u8]) {
-        let _ = tokio::time::timeout(WAIT, self.stream.write_all(bytes)).await;
+        let write = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        let _ = tokio::time::timeout(WAIT, write).await;
     }
 
     fn take_packet(&mut self) -> Option<Vec<u8>> {

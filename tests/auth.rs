@@ -1,0 +1,193 @@
+//! Password files over real sockets: lines written by Debian's `mosquitto_passwd` and by
+//! `tern passwd`, wrong passwords and unknown users refused alike, anonymous clients refused
+//! once there is a password file, a failed reload keeping the old users, and SCRAM-SHA-256
+//! enhanced authentication whose user name then feeds the ACL.
+
+mod common;
+
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use common::*;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+// Written by Debian 12's mosquitto_passwd 2.0.11: `-b -c f alice 'correct horse'` ($7$,
+// PBKDF2-SHA512, 101 rounds) and `-H sha512 -b f bob hunter2` ($6$).
+const MOSQ_ALICE: &str = "alice:$7$101$SROzHdnDswAX4RsB$5ak0PoUzdDY1RSnqw29p6XOg/2e8JZwANMEXPbSV425r9mKUX9VsiVYtmqBthqP5FB3yvBn0mqTsgVDC9X6Elg==";
+const MOSQ_BOB: &str =
+    "bob:$6$Wz6TQq9bCNu130DL$1oXZ8YAVbRW0JIK2MaZ+41uFmz7eCfjWIRAt1WSLlwTW6Ik/5et1F1GwXfPBghbJP4if5w0NkIC70dbQSl7LgQ==";
+
+struct Files {
+    _dir: tempfile::TempDir,
+    passwd: PathBuf,
+    acl: PathBuf,
+}
+
+/// A password file with alice ($7$), bob ($6$), carol (argon2id, written by `tern passwd`)
+/// and dave (SCRAM-SHA-256, `tern passwd --scram`), and an ACL giving each their own tree.
+fn files() -> Files {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, format!("{MOSQ_ALICE}\n{MOSQ_BOB}\n")).unwrap();
+    for args in [["-b", "carol", "s3cret"], ["-b", "--scram", "dave"]] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tern"));
+        cmd.arg("passwd").arg(args[0]);
+        if args[1] == "--scram" {
+            cmd.arg("--scram").arg(&passwd).arg("dave").arg("pencil");
+        } else {
+            cmd.arg(&passwd).arg(args[1]).arg(args[2]);
+        }
+        let out = cmd.output().expect("run tern passwd");
+        assert!(out.status.success(), "tern passwd: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "pattern readwrite home/%u/#\n").unwrap();
+    Files { _dir: dir, passwd, acl }
+}
+
+async fn password_broker(f: &Files) -> TestBroker {
+    let (p, a) = (f.passwd.clone(), f.acl.clone());
+    start_with(move |c| {
+        c.auth.password_file = Some(p);
+        c.auth.acl_file = Some(a);
+    })
+    .await
+}
+
+async fn connack(b: &TestBroker, c: Connect) -> u8 {
+    let mut raw = Raw::open(b.addr).await;
+    raw.handshake(&c).await.code
+}
+
+#[tokio::test]
+async fn mosquitto_and_tern_passwd_lines_log_in() {
+    let f = files();
+    let b = password_broker(&f).await;
+    for (user, pass) in [("alice", "correct horse"), ("bob", "hunter2"), ("carol", "s3cret"), ("dave", "pencil")] {
+        assert_eq!(connack(&b, Connect::v311(user).login(user, pass)).await, 0, "{user} v3.1.1");
+        let (mut c, _) = connect_with(b.addr, &Connect::v5(user).login(user, pass)).await;
+        c.assert_alive(&format!("home/{user}/x")).await;
+    }
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_user_are_refused_alike() {
+    let f = files();
+    let b = password_broker(&f).await;
+    for c in [Connect::v311("x").login("alice", "wrong"), Connect::v311("x").login("mallory", "correct horse")] {
+        assert_eq!(connack(&b, c).await, 0x05);
+    }
+    for c in [Connect::v5("x").login("bob", "hunter3"), Connect::v5("x").login("nobody", "hunter2")] {
+        assert_eq!(connack(&b, c).await, 0x86);
+    }
+    // A user name without a password is a wrong password.
+    assert_eq!(connack(&b, Connect::v5("x").user("alice")).await, 0x86);
+    // Anonymous: a password file means clients log in, even on loopback.
+    assert_eq!(connack(&b, Connect::v5("anon")).await, 0x87);
+    assert_eq!(connack(&b, Connect::v311("anon")).await, 0x05);
+}
+
+#[tokio::test]
+async fn failed_reload_keeps_the_old_users() {
+    let f = files();
+    let b = password_broker(&f).await;
+    let good = std::fs::read_to_string(&f.passwd).unwrap();
+    std::fs::write(&f.passwd, format!("{good}eve:plaintext\n")).unwrap();
+    let errors = b.handle.reload().await.expect_err("a file with a plain-text password is refused");
+    assert!(errors.iter().any(|e| e.contains(":5:")), "error names line 5: {errors:?}");
+    assert_eq!(connack(&b, Connect::v5("a").login("alice", "correct horse")).await, 0);
+    assert_eq!(connack(&b, Connect::v5("e").login("eve", "plaintext")).await, 0x86);
+
+    // A good reload removes a user at once.
+    std::fs::write(&f.passwd, format!("{MOSQ_BOB}\n")).unwrap();
+    b.handle.reload().await.expect("reload");
+    assert_eq!(connack(&b, Connect::v5("a").login("alice", "correct horse")).await, 0x86);
+    assert_eq!(connack(&b, Connect::v5("b").login("bob", "hunter2")).await, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SCRAM-SHA-256 (RFC 5802, RFC 7677) from the client's side
+// ---------------------------------------------------------------------------------------------
+
+const METHOD: &[u8] = b"SCRAM-SHA-256";
+const PROP_AUTH_METHOD: u8 = 0x15;
+const PROP_AUTH_DATA: u8 = 0x16;
+
+fn binary_prop(id: u8, v: &[u8]) -> Vec<u8> {
+    let mut out = vec![id];
+    out.extend(mqtt_str(v));
+    out
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap();
+    m.update(data);
+    m.finalize().into_bytes().into()
+}
+
+/// Runs a SCRAM exchange as `user` with `password`; returns the CONNACK code, the connection
+/// and whether the server's signature was right.
+async fn scram_login(b: &TestBroker, user: &str, password: &str) -> (u8, Raw, bool) {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let nonce = "fyko+d2lbbFgONRv9qkxdawL";
+    let client_first_bare = format!("n={user},r={nonce}");
+    let mut c = Connect::v5("scram-client");
+    c.properties.extend(binary_prop(PROP_AUTH_METHOD, METHOD));
+    c.properties.extend(binary_prop(PROP_AUTH_DATA, format!("n,,{client_first_bare}").as_bytes()));
+    let mut raw = Raw::open(b.addr).await;
+    raw.v5 = true;
+    raw.send(&c.bytes()).await;
+    let p = raw.read_packet().await;
+    if p[0] == 0x20 {
+        return (parse_connack(&p, true).code, raw, false);
+    }
+    assert_eq!(p[0], 0xF0, "expected AUTH, got {}", hex(&p));
+    let (_, body) = split_packet(&p);
+    assert_eq!(body[0], 0x18, "AUTH continue");
+    let (props, _) = take_props(&body[1..]);
+    let server_first = props.iter().find(|(id, _)| *id == PROP_AUTH_DATA).map(|(_, v)| v.clone()).unwrap();
+    let server_first = String::from_utf8(server_first).unwrap();
+    let field = |k: &str| server_first.split(',').find_map(|f| f.strip_prefix(k)).unwrap().to_string();
+    let (r, salt, iterations) = (field("r="), b64.decode(field("s=")).unwrap(), field("i=").parse::<u32>().unwrap());
+    assert!(r.starts_with(nonce));
+
+    let mut salted = [0u8; 32];
+    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), &salt, iterations, &mut salted);
+    let client_key = hmac(&salted, b"Client Key");
+    let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+    let without_proof = format!("c=biws,r={r}");
+    let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
+    let signature = hmac(&stored_key, auth_message.as_bytes());
+    let proof: Vec<u8> = client_key.iter().zip(signature).map(|(a, b)| a ^ b).collect();
+    let client_final = format!("{without_proof},p={}", b64.encode(proof));
+    let mut props = binary_prop(PROP_AUTH_METHOD, METHOD);
+    props.extend(binary_prop(PROP_AUTH_DATA, client_final.as_bytes()));
+    let mut auth = vec![0x18];
+    auth.extend(common::props(&props));
+    raw.send(&packet(0xF0, &auth)).await;
+
+    let p = raw.read_packet().await;
+    let ack = parse_connack(&p, true);
+    let server_key = hmac(&salted, b"Server Key");
+    let expected = format!("v={}", b64.encode(hmac(&server_key, auth_message.as_bytes())));
+    let verified = ack.prop(PROP_AUTH_DATA).is_some_and(|d| d == expected.as_bytes());
+    (ack.code, raw, verified)
+}
+
+#[tokio::test]
+async fn scram_sha_256_logs_in_and_names_the_user() {
+    let f = files();
+    let b = password_broker(&f).await;
+    let (code, mut c, verified) = scram_login(&b, "dave", "pencil").await;
+    assert_eq!(code, 0, "SCRAM login");
+    assert!(verified, "server signature proves the server knows dave's keys");
+    // The ACL sees the SCRAM user: dave's tree, not anyone else's.
+    c.assert_alive("home/dave/x").await;
+    assert_eq!(c.subscribe_many(5, &[("home/alice/#", 0)]).await, vec![0x87]);
+
+    let (code, _, _) = scram_login(&b, "dave", "wrong").await;
+    assert_eq!(code, 0x86, "wrong password");
+    let (code, _, _) = scram_login(&b, "nobody", "pencil").await;
+    assert_eq!(code, 0x86, "unknown user");
+}
