@@ -6,17 +6,22 @@
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+// The public API: starting a broker (`start*`, `BrokerHandle`, `Extensions`), its
+// configuration, the authentication and authorisation seams, the store backend seam, and the
+// transport set-up the binary needs. Everything else is crate-private, so the compiler
+// reports what nothing uses.
 pub mod auth;
-pub mod broker;
 pub mod config;
-pub mod connection;
-pub mod message;
-pub mod protocol;
 pub mod server;
-pub mod session;
 pub mod store;
-pub mod topics;
 pub mod transport;
+
+pub(crate) mod broker;
+pub(crate) mod connection;
+pub(crate) mod message;
+pub(crate) mod protocol;
+pub(crate) mod session;
+pub(crate) mod topics;
 
 pub use config::Config;
 pub use server::{start, start_with, BrokerHandle, Extensions, StartError};

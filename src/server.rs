@@ -48,12 +48,27 @@ pub struct BrokerHandle {
     addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    pub broker: Arc<Broker>,
+    pub(crate) broker: Arc<Broker>,
     /// Every TLS listener's certificates, for reload.
     tls: Vec<Arc<TlsAcceptor>>,
 }
 
 impl BrokerHandle {
+    /// Retained messages held (in memory or only indexed).
+    pub fn retained_count(&self) -> usize {
+        self.broker.retained_count()
+    }
+
+    /// Retained messages held whole in memory (the rest are read from the store on demand).
+    pub fn retained_in_memory(&self) -> usize {
+        self.broker.retained_in_memory()
+    }
+
+    /// Sessions the broker holds, connected or not.
+    pub fn session_count(&self) -> usize {
+        self.broker.session_count()
+    }
+
     /// Address of the first listener (tests bind port 0 and ask).
     pub fn local_addr(&self) -> SocketAddr {
         self.addrs[0]

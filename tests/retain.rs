@@ -37,7 +37,7 @@ async fn retained_on_subscribe(b: &TestBroker, id: &str, filter: &str, qos: u8) 
 async fn retained_message_delivered_on_subscribe_with_retain_flag() {
     let b = start().await;
     retain_all(&b, &[("r/1", b"hello")]).await;
-    assert_eq!(b.handle.broker.retained_count(), 1);
+    assert_eq!(b.handle.retained_count(), 1);
     let mut c = connect_v311(b.addr, "late").await;
     c.subscribe(1, "r/1", 0).await;
     // QoS 0 with the retain bit: 31, topic "r/1", payload "hello".
@@ -61,7 +61,7 @@ async fn retained_qos_is_capped_by_subscription() {
 async fn retained_message_is_replaced() {
     let b = start().await;
     retain_all(&b, &[("r/x", b"first"), ("r/x", b"second")]).await;
-    assert_eq!(b.handle.broker.retained_count(), 1);
+    assert_eq!(b.handle.retained_count(), 1);
     let got = retained_on_subscribe(&b, "s", "r/x", 1).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].payload, b"second");
@@ -72,9 +72,9 @@ async fn retained_message_is_replaced() {
 async fn empty_payload_clears_retained_message() {
     let b = start().await;
     retain_all(&b, &[("r/c", b"keep"), ("r/d", b"other")]).await;
-    assert_eq!(b.handle.broker.retained_count(), 2);
+    assert_eq!(b.handle.retained_count(), 2);
     retain_all(&b, &[("r/c", b"")]).await;
-    assert_eq!(b.handle.broker.retained_count(), 1);
+    assert_eq!(b.handle.retained_count(), 1);
     let got = retained_on_subscribe(&b, "s", "r/+", 1).await;
     let topics: Vec<&str> = got.iter().map(|m| m.topic.as_str()).collect();
     assert_eq!(topics, vec!["r/d"]);
@@ -143,8 +143,8 @@ async fn retained_beyond_the_memory_limit_are_served_from_the_store() {
         // QoS 1 under durability "sync": the PUBACK means the message is on disk.
         p.publish_retain(&format!("mem/{i}"), format!("value {i}").as_bytes(), 1, i, true).await;
     }
-    assert_eq!(b.handle.broker.retained_in_memory(), 1, "only the newest stays whole in memory");
-    assert_eq!(b.handle.broker.retained_count(), 3);
+    assert_eq!(b.handle.retained_in_memory(), 1, "only the newest stays whole in memory");
+    assert_eq!(b.handle.retained_count(), 3);
     let mut s = Raw::open(b.addr).await;
     s.handshake(&Connect::v311("mem-reader")).await;
     s.subscribe(1, "mem/#", 1).await;

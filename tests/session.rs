@@ -194,7 +194,7 @@ async fn v5_expiry_zero_ends_session_at_disconnect() {
     let (mut c, _) = connect_with(b.addr, &Connect::v5("zero")).await;
     c.subscribe(1, "zero/t", 1).await;
     go_offline(c).await;
-    assert_eq!(b.handle.broker.session_count(), 0, "session with expiry 0 outlived its connection");
+    assert_eq!(b.handle.session_count(), 0, "session with expiry 0 outlived its connection");
     let (_c, ack) = connect_with(b.addr, &Connect::v5("zero").clean(false)).await;
     assert!(!ack.session_present, "{ack:?}");
 }

@@ -29,7 +29,7 @@ use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
-pub use session_handle::{signal, ConnControl, DurableWaiters, SessionCell, SessionHandle};
+pub use session_handle::{signal, ConnControl, DurableWaiters, SessionHandle};
 
 use crate::auth::{policy::is_sys_topic, Authenticator, Policy, Principal};
 use crate::config::Config;

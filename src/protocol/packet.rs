@@ -41,6 +41,7 @@ impl ProtocolVersion {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[allow(clippy::enum_variant_names)] // the specification's names
 pub enum QoS {
     #[default]
     AtMostOnce = 0,
@@ -266,7 +267,8 @@ pub enum Packet {
 }
 
 impl Packet {
-    /// Name as in the specification, for logs.
+    /// Name as in the specification, for test failure messages.
+    #[cfg(test)]
     pub fn name(&self) -> &'static str {
         match self {
             Packet::Connect(_) => "CONNECT",

@@ -116,10 +116,7 @@ impl SessionState {
         }
     }
 
-    pub fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
+    #[cfg(test)]
     pub fn inflight_len(&self) -> usize {
         self.inflight.len()
     }

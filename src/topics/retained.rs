@@ -38,10 +38,6 @@ impl<T: Clone> RetainedTrie<T> {
         self.count
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     /// Sets the retained message of `topic`, returning the one it replaced.
     pub fn insert(&mut self, topic: &str, value: T) -> Option<T> {
         let mut node = &mut self.root;

@@ -67,12 +67,9 @@ impl<T: Clone> SubscriptionTrie<T> {
     }
 
     /// Number of subscriptions held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.count
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
     }
 
     /// Adds or replaces the client's subscription to `filter` (in `group` when shared).
