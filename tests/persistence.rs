@@ -1024,3 +1024,36 @@ async fn will_of_a_client_connected_at_the_crash_is_published_after_restart() {
     }
     watcher.disconnect().await;
 }
+
+/// The store holds other people's messages: its directory is the owner's only (0700) and
+/// every file the broker writes in it is 0600, whatever the umask tern was started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut b = BrokerProc::new();
+    b.start().await;
+    let mut w = Wire::connect(b.addr(), "private", true, false).await;
+    assert!(w.send(&publish_full(b"secret/t", b"not for others", 1, 1, true, false, None)).await);
+    let p = w.read("PUBACK").await;
+    assert_eq!(p[0], 0x40, "expected PUBACK, got {}", hex(&p));
+    b.terminate().await;
+
+    let data = b.dir.path().join("data");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "store directory");
+    let mut seen = 0;
+    let mut stack = vec![data];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                assert_eq!(mode(&path) & 0o077, 0, "{} is open to others", path.display());
+                stack.push(path);
+            } else {
+                assert_eq!(mode(&path) & 0o077, 0, "{} is open to others", path.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen > 0, "the store wrote no files");
+}

@@ -339,25 +339,20 @@ fn decode_fixed<const N: usize>(text: &str, what: &str) -> Result<[u8; N], Strin
     <[u8; N]>::try_from(bytes.as_slice()).map_err(|_| format!("{what} is {} bytes, expected {N}", bytes.len()))
 }
 
-/// An argon2id PHC string with the argon2 crate's defaults (v=19, m=19456, t=2, p=1) and a
-/// random 16-byte salt.
-///
-/// # Panics
-/// If the operating system's random generator fails; [`passwd_command`] reports that instead.
-pub fn hash_argon2id(password: &[u8]) -> String {
+/// Panicking forms of the hash functions, for tests only.
+#[cfg(test)]
+pub(crate) fn hash_argon2id(password: &[u8]) -> String {
     try_hash_argon2id(password).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A SCRAM-SHA-256 entry (`SCRAM-SHA-256$ITER:SALT$STOREDKEY:SERVERKEY`) with a random 16-byte
-/// salt; [`DEFAULT_SCRAM_ITERATIONS`] is the usual count.
-///
-/// # Panics
-/// If the operating system's random generator fails; [`passwd_command`] reports that instead.
-pub fn hash_scram_sha256(password: &[u8], iterations: u32) -> String {
+#[cfg(test)]
+pub(crate) fn hash_scram_sha256(password: &[u8], iterations: u32) -> String {
     try_hash_scram_sha256(password, iterations).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn try_hash_argon2id(password: &[u8]) -> Result<String, String> {
+/// An argon2id PHC string with the argon2 crate's defaults (v=19, m=19456, t=2, p=1) and a
+/// random 16-byte salt. Fails only if the operating system's random generator does.
+pub fn try_hash_argon2id(password: &[u8]) -> Result<String, String> {
     let salt = random_bytes::<16>().map_err(|_| "the system random generator failed".to_owned())?;
     let phc = Argon2::default()
         .hash_password_with_salt(password, &salt)
@@ -365,7 +360,9 @@ fn try_hash_argon2id(password: &[u8]) -> Result<String, String> {
     Ok(phc.to_string())
 }
 
-fn try_hash_scram_sha256(password: &[u8], iterations: u32) -> Result<String, String> {
+/// A SCRAM-SHA-256 entry (`SCRAM-SHA-256$ITER:SALT$STOREDKEY:SERVERKEY`) with a random
+/// 16-byte salt; [`DEFAULT_SCRAM_ITERATIONS`] is the usual count.
+pub fn try_hash_scram_sha256(password: &[u8], iterations: u32) -> Result<String, String> {
     if iterations == 0 {
         return Err("iteration count must be at least 1".into());
     }
