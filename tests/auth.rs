@@ -126,53 +126,123 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
-/// Runs a SCRAM exchange as `user` with `password`; returns the CONNACK code, the connection
-/// and whether the server's signature was right.
+/// The client side of one SCRAM-SHA-256 exchange.
+struct Scram {
+    user: String,
+    password: String,
+    client_first_bare: String,
+    auth_message: String,
+    salted: [u8; 32],
+}
+
+impl Scram {
+    fn new(user: &str, password: &str) -> Scram {
+        let client_first_bare = format!("n={user},r=fyko+d2lbbFgONRv9qkxdawL");
+        Scram {
+            user: user.into(),
+            password: password.into(),
+            client_first_bare,
+            auth_message: String::new(),
+            salted: [0; 32],
+        }
+    }
+
+    fn client_first(&self) -> Vec<u8> {
+        format!("n,,{}", self.client_first_bare).into_bytes()
+    }
+
+    /// Answers the server-first message with the client-final one.
+    fn client_final(&mut self, server_first: &[u8]) -> Vec<u8> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let server_first = String::from_utf8(server_first.to_vec()).unwrap();
+        let field = |k: &str| server_first.split(',').find_map(|f| f.strip_prefix(k)).unwrap().to_string();
+        let (r, salt, iterations) =
+            (field("r="), b64.decode(field("s=")).unwrap(), field("i=").parse::<u32>().unwrap());
+        assert!(r.starts_with("fyko+d2lbbFgONRv9qkxdawL"), "server nonce extends ours: {r} ({})", self.user);
+        pbkdf2::pbkdf2_hmac::<Sha256>(self.password.as_bytes(), &salt, iterations, &mut self.salted);
+        let client_key = hmac(&self.salted, b"Client Key");
+        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+        let without_proof = format!("c=biws,r={r}");
+        self.auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
+        let signature = hmac(&stored_key, self.auth_message.as_bytes());
+        let proof: Vec<u8> = client_key.iter().zip(signature).map(|(a, b)| a ^ b).collect();
+        format!("{without_proof},p={}", b64.encode(proof)).into_bytes()
+    }
+
+    /// Whether the server-final message proves the server holds the user's keys.
+    fn server_verified(&self, server_final: Option<&[u8]>) -> bool {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let server_key = hmac(&self.salted, b"Server Key");
+        let expected = format!("v={}", b64.encode(hmac(&server_key, self.auth_message.as_bytes())));
+        server_final == Some(expected.as_bytes())
+    }
+}
+
+fn auth_packet(reason: u8, data: &[u8]) -> Vec<u8> {
+    let mut props = binary_prop(PROP_AUTH_METHOD, METHOD);
+    props.extend(binary_prop(PROP_AUTH_DATA, data));
+    let mut body = vec![reason];
+    body.extend(common::props(&props));
+    packet(0xF0, &body)
+}
+
+/// Reads an AUTH packet: (reason, Authentication Data).
+async fn read_auth(raw: &mut Raw) -> (u8, Vec<u8>) {
+    let p = raw.read_packet().await;
+    assert_eq!(p[0], 0xF0, "expected AUTH, got {}", hex(&p));
+    let (_, body) = split_packet(&p);
+    let (props, _) = take_props(&body[1..]);
+    (body[0], props.into_iter().find(|(id, _)| *id == PROP_AUTH_DATA).map(|(_, v)| v).unwrap_or_default())
+}
+
+/// Runs a SCRAM exchange at CONNECT as `user` with `password`; returns the CONNACK code, the
+/// connection and whether the server's signature was right.
 async fn scram_login(b: &TestBroker, user: &str, password: &str) -> (u8, Raw, bool) {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let nonce = "fyko+d2lbbFgONRv9qkxdawL";
-    let client_first_bare = format!("n={user},r={nonce}");
+    let mut scram = Scram::new(user, password);
     let mut c = Connect::v5("scram-client");
     c.properties.extend(binary_prop(PROP_AUTH_METHOD, METHOD));
-    c.properties.extend(binary_prop(PROP_AUTH_DATA, format!("n,,{client_first_bare}").as_bytes()));
+    c.properties.extend(binary_prop(PROP_AUTH_DATA, &scram.client_first()));
     let mut raw = Raw::open(b.addr).await;
     raw.v5 = true;
     raw.send(&c.bytes()).await;
-    let p = raw.read_packet().await;
-    if p[0] == 0x20 {
-        return (parse_connack(&p, true).code, raw, false);
-    }
-    assert_eq!(p[0], 0xF0, "expected AUTH, got {}", hex(&p));
-    let (_, body) = split_packet(&p);
-    assert_eq!(body[0], 0x18, "AUTH continue");
-    let (props, _) = take_props(&body[1..]);
-    let server_first = props.iter().find(|(id, _)| *id == PROP_AUTH_DATA).map(|(_, v)| v.clone()).unwrap();
-    let server_first = String::from_utf8(server_first).unwrap();
-    let field = |k: &str| server_first.split(',').find_map(|f| f.strip_prefix(k)).unwrap().to_string();
-    let (r, salt, iterations) = (field("r="), b64.decode(field("s=")).unwrap(), field("i=").parse::<u32>().unwrap());
-    assert!(r.starts_with(nonce));
-
-    let mut salted = [0u8; 32];
-    pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), &salt, iterations, &mut salted);
-    let client_key = hmac(&salted, b"Client Key");
-    let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-    let without_proof = format!("c=biws,r={r}");
-    let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
-    let signature = hmac(&stored_key, auth_message.as_bytes());
-    let proof: Vec<u8> = client_key.iter().zip(signature).map(|(a, b)| a ^ b).collect();
-    let client_final = format!("{without_proof},p={}", b64.encode(proof));
-    let mut props = binary_prop(PROP_AUTH_METHOD, METHOD);
-    props.extend(binary_prop(PROP_AUTH_DATA, client_final.as_bytes()));
-    let mut auth = vec![0x18];
-    auth.extend(common::props(&props));
-    raw.send(&packet(0xF0, &auth)).await;
-
-    let p = raw.read_packet().await;
-    let ack = parse_connack(&p, true);
-    let server_key = hmac(&salted, b"Server Key");
-    let expected = format!("v={}", b64.encode(hmac(&server_key, auth_message.as_bytes())));
-    let verified = ack.prop(PROP_AUTH_DATA).is_some_and(|d| d == expected.as_bytes());
+    let (reason, server_first) = read_auth(&mut raw).await;
+    assert_eq!(reason, 0x18, "AUTH continue");
+    raw.send(&auth_packet(0x18, &scram.client_final(&server_first))).await;
+    let ack = parse_connack(&raw.read_packet().await, true);
+    let verified = scram.server_verified(ack.prop(PROP_AUTH_DATA));
     (ack.code, raw, verified)
+}
+
+/// Re-authentication (AUTH 0x19) renews the proof for the same user, and cannot switch users.
+#[tokio::test]
+async fn scram_reauthentication_keeps_the_user() {
+    let f = files();
+    // A second SCRAM user to try to switch to.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["passwd", "-b", "--scram"])
+        .arg(&f.passwd)
+        .args(["erin", "other"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let b = password_broker(&f).await;
+    let (code, mut c, _) = scram_login(&b, "dave", "pencil").await;
+    assert_eq!(code, 0);
+
+    let mut again = Scram::new("dave", "pencil");
+    c.send(&auth_packet(0x19, &again.client_first())).await;
+    let (reason, server_first) = read_auth(&mut c).await;
+    assert_eq!(reason, 0x18);
+    c.send(&auth_packet(0x18, &again.client_final(&server_first))).await;
+    let (reason, server_final) = read_auth(&mut c).await;
+    assert_eq!(reason, 0x00, "re-authenticated");
+    assert!(again.server_verified(Some(&server_final)));
+    c.assert_alive("home/dave/y").await;
+
+    // Another user's name, with that user's right password: refused at once.
+    let other = Scram::new("erin", "other");
+    c.send(&auth_packet(0x19, &other.client_first())).await;
+    c.expect_disconnect_any(&[0x86, 0x87]).await;
 }
 
 #[tokio::test]

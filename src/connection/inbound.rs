@@ -379,7 +379,10 @@ impl Conn {
         let data = a.properties.authentication_data.as_deref();
         let step = match (a.reason, auth.exchange.as_mut()) {
             (reason::REAUTHENTICATE, None) => {
-                let (exchange, step) = auth.method.start(&self.client_id, None, data);
+                // The user name is the one already authorised: re-authentication may renew
+                // the proof, never change who the connection is.
+                let user = self.principal.username.as_deref();
+                let (exchange, step) = auth.method.start(&self.client_id, user, data);
                 auth.exchange = Some(exchange);
                 step
             }
@@ -390,7 +393,14 @@ impl Conn {
         let (code, data) = match step {
             AuthStep::Continue(d) => (reason::CONTINUE_AUTHENTICATION, d),
             AuthStep::Success(d) => {
-                auth.exchange = None;
+                let exchange = auth.exchange.take();
+                let proved = exchange.and_then(|e| e.identity());
+                if proved.is_some_and(|name| Some(name.as_str()) != self.principal.username.as_deref()) {
+                    return Err(Close::Error {
+                        reason: reason::NOT_AUTHORIZED,
+                        what: "re-authenticated as another user".into(),
+                    });
+                }
                 (reason::SUCCESS, d)
             }
             AuthStep::Fail(code) => {
