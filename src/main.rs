@@ -55,9 +55,11 @@ fn main() -> ExitCode {
         }
     }
     // Quiet by default: tern's own info lines (one per connect/disconnect), the storage
-    // engine's only when something is wrong. Logs go to stderr, coloured only on a terminal.
+    // engine's only when something is wrong, rustls's only for errors (it warns once per
+    // connection of clients that send an IP address as the TLS server name, as
+    // mosquitto_pub -h 127.0.0.1 does). Logs go to stderr, coloured only on a terminal.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn,rustls=error"));
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
