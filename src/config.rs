@@ -175,6 +175,9 @@ pub struct Limits {
     /// keep only their topic in memory and are read from the store when a subscription
     /// matches them.
     pub max_retained_in_memory: usize,
+    /// Seconds a connected subscriber's full queue may go without progress while publishers
+    /// wait on it; then the subscriber is disconnected (v5: 0x97) so they can go on.
+    pub slow_consumer_secs: u64,
 }
 
 /// MQTT 5 capabilities announced in CONNACK.
@@ -225,6 +228,7 @@ impl Default for Limits {
             max_keepalive: 0,
             max_client_id_length: 65_535,
             max_retained_in_memory: 100_000,
+            slow_consumer_secs: 10,
         }
     }
 }
@@ -376,6 +380,9 @@ impl Config {
         }
         if l.connect_timeout_secs == 0 {
             return bad("limits.connect_timeout_secs", "must be at least 1 second".into());
+        }
+        if l.slow_consumer_secs == 0 {
+            return bad("limits.slow_consumer_secs", "must be at least 1 second".into());
         }
         if l.max_client_id_length == 0 {
             return bad("limits.max_client_id_length", "must be at least 1".into());

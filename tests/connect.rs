@@ -229,3 +229,25 @@ async fn shutdown_tells_v5_clients_and_closes_all() {
     let refused = tokio::net::TcpStream::connect(addr).await;
     assert!(refused.is_err(), "listener still accepting after shutdown");
 }
+
+/// Packets sent right behind CONNECT, in the same segment, are answered without waiting for
+/// the client to send anything more.
+#[tokio::test]
+async fn packets_pipelined_behind_connect_are_handled() {
+    let b = start().await;
+    let mut c = Raw::open(b.addr).await;
+    let mut bytes = Connect::v311("pipelined").bytes();
+    bytes.extend(subscribe_pkt(false, 7, &[("pipe/t", 1)]));
+    bytes.extend(publish("pipe/t", b"self", 1, 8));
+    bytes.extend(PINGREQ);
+    c.send(&bytes).await;
+    c.expect(&[0x20, 0x02, 0x00, 0x00]).await;
+    c.expect(&[0x90, 0x03, 0x00, 0x07, 0x01]).await;
+    // PUBACK, PINGRESP and the delivery of its own message (which may come at any point).
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        kinds.push(c.read_packet().await[0] >> 4);
+    }
+    kinds.sort();
+    assert_eq!(kinds, vec![3, 4, 13], "PUBLISH, PUBACK and PINGRESP");
+}

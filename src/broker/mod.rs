@@ -29,7 +29,7 @@ use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
-pub use session_handle::{signal, ConnControl, DurableWaiters, SessionHandle};
+pub use session_handle::{signal, ConnControl, Delivered, DurableWaiters, SessionHandle};
 
 use crate::auth::{policy::is_sys_topic, Authenticator, Policy, Principal};
 use crate::config::Config;
@@ -50,6 +50,9 @@ pub struct Metrics {
     pub messages_sent: AtomicU64,
     pub messages_dropped: AtomicU64,
     pub connections_total: AtomicU64,
+    /// Subscribers disconnected because their full queue made no progress
+    /// (`limits.slow_consumer_secs`).
+    pub slow_consumers: AtomicU64,
 }
 
 pub struct Broker {
@@ -336,6 +339,9 @@ impl Broker {
             cell.control = None;
             cell.last_owner = connection_id;
             cell.expiry_interval = expiry;
+            // Nobody reads the queue now: publishers waiting on it go on (it drops at its
+            // bound while the client is away).
+            cell.wake_publishers();
             cell.protocol
         };
         self.move_shared(handle);
@@ -395,7 +401,8 @@ impl Broker {
         }
         self.persist(ops);
         for (target, d) in handover {
-            target.deliver(d);
+            // A member taking over a departed member's messages is not slowed down for them.
+            let _ = target.deliver(d);
         }
     }
 
@@ -463,6 +470,7 @@ impl Broker {
             }
             cell.ended = true;
             let _ = cell.state.drain_all();
+            cell.wake_publishers();
             (cell.subscriptions.drain().map(|(f, _)| f).collect::<Vec<_>>(), cell.persisted)
         };
         self.remove_from_index(&handle.client_id, &filters);
@@ -574,6 +582,17 @@ impl Broker {
     /// it (the publisher's inbound QoS 2 id). Returns how many sessions it matched and the
     /// store ticket to wait for before acknowledging.
     pub fn publish(&self, msg: Arc<Message>, extra: Option<Op>) -> (usize, u64) {
+        self.publish_flow(msg, extra, &mut Vec::new())
+    }
+
+    /// Like `publish`, and adds to `full` the connected sessions whose queues this message
+    /// filled: the publisher should stop feeding them until they have room (flow control).
+    pub fn publish_flow(
+        &self,
+        msg: Arc<Message>,
+        extra: Option<Op>,
+        full: &mut Vec<Arc<SessionHandle>>,
+    ) -> (usize, u64) {
         self.metrics.messages_received.fetch_add(1, Ordering::Relaxed);
         let mut ops: Vec<Op> = extra.into_iter().collect();
         if msg.retain {
@@ -625,10 +644,14 @@ impl Broker {
         let mut cleanup = Vec::new();
         for (target, d) in deliveries {
             let seq = d.store_seq;
-            if !target.deliver(d) {
-                self.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                if let Some(seq) = seq {
-                    cleanup.push(Op::DeleteQueued { client: target.client_id.clone(), seq });
+            match target.deliver(d) {
+                Delivered::Queued => {}
+                Delivered::Full => full.push(target),
+                Delivered::Dropped => {
+                    self.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    if let Some(seq) = seq {
+                        cleanup.push(Op::DeleteQueued { client: target.client_id.clone(), seq });
+                    }
                 }
             }
         }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Waker};
 use bytestring::ByteString;
 
 use crate::protocol::{ProtocolVersion, QoS, SubscriptionOptions};
-use crate::session::{Delivery, QueueLimits, SessionState};
+use crate::session::{Delivery, QueueLimits, Queued, SessionState};
 
 /// The one thing a connection waits on besides its socket: signals from other tasks (new
 /// deliveries, store progress, a kick) coalesced into a bit set, and the waker of the
@@ -32,6 +32,8 @@ pub mod signal {
     pub const DELIVERY: u8 = 2;
     /// The store finished work this connection waits for.
     pub const DURABLE: u8 = 4;
+    /// A subscriber this connection's publishes wait on has room again (or went away).
+    pub const FLOW: u8 = 8;
 }
 
 impl ConnControl {
@@ -140,6 +142,11 @@ pub struct SessionCell {
     pub persisted: bool,
     /// Next key in the session's durable queue.
     pub next_store_seq: u64,
+    /// Connections of publishers waiting for this session's full queue to have room.
+    pub waiters: Vec<Arc<ConnControl>>,
+    /// Messages taken from the queue so far: a waiting publisher tells a slow subscriber from
+    /// a stalled one by whether this moves.
+    pub progress: u64,
 }
 
 impl SessionCell {
@@ -147,6 +154,32 @@ impl SessionCell {
     pub fn persistent(&self) -> bool {
         self.expiry_interval > 0 && !self.ended
     }
+
+    /// Whether publishers may feed this session without waiting: its queue is below its
+    /// bound, or nobody is reading it (offline queues drop at their bound instead).
+    pub fn has_room(&self) -> bool {
+        self.ended || self.owner == 0 || self.state.has_room()
+    }
+
+    /// Wakes the publishers waiting on this session if it has room now.
+    pub fn wake_publishers(&mut self) {
+        if !self.waiters.is_empty() && self.has_room() {
+            for w in self.waiters.drain(..) {
+                w.signal(signal::FLOW);
+            }
+        }
+    }
+}
+
+/// What became of a delivery handed to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    Queued,
+    /// Queued, and the session's queue is now at its bound: the publisher should wait.
+    Full,
+    /// Not queued (counted): the session ended, its hard limit is reached, or it is QoS 0 for a
+    /// client that is away.
+    Dropped,
 }
 
 pub struct SessionHandle {
@@ -176,6 +209,8 @@ impl SessionHandle {
                 ended: false,
                 persisted: false,
                 next_store_seq: 1,
+                waiters: Vec::new(),
+                progress: 0,
             }),
         }
     }
@@ -186,24 +221,43 @@ impl SessionHandle {
         self.cell.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a delivery and wakes the connection. False when it was dropped: the session
-    /// ended, the queue is full, or it is QoS 0 for a client that is away (not queued, as
-    /// mosquitto does by default).
-    pub fn deliver(&self, d: Delivery) -> bool {
+    /// Queues a delivery and wakes the connection. QoS 0 for a client that is away is not
+    /// queued (as mosquitto does by default).
+    pub fn deliver(&self, d: Delivery) -> Delivered {
         let mut cell = self.lock();
         if cell.ended || (cell.owner == 0 && d.qos == QoS::AtMostOnce) {
-            return false;
+            return Delivered::Dropped;
         }
-        if cell.state.enqueue(d).is_err() {
-            if cell.state.dropped.is_power_of_two() {
-                tracing::warn!(client_id = %self.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
+        let connected = cell.owner != 0;
+        let queued = match cell.state.enqueue(d, connected) {
+            Ok(q) => q,
+            Err(_) => {
+                if cell.state.dropped.is_power_of_two() {
+                    tracing::warn!(client_id = %self.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
+                }
+                return Delivered::Dropped;
             }
-            return false;
-        }
+        };
         if let Some(c) = &cell.control {
             c.signal(signal::DELIVERY);
         }
-        true
+        match queued {
+            Queued::Full if connected => Delivered::Full,
+            _ => Delivered::Queued,
+        }
+    }
+
+    /// Registers `control` to be signalled (FLOW) when this session has room. Returns the
+    /// session's progress count when it must wait, None when it has room already.
+    pub fn wait_for_room(&self, control: &Arc<ConnControl>) -> Option<u64> {
+        let mut cell = self.lock();
+        if cell.has_room() {
+            return None;
+        }
+        if !cell.waiters.iter().any(|w| Arc::ptr_eq(w, control)) {
+            cell.waiters.push(Arc::clone(control));
+        }
+        Some(cell.progress)
     }
 
     /// Queues retained messages sent on subscribe, outside the queue limits.

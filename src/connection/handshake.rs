@@ -279,6 +279,8 @@ impl Conn {
             write_ticket: 0,
             durable_wait: 0,
             signals: 0,
+            flow: None,
+            broken_stream: false,
         };
         // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
         let session_present = session_present && v != ProtocolVersion::V31;

@@ -12,8 +12,18 @@ impl Conn {
             if let Some(close) = self.unexpected_packet_type(first) {
                 return Err(close);
             }
+            let before = self.rbuf.len();
             match protocol::decode(&mut self.rbuf, Some(self.version), max) {
-                Ok(Some(p)) => self.handle_packet(p)?,
+                Ok(Some(p)) => match self.flow.as_mut() {
+                    // Waiting for room: only acknowledgements of this client's own deliveries
+                    // go through (they let its queue drain: two clients publishing to each
+                    // other must not stall each other); the rest waits, in order (a PINGRESP
+                    // tells some clients everything before it was handled).
+                    Some(f) if !matches!(p, Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
+                        f.put_aside(p, before - self.rbuf.len());
+                    }
+                    _ => self.handle_packet(p)?,
+                },
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     let what = e.to_string();
@@ -120,7 +130,9 @@ impl Conn {
             Packet::Subscribe(s) => self.on_subscribe(s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
             Packet::PingReq => {
-                self.encode(Packet::PingResp);
+                // Behind any held acknowledgement: a PINGRESP tells some clients that
+                // everything sent before the PINGREQ was handled.
+                self.respond(0, Packet::PingResp, Vec::new());
                 Ok(())
             }
             Packet::Disconnect(d) => self.on_disconnect(d),
@@ -276,7 +288,12 @@ impl Conn {
         let mut props = p.properties;
         props.topic_alias = None;
         let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.client_id.clone());
-        self.broker.publish(Arc::new(msg), extra)
+        let mut full = Vec::new();
+        let routed = self.broker.publish_flow(Arc::new(msg), extra, &mut full);
+        if !full.is_empty() {
+            self.wait_for_room(full);
+        }
+        routed
     }
 
     pub(super) fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {

@@ -10,6 +10,7 @@
 //! one call.
 
 mod aliases;
+mod flow;
 mod handshake;
 mod inbound;
 mod outbound;
@@ -221,6 +222,12 @@ struct Conn {
     durable_wait: u64,
     /// Signals taken from `control` while writing, for the main loop to act on.
     signals: u8,
+    /// Subscribers whose full queues this connection's publishes wait on (flow control);
+    /// None while it may publish freely. Boxed: most connections never wait.
+    flow: Option<Box<flow::Flow>>,
+    /// A write was cut off mid-packet (kicked while the client was not reading): no DISCONNECT
+    /// may follow, the stream just ends.
+    broken_stream: bool,
 }
 
 /// An acknowledgement waiting for a store ticket, and retained messages to queue after it
@@ -241,6 +248,13 @@ impl Conn {
         if self.keep_alive > 0 {
             // [MQTT-3.1.2-24]: the broker's keep-alive sweep kicks a silent connection.
             self.broker.watch_keep_alive(&self.control, self.keep_alive);
+        }
+        // Packets that came in the same read as CONNECT: nothing would wake the loop for them.
+        if !self.rbuf.is_empty() {
+            if let Err(close) = self.process_input() {
+                let _ = self.flush(stream).await;
+                return close;
+            }
         }
         let mut read_hint = READ_MIN;
         let mut more = true;
@@ -284,10 +298,16 @@ impl Conn {
             let signals = &mut self.signals;
             let rbuf = &mut self.rbuf;
             let wbuf = &mut self.wbuf;
+            let flow = &mut self.flow;
             let woke = std::future::poll_fn(|cx| {
                 let mut bits = std::mem::take(signals);
                 if let Poll::Ready(b) = control.poll_signals(cx) {
                     bits |= b;
+                }
+                if let Some(f) = flow.as_mut() {
+                    if f.poll_deadline(cx).is_ready() {
+                        bits |= signal::FLOW;
+                    }
                 }
                 if bits != 0 {
                     return Poll::Ready(Woke::Signals(bits));
@@ -296,6 +316,11 @@ impl Conn {
                     // The last drain stopped at a full batch: come straight back for the rest
                     // (the signal that announced those messages has been used).
                     return Poll::Ready(Woke::Signals(0));
+                }
+                if flow.as_ref().is_some_and(|f| f.stop_reading()) {
+                    // Waiting for room with as much input put aside as allowed: the client
+                    // is slowed down by TCP until the subscribers catch up.
+                    return Poll::Pending;
                 }
                 rbuf.reserve(read_hint);
                 let offered = rbuf.capacity() - rbuf.len();
@@ -322,8 +347,19 @@ impl Conn {
                     if bits & signal::DELIVERY != 0 {
                         more = true;
                     }
+                    if bits & signal::FLOW != 0 {
+                        if let Err(close) = self.check_flow() {
+                            let _ = self.flush(stream).await;
+                            return close;
+                        }
+                        more = true;
+                    }
                 }
-                Woke::Read(Ok(0), _) => return Close::Lost("connection closed by client"),
+                Woke::Read(Ok(0), _) => match self.flow.as_mut() {
+                    // What was put aside is still handled, in order, once there is room.
+                    Some(f) if f.has_stash() => f.client_closed(),
+                    _ => return Close::Lost("connection closed by client"),
+                },
                 Woke::Read(Err(_), _) => return Close::Lost("socket error"),
                 Woke::Read(Ok(n), offered) => {
                     self.control.seen(self.broker.tick());
@@ -392,6 +428,10 @@ impl Conn {
             }
         })
         .await;
+        if result.is_err() && written > 0 && written < self.wbuf.len() {
+            // Cut off mid-packet: anything more would be read as the rest of that packet.
+            self.broken_stream = true;
+        }
         if self.wbuf.capacity() > 4 * WRITE_BATCH {
             // A burst grew the buffer; give the memory back rather than keep it per client.
             self.wbuf = BytesMut::new();
@@ -413,7 +453,7 @@ impl Conn {
             }
             Close::Silent(what) => (true, what.clone(), None),
         };
-        if let (true, Some(code)) = (v5, reason_code) {
+        if let (true, Some(code), false) = (v5, reason_code, self.broken_stream) {
             self.wbuf.clear();
             self.encode(Packet::Disconnect(Disconnect { reason: code, properties: Properties::default() }));
             let _ = tokio::time::timeout(Duration::from_secs(1), send(stream, &self.wbuf)).await;

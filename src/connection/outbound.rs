@@ -6,8 +6,9 @@ use super::*;
 impl Conn {
     /// Sends an acknowledgement now, or holds it until `ticket` is durable (and behind any
     /// acknowledgement already held, to keep their order).
+    /// While publishes wait for room (flow control), every acknowledgement is held too.
     pub(super) fn respond(&mut self, ticket: u64, packet: Packet, then: Vec<Delivery>) {
-        if ticket == 0 && self.held.is_empty() {
+        if ticket == 0 && self.held.is_empty() && self.flow.is_none() {
             self.encode(packet);
             self.broker.deliver_retained(&self.handle, then);
         } else {
@@ -19,6 +20,9 @@ impl Conn {
     /// PUBACK/PUBREC/SUBACK into failures (v5 reason 0x80, 3.1.1 SUBACK 0x80); a 3.1.1
     /// publisher has no way to hear "not stored" but losing its connection, so it does.
     pub(super) fn release_held(&mut self) -> Result<(), Close> {
+        if self.flow.is_some() {
+            return Ok(());
+        }
         while let Some(front) = self.held.front() {
             let Some(ok) = self.broker.outcome(front.ticket) else { break };
             let Some(HeldAck { mut packet, then, .. }) = self.held.pop_front() else { break };
@@ -63,6 +67,7 @@ impl Conn {
                 break true;
             }
             let Some(out) = cell.state.next_outgoing(self.window, now) else { break false };
+            cell.progress += 1;
             let (Outgoing::Unacked(d) | Outgoing::Tracked(_, d)) = &out;
             if !self.broker.policy.may_receive(&self.principal, &d.msg.topic) {
                 // The right to read was revoked after the message was queued (or retained,
@@ -106,6 +111,7 @@ impl Conn {
         for seq in cell.state.take_discarded() {
             ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
         }
+        cell.wake_publishers();
         drop(cell);
         let ticket = self.broker.persist(ops);
         self.write_ticket = self.write_ticket.max(ticket);

@@ -77,6 +77,14 @@ pub enum Dropped {
     QueueFull,
 }
 
+/// A message that was queued, and whether the queue has reached its bound with it (then the
+/// publishers feeding it should wait for room: see `SessionState::enqueue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Fits,
+    Full,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
     pub max_messages: usize,
@@ -122,16 +130,30 @@ impl SessionState {
     }
 
     /// Queues a message within the session's limits.
-    pub fn enqueue(&mut self, d: Delivery) -> Result<(), Dropped> {
+    ///
+    /// With `slack` (a connected client, whose publishers are slowed down when its queue is
+    /// full) the bound is soft: the message is queued and `Full` tells the caller to stop
+    /// feeding it; what publishers send before they notice is bounded by their read buffers,
+    /// and a hard limit of twice the bound catches the rest. Without `slack` (a client that is
+    /// away: nobody reads the queue, so waiting would not help) the bound is hard.
+    pub fn enqueue(&mut self, d: Delivery, slack: bool) -> Result<Queued, Dropped> {
         let size = d.msg.payload.len();
-        let over_bytes = self.limits.max_bytes != 0 && self.queued_bytes + size > self.limits.max_bytes;
-        if self.queue.len() >= self.limits.max_messages || over_bytes {
+        let factor = if slack { 2 } else { 1 };
+        let over_bytes =
+            self.limits.max_bytes != 0 && self.queued_bytes + size > self.limits.max_bytes.saturating_mul(factor);
+        if self.queue.len() >= self.limits.max_messages.saturating_mul(factor) || over_bytes {
             self.dropped += 1;
             return Err(Dropped::QueueFull);
         }
         self.queued_bytes += size;
         self.queue.push_back(d);
-        Ok(())
+        Ok(if self.has_room() { Queued::Fits } else { Queued::Full })
+    }
+
+    /// Whether the queue is below its bound in messages and bytes.
+    pub fn has_room(&self) -> bool {
+        self.queue.len() < self.limits.max_messages
+            && (self.limits.max_bytes == 0 || self.queued_bytes < self.limits.max_bytes)
     }
 
     /// Queues without the limits: retained messages sent on subscribe are bounded by the
@@ -364,9 +386,9 @@ mod tests {
     #[test]
     fn window_limits_inflight_and_keeps_order() {
         let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0 });
-        s.enqueue(d(QoS::AtLeastOnce, "1")).unwrap();
-        s.enqueue(d(QoS::AtLeastOnce, "2")).unwrap();
-        s.enqueue(d(QoS::AtMostOnce, "3")).unwrap();
+        s.enqueue(d(QoS::AtLeastOnce, "1"), false).unwrap();
+        s.enqueue(d(QoS::AtLeastOnce, "2"), false).unwrap();
+        s.enqueue(d(QoS::AtMostOnce, "3"), false).unwrap();
         let now = Instant::now();
         let Some(Outgoing::Tracked(p1, _)) = s.next_outgoing(1, now) else { panic!() };
         assert!(s.next_outgoing(1, now).is_none(), "window of 1 is full; QoS 0 waits behind message 2");
@@ -382,7 +404,7 @@ mod tests {
     #[test]
     fn qos2_outbound_states() {
         let mut s = SessionState::new(limits());
-        s.enqueue(d(QoS::ExactlyOnce, "x")).unwrap();
+        s.enqueue(d(QoS::ExactlyOnce, "x"), false).unwrap();
         let Some(Outgoing::Tracked(p, _)) = s.next_outgoing(10, Instant::now()) else { panic!() };
         assert_eq!(s.puback(p), Ack::WrongType, "PUBACK does not complete QoS 2");
         assert_eq!(s.pubcomp(p), Ack::WrongType, "PUBCOMP before PUBREC");
@@ -397,21 +419,39 @@ mod tests {
     fn queue_limit_drops_and_counts() {
         let mut s = SessionState::new(limits());
         for _ in 0..3 {
-            s.enqueue(d(QoS::AtLeastOnce, "x")).unwrap();
+            s.enqueue(d(QoS::AtLeastOnce, "x"), false).unwrap();
         }
-        assert_eq!(s.enqueue(d(QoS::AtLeastOnce, "x")), Err(Dropped::QueueFull));
+        assert_eq!(s.enqueue(d(QoS::AtLeastOnce, "x"), false), Err(Dropped::QueueFull));
         assert_eq!(s.dropped, 1);
         let mut b = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 5 });
-        b.enqueue(d(QoS::AtLeastOnce, "abc")).unwrap();
-        assert!(b.enqueue(d(QoS::AtLeastOnce, "abc")).is_err());
+        b.enqueue(d(QoS::AtLeastOnce, "abc"), false).unwrap();
+        assert!(b.enqueue(d(QoS::AtLeastOnce, "abc"), false).is_err());
+    }
+
+    #[test]
+    fn connected_queue_says_full_at_its_bound_and_drops_only_at_twice_it() {
+        let mut s = SessionState::new(limits()); // 3 messages
+        assert_eq!(s.enqueue(d(QoS::AtLeastOnce, "1"), true), Ok(Queued::Fits));
+        assert_eq!(s.enqueue(d(QoS::AtLeastOnce, "2"), true), Ok(Queued::Fits));
+        assert_eq!(s.enqueue(d(QoS::AtLeastOnce, "3"), true), Ok(Queued::Full));
+        assert!(!s.has_room());
+        for i in ["4", "5", "6"] {
+            assert_eq!(s.enqueue(d(QoS::AtMostOnce, i), true), Ok(Queued::Full), "{i}");
+        }
+        assert_eq!(s.enqueue(d(QoS::AtMostOnce, "7"), true), Err(Dropped::QueueFull));
+        let now = Instant::now();
+        for _ in 0..4 {
+            s.next_outgoing(10, now).unwrap();
+        }
+        assert!(s.has_room());
     }
 
     #[test]
     fn packet_ids_skip_those_in_flight_and_wrap() {
         let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0 });
         s.next_packet_id = u16::MAX;
-        s.enqueue(d(QoS::AtLeastOnce, "a")).unwrap();
-        s.enqueue(d(QoS::AtLeastOnce, "b")).unwrap();
+        s.enqueue(d(QoS::AtLeastOnce, "a"), false).unwrap();
+        s.enqueue(d(QoS::AtLeastOnce, "b"), false).unwrap();
         let now = Instant::now();
         let Some(Outgoing::Tracked(a, _)) = s.next_outgoing(10, now) else { panic!() };
         let Some(Outgoing::Tracked(b, _)) = s.next_outgoing(10, now) else { panic!() };
@@ -422,17 +462,17 @@ mod tests {
     fn an_id_held_for_a_whole_lap_is_skipped() {
         let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0 });
         let now = Instant::now();
-        s.enqueue(d(QoS::AtLeastOnce, "stuck")).unwrap();
+        s.enqueue(d(QoS::AtLeastOnce, "stuck"), false).unwrap();
         let Some(Outgoing::Tracked(stuck, _)) = s.next_outgoing(2, now) else { panic!() };
         assert_eq!(stuck, 1);
         // A lap of messages acknowledged while id 1 stays in flight.
         for _ in 0..u16::MAX - 1 {
-            s.enqueue(d(QoS::AtLeastOnce, "x")).unwrap();
+            s.enqueue(d(QoS::AtLeastOnce, "x"), false).unwrap();
             let Some(Outgoing::Tracked(pid, _)) = s.next_outgoing(2, now) else { panic!() };
             assert_ne!(pid, stuck);
             assert!(matches!(s.puback(pid), Ack::Done(_)));
         }
-        s.enqueue(d(QoS::AtLeastOnce, "y")).unwrap();
+        s.enqueue(d(QoS::AtLeastOnce, "y"), false).unwrap();
         let Some(Outgoing::Tracked(pid, _)) = s.next_outgoing(2, now) else { panic!() };
         assert_eq!(pid, 2, "id 1 is still in flight");
     }
@@ -447,7 +487,7 @@ mod tests {
         // Next in the ring after the last restored id is 5; then 6, 7, 8, and 9 is taken.
         let mut got = Vec::new();
         for _ in 0..5 {
-            s.enqueue(d(QoS::AtLeastOnce, "x")).unwrap();
+            s.enqueue(d(QoS::AtLeastOnce, "x"), false).unwrap();
             let Some(Outgoing::Tracked(pid, _)) = s.next_outgoing(100, now) else { panic!() };
             got.push(pid);
         }

@@ -476,6 +476,12 @@ impl Raw {
         Raw::over(stream)
     }
 
+    /// The stream, for tests that drive it by hand from here on.
+    pub fn into_stream(self) -> Box<dyn Stream> {
+        assert!(self.buf.is_empty(), "unread bytes: {}", hex(&self.buf));
+        self.stream
+    }
+
     /// A client over an already open stream (a TLS session, say).
     pub fn over(stream: impl Stream + 'static) -> Raw {
         Raw { stream: Box::new(stream), buf: Vec::new(), v5: false }
