@@ -3,11 +3,12 @@
 //! every filter.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytestring::ByteString;
 
-use super::split_level;
+use super::{descend_mut, dismantle, prune, split_level, TrieNode};
 use crate::protocol::SubscriptionOptions;
 
 /// One subscription of one client.
@@ -29,7 +30,6 @@ struct SharedGroup<T> {
     next: AtomicUsize,
 }
 
-#[derive(Debug)]
 struct Node<T> {
     children: HashMap<Box<str>, Node<T>>,
     subscribers: Vec<Entry<T>>,
@@ -44,12 +44,31 @@ impl<T> Default for Node<T> {
 
 impl<T> Node<T> {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+        self.children.is_empty() && self.bare()
+    }
+}
+
+impl<T> TrieNode for Node<T> {
+    fn children(&self) -> &HashMap<Box<str>, Self> {
+        &self.children
+    }
+
+    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+        &mut self.children
+    }
+
+    fn bare(&self) -> bool {
+        self.subscribers.is_empty() && self.shared.is_empty()
+    }
+}
+
+impl<T> Drop for Node<T> {
+    fn drop(&mut self) {
+        dismantle(self);
     }
 }
 
 /// Filters to subscribers. `T` is whatever the caller delivers to (a session handle).
-#[derive(Debug)]
 pub struct SubscriptionTrie<T> {
     root: Node<T>,
     count: usize,
@@ -58,6 +77,13 @@ pub struct SubscriptionTrie<T> {
 impl<T> Default for SubscriptionTrie<T> {
     fn default() -> Self {
         SubscriptionTrie { root: Node::default(), count: 0 }
+    }
+}
+
+/// A summary: printing every node would recurse once per level.
+impl<T> fmt::Debug for SubscriptionTrie<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionTrie").field("subscriptions", &self.count).finish_non_exhaustive()
     }
 }
 
@@ -111,7 +137,23 @@ impl<T: Clone> SubscriptionTrie<T> {
 
     /// Removes the client's subscription; returns whether it existed.
     pub fn unsubscribe(&mut self, filter: &str, group: Option<&str>, client: &str) -> bool {
-        let removed = remove_in(&mut self.root, Some(filter), group, client);
+        let Some(node) = descend_mut(&mut self.root, filter) else {
+            return false;
+        };
+        let list = match group {
+            None => &mut node.subscribers,
+            Some(g) => match node.shared.iter_mut().find(|sg| &*sg.name == g) {
+                Some(sg) => &mut sg.members,
+                None => return false,
+            },
+        };
+        let before = list.len();
+        list.retain(|e| e.client != client);
+        let removed = list.len() != before;
+        node.shared.retain(|sg| !sg.members.is_empty());
+        if node.is_empty() {
+            prune(&mut self.root, filter);
+        }
         if removed {
             self.count -= 1;
         }
@@ -123,10 +165,34 @@ impl<T: Clone> SubscriptionTrie<T> {
     pub fn matches(&self, topic: &str, out: &mut Vec<Entry<T>>) {
         // [MQTT-4.7.2-1] a leading wildcard never matches a topic starting with '$'.
         let dollar = topic.starts_with('$');
-        collect(&self.root, Some(topic), !dollar, out);
+        // Depth first with the pending branches on the heap; `+` is pushed last so it is
+        // walked before the literal level, as the recursive walk did.
+        // Each level leaves at most one branch waiting, so this holds one frame per level.
+        let mut stack: Vec<(&Node<T>, Option<&str>, bool)> = vec![(&self.root, Some(topic), !dollar)];
+        while let Some((node, rest, wildcards)) = stack.pop() {
+            if wildcards {
+                // `a/#` also matches `a` itself [MQTT-4.7.1-2].
+                if let Some(hash) = node.children.get("#") {
+                    push_node(hash, out);
+                }
+            }
+            let Some(s) = rest else {
+                push_node(node, out);
+                continue;
+            };
+            let (head, tail) = split_level(s);
+            if let Some(child) = node.children.get(head) {
+                stack.push((child, tail, true));
+            }
+            if wildcards {
+                if let Some(plus) = node.children.get("+") {
+                    stack.push((plus, tail, true));
+                }
+            }
+        }
     }
 
-    /// Calls `f` for every member of a shared group but the one given, so a message left
+    /// Every member of the shared group `group` on `filter`, so a message left
     /// unacknowledged by a departing member can be handed to another.
     pub fn shared_members(&self, filter: &str, group: &str) -> Vec<Entry<T>> {
         let mut node = &self.root;
@@ -151,58 +217,6 @@ fn push_node<T: Clone>(node: &Node<T>, out: &mut Vec<Entry<T>>) {
         }
         let i = g.next.fetch_add(1, Ordering::Relaxed) % g.members.len();
         out.push(g.members[i].clone());
-    }
-}
-
-fn collect<T: Clone>(node: &Node<T>, rest: Option<&str>, wildcards: bool, out: &mut Vec<Entry<T>>) {
-    if wildcards {
-        // `a/#` also matches `a` itself [MQTT-4.7.1-2].
-        if let Some(hash) = node.children.get("#") {
-            push_node(hash, out);
-        }
-    }
-    let Some(s) = rest else {
-        push_node(node, out);
-        return;
-    };
-    let (head, tail) = split_level(s);
-    if wildcards {
-        if let Some(plus) = node.children.get("+") {
-            collect(plus, tail, true, out);
-        }
-    }
-    if let Some(child) = node.children.get(head) {
-        collect(child, tail, true, out);
-    }
-}
-
-fn remove_in<T>(node: &mut Node<T>, rest: Option<&str>, group: Option<&str>, client: &str) -> bool {
-    match rest {
-        None => {
-            let list = match group {
-                None => &mut node.subscribers,
-                Some(g) => match node.shared.iter_mut().find(|sg| &*sg.name == g) {
-                    Some(sg) => &mut sg.members,
-                    None => return false,
-                },
-            };
-            let before = list.len();
-            list.retain(|e| e.client != client);
-            let removed = list.len() != before;
-            node.shared.retain(|sg| !sg.members.is_empty());
-            removed
-        }
-        Some(s) => {
-            let (head, tail) = split_level(s);
-            let Some(child) = node.children.get_mut(head) else {
-                return false;
-            };
-            let removed = remove_in(child, tail, group, client);
-            if child.is_empty() {
-                node.children.remove(head);
-            }
-            removed
-        }
     }
 }
 
@@ -274,5 +288,55 @@ mod tests {
         }
         seen.sort();
         assert_eq!(seen, ["a", "a", "b", "b"]);
+    }
+
+    #[test]
+    fn a_node_with_50000_children_matches_by_level() {
+        let mut t = SubscriptionTrie::new();
+        for id in 0..50_000 {
+            t.subscribe(&format!("sensors/{id}/temp"), None, entry(&format!("c{id}"), QoS::AtMostOnce));
+        }
+        t.subscribe("sensors/+/temp", None, entry("all", QoS::AtMostOnce));
+        assert_eq!(matched(&t, "sensors/31337/temp"), ["all", "c31337"]);
+        assert_eq!(matched(&t, "sensors/0/temp"), ["all", "c0"]);
+        assert_eq!(matched(&t, "sensors/50000/temp"), ["all"]);
+        assert!(matched(&t, "sensors/31337/humidity").is_empty());
+        assert!(t.unsubscribe("sensors/31337/temp", None, "c31337"));
+        assert_eq!(matched(&t, "sensors/31337/temp"), ["all"]);
+        assert_eq!(t.len(), 50_000);
+    }
+
+    /// Runs `f` on a thread with a small stack: a walk that recursed once per level would
+    /// overflow it long before 10,000 levels.
+    fn on_small_stack(f: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new().stack_size(256 * 1024).spawn(f).unwrap().join().unwrap();
+    }
+
+    #[test]
+    fn ten_thousand_levels_without_recursion() {
+        on_small_stack(|| {
+            let topic = vec!["a"; 10_000].join("/");
+            let mut pluses = vec!["+"; 9_999];
+            pluses.push("#");
+            let wild = pluses.join("/");
+            let mut t = SubscriptionTrie::new();
+            t.subscribe(&topic, None, entry("exact", QoS::AtMostOnce));
+            t.subscribe(&wild, None, entry("wild", QoS::AtMostOnce));
+            t.subscribe("#", None, entry("all", QoS::AtMostOnce));
+            t.subscribe(&topic, Some("g"), entry("shared", QoS::AtMostOnce));
+            assert_eq!(matched(&t, &topic), ["all", "exact", "shared", "wild"]);
+            let shorter = vec!["a"; 9_998].join("/");
+            assert_eq!(matched(&t, &shorter), ["all"]);
+            assert_eq!(t.shared_members(&topic, "g").len(), 1);
+            assert!(t.unsubscribe(&topic, None, "exact"));
+            assert!(t.unsubscribe(&topic, Some("g"), "shared"));
+            assert!(t.unsubscribe(&wild, None, "wild"));
+            assert!(!t.unsubscribe(&wild, None, "wild"));
+            assert!(t.unsubscribe("#", None, "all"));
+            assert!(t.root.is_empty());
+            // Dropping a trie that still holds a deep branch must not recurse either.
+            t.subscribe(&topic, None, entry("exact", QoS::AtMostOnce));
+            drop(t);
+        });
     }
 }
