@@ -1,6 +1,7 @@
 //! The subscription trie: one node per topic level, `+` and `#` stored as ordinary level
 //! names, so a PUBLISH visits only the branches its levels can match instead of scanning
-//! every filter.
+//! every filter. Subscribing and unsubscribing cost the filter's levels, not the number of
+//! clients on the same filter.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,23 +23,91 @@ pub struct Entry<T> {
     pub share: Option<ByteString>,
 }
 
-#[derive(Debug)]
 struct SharedGroup<T> {
     name: Box<str>,
-    members: Vec<Entry<T>>,
+    members: Members<T>,
     /// Round-robin cursor; atomic so matching can advance it under a read lock.
     next: AtomicUsize,
 }
 
+/// From this many subscriptions on one node (or in one shared group) on, a client's entry is
+/// found through a map: when 100,000 clients subscribe to one filter, each subscribe and
+/// unsubscribe would otherwise scan them all under the index's write lock. Below it a scan
+/// is cheaper than a map, and most nodes hold one or two.
+const INDEX_FROM: usize = 16;
+
+/// The subscriptions of one node, or the members of one shared group: a list to deliver to
+/// (shared groups pick from it by position) that can also be looked up by client.
+struct Members<T> {
+    list: Vec<Entry<T>>,
+    /// Client -> position in `list`; kept only while `list` holds `INDEX_FROM` or more.
+    index: HashMap<ByteString, usize>,
+}
+
+impl<T> Default for Members<T> {
+    fn default() -> Self {
+        Members { list: Vec::new(), index: HashMap::new() }
+    }
+}
+
+impl<T> Members<T> {
+    fn indexed(&self) -> bool {
+        self.list.len() >= INDEX_FROM
+    }
+
+    fn position(&self, client: &str) -> Option<usize> {
+        if self.indexed() {
+            self.index.get(client).copied()
+        } else {
+            self.list.iter().position(|e| e.client == client)
+        }
+    }
+
+    /// Adds or replaces the client's entry; true when it replaced one.
+    fn put(&mut self, entry: Entry<T>) -> bool {
+        if let Some(slot) = self.position(&entry.client).and_then(|i| self.list.get_mut(i)) {
+            *slot = entry;
+            return true;
+        }
+        if self.indexed() {
+            self.index.insert(entry.client.clone(), self.list.len());
+        }
+        self.list.push(entry);
+        if self.list.len() == INDEX_FROM {
+            self.index = self.list.iter().enumerate().map(|(i, e)| (e.client.clone(), i)).collect();
+        }
+        false
+    }
+
+    /// Removes the client's entry; true when there was one. The last entry takes its place,
+    /// so the order of the list is not kept (nothing depends on it).
+    fn remove(&mut self, client: &str) -> bool {
+        let Some(i) = self.position(client) else { return false };
+        let was_indexed = self.indexed();
+        self.list.swap_remove(i);
+        if was_indexed {
+            if !self.indexed() {
+                self.index = HashMap::new();
+            } else {
+                self.index.remove(client);
+                if let Some(moved) = self.list.get(i) {
+                    self.index.insert(moved.client.clone(), i);
+                }
+            }
+        }
+        true
+    }
+}
+
 struct Node<T> {
     children: HashMap<Box<str>, Node<T>>,
-    subscribers: Vec<Entry<T>>,
+    subscribers: Members<T>,
     shared: Vec<SharedGroup<T>>,
 }
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { children: HashMap::new(), subscribers: Vec::new(), shared: Vec::new() }
+        Node { children: HashMap::new(), subscribers: Members::default(), shared: Vec::new() }
     }
 }
 
@@ -58,7 +127,7 @@ impl<T> TrieNode for Node<T> {
     }
 
     fn bare(&self) -> bool {
-        self.subscribers.is_empty() && self.shared.is_empty()
+        self.subscribers.list.is_empty() && self.shared.is_empty()
     }
 }
 
@@ -116,7 +185,7 @@ impl<T: Clone> SubscriptionTrie<T> {
                     None => {
                         node.shared.push(SharedGroup {
                             name: g.into(),
-                            members: Vec::new(),
+                            members: Members::default(),
                             next: AtomicUsize::new(0),
                         });
                         node.shared.len() - 1
@@ -125,14 +194,11 @@ impl<T: Clone> SubscriptionTrie<T> {
                 &mut node.shared[idx].members
             }
         };
-        if let Some(existing) = list.iter_mut().find(|e| e.client == entry.client) {
-            *existing = entry;
-            true
-        } else {
-            list.push(entry);
+        let replaced = list.put(entry);
+        if !replaced {
             self.count += 1;
-            false
         }
+        replaced
     }
 
     /// Removes the client's subscription; returns whether it existed.
@@ -147,10 +213,8 @@ impl<T: Clone> SubscriptionTrie<T> {
                 None => return false,
             },
         };
-        let before = list.len();
-        list.retain(|e| e.client != client);
-        let removed = list.len() != before;
-        node.shared.retain(|sg| !sg.members.is_empty());
+        let removed = list.remove(client);
+        node.shared.retain(|sg| !sg.members.list.is_empty());
         if node.is_empty() {
             prune(&mut self.root, filter);
         }
@@ -205,18 +269,19 @@ impl<T: Clone> SubscriptionTrie<T> {
             }
             rest = tail;
         }
-        node.shared.iter().find(|g| &*g.name == group).map(|g| g.members.clone()).unwrap_or_default()
+        node.shared.iter().find(|g| &*g.name == group).map(|g| g.members.list.clone()).unwrap_or_default()
     }
 }
 
 fn push_node<T: Clone>(node: &Node<T>, out: &mut Vec<Entry<T>>) {
-    out.extend(node.subscribers.iter().cloned());
+    out.extend(node.subscribers.list.iter().cloned());
     for g in &node.shared {
-        if g.members.is_empty() {
+        let members = &g.members.list;
+        if members.is_empty() {
             continue;
         }
-        let i = g.next.fetch_add(1, Ordering::Relaxed) % g.members.len();
-        out.push(g.members[i].clone());
+        let i = g.next.fetch_add(1, Ordering::Relaxed) % members.len();
+        out.extend(members.get(i).cloned());
     }
 }
 
@@ -338,5 +403,40 @@ mod tests {
             t.subscribe(&topic, None, entry("exact", QoS::AtMostOnce));
             drop(t);
         });
+    }
+
+    #[test]
+    fn many_clients_on_one_filter_are_found_by_client() {
+        let mut t = SubscriptionTrie::new();
+        let name = |c: i32| format!("c{c}");
+        for c in 0..1_000 {
+            assert!(!t.subscribe("all/#", None, entry(&name(c), QoS::AtMostOnce)));
+            assert!(!t.subscribe("all/#", Some("g"), entry(&name(c), QoS::AtMostOnce)));
+        }
+        assert_eq!(t.len(), 2_000);
+        // Removals move the last entry into the gap: every position must stay right.
+        for c in (0..1_000).filter(|c| c % 2 == 1) {
+            assert!(t.unsubscribe("all/#", None, &name(c)), "c{c}");
+            assert!(!t.unsubscribe("all/#", None, &name(c)), "c{c} twice");
+        }
+        for c in (0..1_000).filter(|c| c % 2 == 0) {
+            assert!(t.subscribe("all/#", None, entry(&name(c), QoS::AtLeastOnce)), "c{c} still there");
+        }
+        // Down across the size where the map is dropped, and back to nothing.
+        for c in (0..1_000).filter(|c| c % 2 == 0 && c % 100 != 0) {
+            assert!(t.unsubscribe("all/#", None, &name(c)), "c{c}");
+        }
+        let mut out = Vec::new();
+        t.matches("all/x", &mut out);
+        assert_eq!(out.len(), 11); // ten plain, one member of the group
+        assert_eq!(t.shared_members("all/#", "g").len(), 1_000);
+        for c in 0..1_000 {
+            assert!(t.unsubscribe("all/#", Some("g"), &name(c)));
+        }
+        for c in (0..1_000).step_by(100) {
+            assert!(t.unsubscribe("all/#", None, &name(c)));
+        }
+        assert_eq!(t.len(), 0);
+        assert!(t.root.is_empty());
     }
 }
