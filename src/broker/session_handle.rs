@@ -21,6 +21,10 @@ pub struct ConnControl {
     reason: AtomicU8,
     /// Keep-alive clock tick of the connection's last read (see `keep_alive`).
     last_seen: AtomicU32,
+    /// The keep-alive bucket this connection is filed under (its due tick), 0 when it is in
+    /// none. Lets `KeepAlive::forget` go straight to that bucket when the connection closes,
+    /// and tells a sweep that an entry it holds was forgotten meanwhile.
+    pub(super) keep_alive_due: AtomicU32,
     waker: Mutex<Option<Waker>>,
 }
 

@@ -3,6 +3,13 @@
 //!
 //! Owns matching. Generic over what a subscriber is, so it knows nothing of sessions,
 //! connections or the store; callers lock it as they see fit.
+//!
+//! Walks are loops, never recursion: a topic or filter may have as many levels as
+//! `limits.max_topic_levels` allows (up to 65,535), deeper than a task's stack can recurse,
+//! and that includes dropping a deep branch. Children are found by hashing their level, so a
+//! node with 100,000 children costs a publish one lookup, not a scan.
+
+use std::collections::HashMap;
 
 mod retained;
 mod subscriptions;
@@ -22,4 +29,60 @@ pub(crate) fn split_level(s: &str) -> (&str, Option<&str>) {
 /// Number of levels in a topic or filter (`a//b` has three).
 pub fn level_count(s: &str) -> usize {
     s.bytes().filter(|&b| b == b'/').count() + 1
+}
+
+/// What the shared walks need of a trie node.
+pub(crate) trait TrieNode: Sized {
+    fn children(&self) -> &HashMap<Box<str>, Self>;
+    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self>;
+    /// Holds nothing of its own (subscriptions, a retained message), children aside.
+    fn bare(&self) -> bool;
+}
+
+/// The node at the end of `path`, if there is one.
+pub(crate) fn descend_mut<'a, N: TrieNode>(root: &'a mut N, path: &str) -> Option<&'a mut N> {
+    let mut node = root;
+    for level in path.split('/') {
+        node = node.children_mut().get_mut(level)?;
+    }
+    Some(node)
+}
+
+/// Removes the node at the end of `path`, which must be bare and childless, with every
+/// ancestor that held nothing but the branch to it. Two passes down instead of a recursive
+/// one: find the deepest ancestor that stays, then cut below it.
+pub(crate) fn prune<N: TrieNode>(root: &mut N, path: &str) {
+    let mut cut = None;
+    let mut node = &*root;
+    for (depth, level) in path.split('/').enumerate() {
+        if depth == 0 || !node.bare() || node.children().len() > 1 {
+            cut = Some((depth, level));
+        }
+        match node.children().get(level) {
+            Some(child) => node = child,
+            None => return,
+        }
+    }
+    let Some((depth, level)) = cut else { return };
+    let mut node = root;
+    for above in path.split('/').take(depth) {
+        match node.children_mut().get_mut(above) {
+            Some(child) => node = child,
+            None => return,
+        }
+    }
+    node.children_mut().remove(level);
+}
+
+/// Empties `node`'s subtree one node at a time, for `Drop`: the default drop glue would
+/// recurse once per level. Each node taken out has its children moved to the work list
+/// before it is dropped, so its own drop finds nothing below it.
+pub(crate) fn dismantle<N: TrieNode>(node: &mut N) {
+    if node.children().is_empty() {
+        return;
+    }
+    let mut pending: Vec<N> = node.children_mut().drain().map(|(_, n)| n).collect();
+    while let Some(mut n) = pending.pop() {
+        pending.extend(n.children_mut().drain().map(|(_, c)| c));
+    }
 }

@@ -2,10 +2,10 @@
 //! filter can reach.
 
 use std::collections::HashMap;
+use std::fmt;
 
-use super::split_level;
+use super::{descend_mut, dismantle, prune, split_level, TrieNode};
 
-#[derive(Debug)]
 struct Node<T> {
     children: HashMap<Box<str>, Node<T>>,
     value: Option<T>,
@@ -17,7 +17,26 @@ impl<T> Default for Node<T> {
     }
 }
 
-#[derive(Debug)]
+impl<T> TrieNode for Node<T> {
+    fn children(&self) -> &HashMap<Box<str>, Self> {
+        &self.children
+    }
+
+    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+        &mut self.children
+    }
+
+    fn bare(&self) -> bool {
+        self.value.is_none()
+    }
+}
+
+impl<T> Drop for Node<T> {
+    fn drop(&mut self) {
+        dismantle(self);
+    }
+}
+
 pub struct RetainedTrie<T> {
     root: Node<T>,
     count: usize,
@@ -26,6 +45,13 @@ pub struct RetainedTrie<T> {
 impl<T> Default for RetainedTrie<T> {
     fn default() -> Self {
         RetainedTrie { root: Node::default(), count: 0 }
+    }
+}
+
+/// A summary: printing every node would recurse once per level.
+impl<T> fmt::Debug for RetainedTrie<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetainedTrie").field("retained", &self.count).finish_non_exhaustive()
     }
 }
 
@@ -56,7 +82,11 @@ impl<T: Clone> RetainedTrie<T> {
 
     /// Clears the retained message of `topic`.
     pub fn remove(&mut self, topic: &str) -> Option<T> {
-        let old = remove_in(&mut self.root, Some(topic));
+        let node = descend_mut(&mut self.root, topic)?;
+        let old = node.value.take();
+        if node.children.is_empty() {
+            prune(&mut self.root, topic);
+        }
         if old.is_some() {
             self.count -= 1;
         }
@@ -76,57 +106,39 @@ impl<T: Clone> RetainedTrie<T> {
 
     /// Every retained message whose topic matches `filter`.
     pub fn matches(&self, filter: &str, out: &mut Vec<T>) {
-        walk(&self.root, Some(filter), true, out);
-    }
-}
-
-/// `root` is true at the first level, where wildcards must skip `$` topics [MQTT-4.7.2-1].
-fn walk<T: Clone>(node: &Node<T>, rest: Option<&str>, root: bool, out: &mut Vec<T>) {
-    let Some(s) = rest else {
-        out.extend(node.value.iter().cloned());
-        return;
-    };
-    let (head, tail) = split_level(s);
-    match head {
-        "#" => {
-            // `a/#` matches `a` too.
-            if !root {
+        // Branches still to walk, on the heap: filters may be deeper than a stack can recurse.
+        // The flag is true at the first level, where wildcards must skip `$` topics
+        // [MQTT-4.7.2-1].
+        let mut stack: Vec<(&Node<T>, Option<&str>, bool)> = vec![(&self.root, Some(filter), true)];
+        while let Some((node, rest, root)) = stack.pop() {
+            let Some(s) = rest else {
                 out.extend(node.value.iter().cloned());
-            }
-            let mut stack: Vec<&Node<T>> =
-                node.children.iter().filter(|(k, _)| !(root && k.starts_with('$'))).map(|(_, n)| n).collect();
-            while let Some(n) = stack.pop() {
-                out.extend(n.value.iter().cloned());
-                stack.extend(n.children.values());
-            }
-        }
-        "+" => {
-            for (k, child) in &node.children {
-                if root && k.starts_with('$') {
-                    continue;
-                }
-                walk(child, tail, false, out);
-            }
-        }
-        _ => {
-            if let Some(child) = node.children.get(head) {
-                walk(child, tail, false, out);
-            }
-        }
-    }
-}
-
-fn remove_in<T>(node: &mut Node<T>, rest: Option<&str>) -> Option<T> {
-    match rest {
-        None => node.value.take(),
-        Some(s) => {
+                continue;
+            };
             let (head, tail) = split_level(s);
-            let child = node.children.get_mut(head)?;
-            let old = remove_in(child, tail);
-            if child.value.is_none() && child.children.is_empty() {
-                node.children.remove(head);
+            match head {
+                "#" => {
+                    // `a/#` matches `a` too.
+                    if !root {
+                        out.extend(node.value.iter().cloned());
+                    }
+                    let mut below: Vec<&Node<T>> =
+                        node.children.iter().filter(|(k, _)| !(root && k.starts_with('$'))).map(|(_, n)| n).collect();
+                    while let Some(n) = below.pop() {
+                        out.extend(n.value.iter().cloned());
+                        below.extend(n.children.values());
+                    }
+                }
+                "+" => {
+                    let levels = node.children.iter().filter(|(k, _)| !(root && k.starts_with('$')));
+                    stack.extend(levels.map(|(_, child)| (child, tail, false)));
+                }
+                _ => {
+                    if let Some(child) = node.children.get(head) {
+                        stack.push((child, tail, false));
+                    }
+                }
             }
-            old
         }
     }
 }
@@ -158,5 +170,52 @@ mod tests {
         assert_eq!(t.remove("a/b"), Some("a/b"));
         assert_eq!(found(&t, "a/#"), ["a", "a/b/c", "a/c"]);
         assert_eq!(t.len(), 5);
+    }
+
+    #[test]
+    fn a_node_with_50000_children() {
+        let mut t = RetainedTrie::new();
+        let topics: Vec<&'static str> =
+            (0..50_000).map(|id| &*Box::leak(format!("sensors/{id}/temp").into_boxed_str())).collect();
+        for topic in &topics {
+            t.insert(topic, *topic);
+        }
+        assert_eq!(found(&t, "sensors/31337/temp"), ["sensors/31337/temp"]);
+        assert_eq!(found(&t, "sensors/+/temp").len(), 50_000);
+        assert_eq!(found(&t, "sensors/#").len(), 50_000);
+        assert!(found(&t, "sensors/+/humidity").is_empty());
+        assert_eq!(t.get("sensors/7/temp"), Some(&"sensors/7/temp"));
+        assert_eq!(t.remove("sensors/7/temp"), Some("sensors/7/temp"));
+        assert!(found(&t, "sensors/7/temp").is_empty());
+        assert_eq!(t.len(), 49_999);
+    }
+
+    #[test]
+    fn ten_thousand_levels_without_recursion() {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let topic: &'static str = Box::leak(vec!["a"; 10_000].join("/").into_boxed_str());
+                let mut t = RetainedTrie::new();
+                t.insert(topic, "deep");
+                t.insert("a", "shallow");
+                assert_eq!(found(&t, topic), ["deep"]);
+                assert_eq!(found(&t, &vec!["+"; 10_000].join("/")), ["deep"]);
+                assert_eq!(found(&t, "#"), ["deep", "shallow"]);
+                assert_eq!(found(&t, "a/#"), ["deep", "shallow"]);
+                let mut half = vec!["+"; 5_000];
+                half.push("#");
+                assert_eq!(found(&t, &half.join("/")), ["deep"]);
+                assert_eq!(t.get(topic), Some(&"deep"));
+                assert_eq!(t.remove(topic), Some("deep"));
+                assert_eq!(found(&t, "#"), ["shallow"]);
+                assert_eq!(t.root.children.get("a").map(|n| n.children.len()), Some(0));
+                // Dropping a trie that still holds a deep branch must not recurse either.
+                t.insert(topic, "deep");
+                drop(t);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

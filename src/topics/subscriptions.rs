@@ -1,13 +1,15 @@
 //! The subscription trie: one node per topic level, `+` and `#` stored as ordinary level
 //! names, so a PUBLISH visits only the branches its levels can match instead of scanning
-//! every filter.
+//! every filter. Subscribing and unsubscribing cost the filter's levels, not the number of
+//! clients on the same filter.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytestring::ByteString;
 
-use super::split_level;
+use super::{descend_mut, dismantle, prune, split_level, TrieNode};
 use crate::protocol::SubscriptionOptions;
 
 /// One subscription of one client.
@@ -21,35 +23,121 @@ pub struct Entry<T> {
     pub share: Option<ByteString>,
 }
 
-#[derive(Debug)]
 struct SharedGroup<T> {
     name: Box<str>,
-    members: Vec<Entry<T>>,
+    members: Members<T>,
     /// Round-robin cursor; atomic so matching can advance it under a read lock.
     next: AtomicUsize,
 }
 
-#[derive(Debug)]
+/// From this many subscriptions on one node (or in one shared group) on, a client's entry is
+/// found through a map: when 100,000 clients subscribe to one filter, each subscribe and
+/// unsubscribe would otherwise scan them all under the index's write lock. Below it a scan
+/// is cheaper than a map, and most nodes hold one or two.
+const INDEX_FROM: usize = 16;
+
+/// The subscriptions of one node, or the members of one shared group: a list to deliver to
+/// (shared groups pick from it by position) that can also be looked up by client.
+struct Members<T> {
+    list: Vec<Entry<T>>,
+    /// Client -> position in `list`; kept only while `list` holds `INDEX_FROM` or more.
+    index: HashMap<ByteString, usize>,
+}
+
+impl<T> Default for Members<T> {
+    fn default() -> Self {
+        Members { list: Vec::new(), index: HashMap::new() }
+    }
+}
+
+impl<T> Members<T> {
+    fn indexed(&self) -> bool {
+        self.list.len() >= INDEX_FROM
+    }
+
+    fn position(&self, client: &str) -> Option<usize> {
+        if self.indexed() {
+            self.index.get(client).copied()
+        } else {
+            self.list.iter().position(|e| e.client == client)
+        }
+    }
+
+    /// Adds or replaces the client's entry; true when it replaced one.
+    fn put(&mut self, entry: Entry<T>) -> bool {
+        if let Some(slot) = self.position(&entry.client).and_then(|i| self.list.get_mut(i)) {
+            *slot = entry;
+            return true;
+        }
+        if self.indexed() {
+            self.index.insert(entry.client.clone(), self.list.len());
+        }
+        self.list.push(entry);
+        if self.list.len() == INDEX_FROM {
+            self.index = self.list.iter().enumerate().map(|(i, e)| (e.client.clone(), i)).collect();
+        }
+        false
+    }
+
+    /// Removes the client's entry; true when there was one. The last entry takes its place,
+    /// so the order of the list is not kept (nothing depends on it).
+    fn remove(&mut self, client: &str) -> bool {
+        let Some(i) = self.position(client) else { return false };
+        let was_indexed = self.indexed();
+        self.list.swap_remove(i);
+        if was_indexed {
+            if !self.indexed() {
+                self.index = HashMap::new();
+            } else {
+                self.index.remove(client);
+                if let Some(moved) = self.list.get(i) {
+                    self.index.insert(moved.client.clone(), i);
+                }
+            }
+        }
+        true
+    }
+}
+
 struct Node<T> {
     children: HashMap<Box<str>, Node<T>>,
-    subscribers: Vec<Entry<T>>,
+    subscribers: Members<T>,
     shared: Vec<SharedGroup<T>>,
 }
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { children: HashMap::new(), subscribers: Vec::new(), shared: Vec::new() }
+        Node { children: HashMap::new(), subscribers: Members::default(), shared: Vec::new() }
     }
 }
 
 impl<T> Node<T> {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.subscribers.is_empty() && self.shared.is_empty()
+        self.children.is_empty() && self.bare()
+    }
+}
+
+impl<T> TrieNode for Node<T> {
+    fn children(&self) -> &HashMap<Box<str>, Self> {
+        &self.children
+    }
+
+    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+        &mut self.children
+    }
+
+    fn bare(&self) -> bool {
+        self.subscribers.list.is_empty() && self.shared.is_empty()
+    }
+}
+
+impl<T> Drop for Node<T> {
+    fn drop(&mut self) {
+        dismantle(self);
     }
 }
 
 /// Filters to subscribers. `T` is whatever the caller delivers to (a session handle).
-#[derive(Debug)]
 pub struct SubscriptionTrie<T> {
     root: Node<T>,
     count: usize,
@@ -58,6 +146,13 @@ pub struct SubscriptionTrie<T> {
 impl<T> Default for SubscriptionTrie<T> {
     fn default() -> Self {
         SubscriptionTrie { root: Node::default(), count: 0 }
+    }
+}
+
+/// A summary: printing every node would recurse once per level.
+impl<T> fmt::Debug for SubscriptionTrie<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriptionTrie").field("subscriptions", &self.count).finish_non_exhaustive()
     }
 }
 
@@ -90,7 +185,7 @@ impl<T: Clone> SubscriptionTrie<T> {
                     None => {
                         node.shared.push(SharedGroup {
                             name: g.into(),
-                            members: Vec::new(),
+                            members: Members::default(),
                             next: AtomicUsize::new(0),
                         });
                         node.shared.len() - 1
@@ -99,19 +194,30 @@ impl<T: Clone> SubscriptionTrie<T> {
                 &mut node.shared[idx].members
             }
         };
-        if let Some(existing) = list.iter_mut().find(|e| e.client == entry.client) {
-            *existing = entry;
-            true
-        } else {
-            list.push(entry);
+        let replaced = list.put(entry);
+        if !replaced {
             self.count += 1;
-            false
         }
+        replaced
     }
 
     /// Removes the client's subscription; returns whether it existed.
     pub fn unsubscribe(&mut self, filter: &str, group: Option<&str>, client: &str) -> bool {
-        let removed = remove_in(&mut self.root, Some(filter), group, client);
+        let Some(node) = descend_mut(&mut self.root, filter) else {
+            return false;
+        };
+        let list = match group {
+            None => &mut node.subscribers,
+            Some(g) => match node.shared.iter_mut().find(|sg| &*sg.name == g) {
+                Some(sg) => &mut sg.members,
+                None => return false,
+            },
+        };
+        let removed = list.remove(client);
+        node.shared.retain(|sg| !sg.members.list.is_empty());
+        if node.is_empty() {
+            prune(&mut self.root, filter);
+        }
         if removed {
             self.count -= 1;
         }
@@ -123,10 +229,34 @@ impl<T: Clone> SubscriptionTrie<T> {
     pub fn matches(&self, topic: &str, out: &mut Vec<Entry<T>>) {
         // [MQTT-4.7.2-1] a leading wildcard never matches a topic starting with '$'.
         let dollar = topic.starts_with('$');
-        collect(&self.root, Some(topic), !dollar, out);
+        // Depth first with the pending branches on the heap; `+` is pushed last so it is
+        // walked before the literal level, as the recursive walk did.
+        // Each level leaves at most one branch waiting, so this holds one frame per level.
+        let mut stack: Vec<(&Node<T>, Option<&str>, bool)> = vec![(&self.root, Some(topic), !dollar)];
+        while let Some((node, rest, wildcards)) = stack.pop() {
+            if wildcards {
+                // `a/#` also matches `a` itself [MQTT-4.7.1-2].
+                if let Some(hash) = node.children.get("#") {
+                    push_node(hash, out);
+                }
+            }
+            let Some(s) = rest else {
+                push_node(node, out);
+                continue;
+            };
+            let (head, tail) = split_level(s);
+            if let Some(child) = node.children.get(head) {
+                stack.push((child, tail, true));
+            }
+            if wildcards {
+                if let Some(plus) = node.children.get("+") {
+                    stack.push((plus, tail, true));
+                }
+            }
+        }
     }
 
-    /// Calls `f` for every member of a shared group but the one given, so a message left
+    /// Every member of the shared group `group` on `filter`, so a message left
     /// unacknowledged by a departing member can be handed to another.
     pub fn shared_members(&self, filter: &str, group: &str) -> Vec<Entry<T>> {
         let mut node = &self.root;
@@ -139,70 +269,19 @@ impl<T: Clone> SubscriptionTrie<T> {
             }
             rest = tail;
         }
-        node.shared.iter().find(|g| &*g.name == group).map(|g| g.members.clone()).unwrap_or_default()
+        node.shared.iter().find(|g| &*g.name == group).map(|g| g.members.list.clone()).unwrap_or_default()
     }
 }
 
 fn push_node<T: Clone>(node: &Node<T>, out: &mut Vec<Entry<T>>) {
-    out.extend(node.subscribers.iter().cloned());
+    out.extend(node.subscribers.list.iter().cloned());
     for g in &node.shared {
-        if g.members.is_empty() {
+        let members = &g.members.list;
+        if members.is_empty() {
             continue;
         }
-        let i = g.next.fetch_add(1, Ordering::Relaxed) % g.members.len();
-        out.push(g.members[i].clone());
-    }
-}
-
-fn collect<T: Clone>(node: &Node<T>, rest: Option<&str>, wildcards: bool, out: &mut Vec<Entry<T>>) {
-    if wildcards {
-        // `a/#` also matches `a` itself [MQTT-4.7.1-2].
-        if let Some(hash) = node.children.get("#") {
-            push_node(hash, out);
-        }
-    }
-    let Some(s) = rest else {
-        push_node(node, out);
-        return;
-    };
-    let (head, tail) = split_level(s);
-    if wildcards {
-        if let Some(plus) = node.children.get("+") {
-            collect(plus, tail, true, out);
-        }
-    }
-    if let Some(child) = node.children.get(head) {
-        collect(child, tail, true, out);
-    }
-}
-
-fn remove_in<T>(node: &mut Node<T>, rest: Option<&str>, group: Option<&str>, client: &str) -> bool {
-    match rest {
-        None => {
-            let list = match group {
-                None => &mut node.subscribers,
-                Some(g) => match node.shared.iter_mut().find(|sg| &*sg.name == g) {
-                    Some(sg) => &mut sg.members,
-                    None => return false,
-                },
-            };
-            let before = list.len();
-            list.retain(|e| e.client != client);
-            let removed = list.len() != before;
-            node.shared.retain(|sg| !sg.members.is_empty());
-            removed
-        }
-        Some(s) => {
-            let (head, tail) = split_level(s);
-            let Some(child) = node.children.get_mut(head) else {
-                return false;
-            };
-            let removed = remove_in(child, tail, group, client);
-            if child.is_empty() {
-                node.children.remove(head);
-            }
-            removed
-        }
+        let i = g.next.fetch_add(1, Ordering::Relaxed) % members.len();
+        out.extend(members.get(i).cloned());
     }
 }
 
@@ -274,5 +353,90 @@ mod tests {
         }
         seen.sort();
         assert_eq!(seen, ["a", "a", "b", "b"]);
+    }
+
+    #[test]
+    fn a_node_with_50000_children_matches_by_level() {
+        let mut t = SubscriptionTrie::new();
+        for id in 0..50_000 {
+            t.subscribe(&format!("sensors/{id}/temp"), None, entry(&format!("c{id}"), QoS::AtMostOnce));
+        }
+        t.subscribe("sensors/+/temp", None, entry("all", QoS::AtMostOnce));
+        assert_eq!(matched(&t, "sensors/31337/temp"), ["all", "c31337"]);
+        assert_eq!(matched(&t, "sensors/0/temp"), ["all", "c0"]);
+        assert_eq!(matched(&t, "sensors/50000/temp"), ["all"]);
+        assert!(matched(&t, "sensors/31337/humidity").is_empty());
+        assert!(t.unsubscribe("sensors/31337/temp", None, "c31337"));
+        assert_eq!(matched(&t, "sensors/31337/temp"), ["all"]);
+        assert_eq!(t.len(), 50_000);
+    }
+
+    /// Runs `f` on a thread with a small stack: a walk that recursed once per level would
+    /// overflow it long before 10,000 levels.
+    fn on_small_stack(f: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new().stack_size(256 * 1024).spawn(f).unwrap().join().unwrap();
+    }
+
+    #[test]
+    fn ten_thousand_levels_without_recursion() {
+        on_small_stack(|| {
+            let topic = vec!["a"; 10_000].join("/");
+            let mut pluses = vec!["+"; 9_999];
+            pluses.push("#");
+            let wild = pluses.join("/");
+            let mut t = SubscriptionTrie::new();
+            t.subscribe(&topic, None, entry("exact", QoS::AtMostOnce));
+            t.subscribe(&wild, None, entry("wild", QoS::AtMostOnce));
+            t.subscribe("#", None, entry("all", QoS::AtMostOnce));
+            t.subscribe(&topic, Some("g"), entry("shared", QoS::AtMostOnce));
+            assert_eq!(matched(&t, &topic), ["all", "exact", "shared", "wild"]);
+            let shorter = vec!["a"; 9_998].join("/");
+            assert_eq!(matched(&t, &shorter), ["all"]);
+            assert_eq!(t.shared_members(&topic, "g").len(), 1);
+            assert!(t.unsubscribe(&topic, None, "exact"));
+            assert!(t.unsubscribe(&topic, Some("g"), "shared"));
+            assert!(t.unsubscribe(&wild, None, "wild"));
+            assert!(!t.unsubscribe(&wild, None, "wild"));
+            assert!(t.unsubscribe("#", None, "all"));
+            assert!(t.root.is_empty());
+            // Dropping a trie that still holds a deep branch must not recurse either.
+            t.subscribe(&topic, None, entry("exact", QoS::AtMostOnce));
+            drop(t);
+        });
+    }
+
+    #[test]
+    fn many_clients_on_one_filter_are_found_by_client() {
+        let mut t = SubscriptionTrie::new();
+        let name = |c: i32| format!("c{c}");
+        for c in 0..1_000 {
+            assert!(!t.subscribe("all/#", None, entry(&name(c), QoS::AtMostOnce)));
+            assert!(!t.subscribe("all/#", Some("g"), entry(&name(c), QoS::AtMostOnce)));
+        }
+        assert_eq!(t.len(), 2_000);
+        // Removals move the last entry into the gap: every position must stay right.
+        for c in (0..1_000).filter(|c| c % 2 == 1) {
+            assert!(t.unsubscribe("all/#", None, &name(c)), "c{c}");
+            assert!(!t.unsubscribe("all/#", None, &name(c)), "c{c} twice");
+        }
+        for c in (0..1_000).filter(|c| c % 2 == 0) {
+            assert!(t.subscribe("all/#", None, entry(&name(c), QoS::AtLeastOnce)), "c{c} still there");
+        }
+        // Down across the size where the map is dropped, and back to nothing.
+        for c in (0..1_000).filter(|c| c % 2 == 0 && c % 100 != 0) {
+            assert!(t.unsubscribe("all/#", None, &name(c)), "c{c}");
+        }
+        let mut out = Vec::new();
+        t.matches("all/x", &mut out);
+        assert_eq!(out.len(), 11); // ten plain, one member of the group
+        assert_eq!(t.shared_members("all/#", "g").len(), 1_000);
+        for c in 0..1_000 {
+            assert!(t.unsubscribe("all/#", Some("g"), &name(c)));
+        }
+        for c in (0..1_000).step_by(100) {
+            assert!(t.unsubscribe("all/#", None, &name(c)));
+        }
+        assert_eq!(t.len(), 0);
+        assert!(t.root.is_empty());
     }
 }
