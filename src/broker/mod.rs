@@ -167,8 +167,6 @@ impl Broker {
 
     /// Stops watching the connection of `control`; called when it closes, so a long
     /// keep-alive does not keep its entry for up to 27 hours. Harmless if it was not watched.
-    // Until `connection::Conn::finish` calls it; remove the allow with that call.
-    #[allow(dead_code)]
     pub fn forget_keep_alive(&self, control: &Arc<ConnControl>) {
         self.keep_alive.forget(control);
     }

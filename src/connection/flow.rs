@@ -84,12 +84,17 @@ impl Conn {
         self.arm_deadline();
     }
 
-    /// Sets the timer to the moment the longest-stalled subscriber is due to be cut off.
+    /// Sets the timer to the moment the longest-stalled subscriber is due to be cut off, or
+    /// to a second from now if that is sooner: while this connection leaves its client
+    /// unread, it counts the client as heard from (its silence is ours), so the keep-alive
+    /// sweep must see that at least every second.
     fn arm_deadline(&mut self) {
         let limit = Duration::from_secs(self.broker.config.limits.slow_consumer_secs);
+        self.control.seen(self.broker.tick());
         if let Some(flow) = self.flow.as_mut() {
             if let Some(first) = flow.targets.iter().map(|w| w.since).min() {
-                flow.deadline.as_mut().reset(tokio::time::Instant::from_std(first + limit));
+                let at = (first + limit).min(Instant::now() + Duration::from_secs(1));
+                flow.deadline.as_mut().reset(tokio::time::Instant::from_std(at));
             }
         }
     }

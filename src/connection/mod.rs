@@ -461,6 +461,7 @@ impl Conn {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
         info!(client_id = %self.client_id, peer = %self.peer, reason = %why, "client disconnected");
         let will = if publish_will { self.will.take() } else { None };
+        self.broker.forget_keep_alive(&self.control);
         self.broker.detach(&self.handle, self.connection_id, self.session_expiry);
         let Some(w) = will else { return };
         let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
