@@ -178,6 +178,13 @@ pub struct Limits {
     /// Seconds a connected subscriber's full queue may go without progress while publishers
     /// wait on it; then the subscriber is disconnected (v5: 0x97) so they can go on.
     pub slow_consumer_secs: u64,
+    /// Subscriptions one session may hold; more get SUBACK 0x97 (v5) / 0x80.
+    pub max_subscriptions: usize,
+    /// User properties in one PUBLISH or will; a v5 message with more is refused (0x97).
+    pub max_user_properties: usize,
+    /// QoS 2 messages a 3.1.1 client may leave unreleased (no PUBREL yet) before it is
+    /// disconnected; v5 clients are held to `mqtt.receive_maximum` instead.
+    pub max_awaiting_pubrel: usize,
 }
 
 /// MQTT 5 capabilities announced in CONNACK.
@@ -229,6 +236,9 @@ impl Default for Limits {
             max_client_id_length: 65_535,
             max_retained_in_memory: 100_000,
             slow_consumer_secs: 10,
+            max_subscriptions: 10_000,
+            max_user_properties: 128,
+            max_awaiting_pubrel: 1_000,
         }
     }
 }
@@ -236,7 +246,7 @@ impl Default for Limits {
 impl Default for Mqtt {
     fn default() -> Self {
         Mqtt {
-            receive_maximum: 65_535,
+            receive_maximum: 20,
             topic_alias_maximum: 10,
             retain_available: true,
             wildcard_subscriptions: true,
@@ -380,6 +390,12 @@ impl Config {
         }
         if l.connect_timeout_secs == 0 {
             return bad("limits.connect_timeout_secs", "must be at least 1 second".into());
+        }
+        if l.max_subscriptions == 0 {
+            return bad("limits.max_subscriptions", "must be at least 1".into());
+        }
+        if l.max_awaiting_pubrel == 0 {
+            return bad("limits.max_awaiting_pubrel", "must be at least 1".into());
         }
         if l.slow_consumer_secs == 0 {
             return bad("limits.slow_consumer_secs", "must be at least 1 second".into());

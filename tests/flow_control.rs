@@ -150,9 +150,17 @@ async fn a_subscriber_that_never_reads_is_cut_off_and_others_keep_receiving() {
 /// One client of two that each subscribe to the other's topic and publish to it as fast as
 /// their in-flight window allows (as client libraries do), reading and acknowledging deliveries
 /// on the side. Returns (messages received, acknowledgements received).
-async fn cross_publisher(addr: SocketAddr, me: &'static str, other: &'static str, count: u32) -> (usize, u32) {
+async fn cross_publisher(
+    addr: SocketAddr,
+    me: &'static str,
+    other: &'static str,
+    count: u32,
+    both_subscribed: std::sync::Arc<tokio::sync::Barrier>,
+) -> (usize, u32) {
     let mut c = connect_v311(addr, me).await;
     c.subscribe(1, &format!("to/{me}"), 1).await;
+    // Nothing may be published before the other side's subscription exists.
+    both_subscribed.wait().await;
     let stream = c.into_stream();
     let (mut r, mut w) = tokio::io::split(stream);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
@@ -219,8 +227,9 @@ async fn clients_publishing_into_each_others_queues_finish() {
     })
     .await;
     const COUNT: u32 = 3_000;
-    let a = tokio::spawn(cross_publisher(b.addr, "a", "b", COUNT));
-    let bb = tokio::spawn(cross_publisher(b.addr, "b", "a", COUNT));
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let a = tokio::spawn(cross_publisher(b.addr, "a", "b", COUNT, barrier.clone()));
+    let bb = tokio::spawn(cross_publisher(b.addr, "b", "a", COUNT, barrier));
     assert_eq!(a.await.unwrap(), (COUNT as usize, COUNT), "client a: received, acknowledged");
     assert_eq!(bb.await.unwrap(), (COUNT as usize, COUNT), "client b: received, acknowledged");
 }

@@ -60,13 +60,15 @@ async fn server_keep_alive_is_enforced() {
 }
 
 #[tokio::test]
-async fn defaults_announce_topic_alias_maximum_and_nothing_unneeded() {
+async fn defaults_announce_topic_alias_maximum_receive_maximum_and_nothing_unneeded() {
     let b = start().await;
     let (_c, ack) = connect_with(b.addr, &Connect::v5("defaults")).await;
     assert_eq!(ack.code, 0x00);
     assert_eq!(ack.prop(TOPIC_ALIAS_MAXIMUM), Some(&[0x00, 0x0A][..]), "{ack:?}");
+    // A finite Receive Maximum (mosquitto's 20): clients then hold at most 20 unreleased
+    // QoS 2 messages instead of 65,535 before expecting DISCONNECT 0x93.
+    assert_eq!(ack.prop(PROP_RECEIVE_MAXIMUM), Some(&[0x00, 0x14][..]), "{ack:?}");
     for (id, what) in [
-        (PROP_RECEIVE_MAXIMUM, "Receive Maximum (65535 is the default)"),
         (MAXIMUM_QOS, "Maximum QoS"),
         (RETAIN_AVAILABLE, "Retain Available"),
         (WILDCARD_AVAILABLE, "Wildcard Subscription Available"),

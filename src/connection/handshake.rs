@@ -153,6 +153,8 @@ impl Conn {
                 failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::RETAIN_NOT_SUPPORTED));
             } else if !topic_within_limits(&w.topic, cfg) {
                 failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::TOPIC_NAME_INVALID));
+            } else if w.properties.user_properties.len() > cfg.limits.max_user_properties {
+                failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::QUOTA_EXCEEDED));
             }
         }
         if let Some(code) = failure {

@@ -209,6 +209,10 @@ impl Conn {
         if v5 && p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             ack_reason = reason::PAYLOAD_FORMAT_INVALID;
         }
+        if v5 && p.properties.user_properties.len() > cfg.limits.max_user_properties {
+            // Each property costs far more held than on the wire; refuse rather than queue.
+            ack_reason = reason::QUOTA_EXCEEDED;
+        }
         if !self.broker.may_publish(&self.principal, &p.topic) {
             // v5 hears why (0x87); a 3.1.1 client has no way to, so its message is
             // acknowledged and dropped, as mosquitto does.
@@ -251,6 +255,12 @@ impl Conn {
                             return Err(Close::Error {
                                 reason: reason::RECEIVE_MAXIMUM_EXCEEDED,
                                 what: "more unreleased QoS 2 publishes than Receive Maximum".into(),
+                            });
+                        }
+                        if !v5 && pending > cfg.limits.max_awaiting_pubrel {
+                            return Err(Close::Error {
+                                reason: reason::QUOTA_EXCEEDED,
+                                what: "more unreleased QoS 2 publishes than limits.max_awaiting_pubrel".into(),
                             });
                         }
                         // The id is stored with the message's effects, so after a crash a
@@ -308,6 +318,7 @@ impl Conn {
         }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
+        let mut seen: HashMap<ByteString, usize> = HashMap::new();
         let mut ticket = 0;
         for (filter, mut opts) in s.filters {
             let shared = topic::is_shared(&filter);
@@ -324,6 +335,8 @@ impl Conn {
                 Some(reason::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
             } else if !topic_within_limits(plain, &cfg) {
                 Some(reason::TOPIC_FILTER_INVALID)
+            } else if self.over_subscription_limit(&filter, cfg.limits.max_subscriptions) {
+                Some(reason::QUOTA_EXCEEDED)
             } else if !self.broker.policy.may_subscribe(&self.principal, plain) {
                 // Unlike mosquitto 2.0, which grants every SUBSCRIBE and filters deliveries,
                 // the client learns at once that it will receive nothing here.
@@ -349,8 +362,23 @@ impl Conn {
                 };
             if send {
                 for m in self.broker.retained_for(plain) {
+                    let qos = m.qos.min(opts.qos);
+                    // One copy per retained message however many filters of this SUBSCRIBE
+                    // match it: a SUBSCRIBE of many overlapping filters must not multiply the
+                    // retained store into the queue.
+                    if let Some(&i) = seen.get(&m.topic) {
+                        let d: &mut Delivery = &mut retained[i];
+                        d.qos = d.qos.max(qos);
+                        if let Some(id) = sub_id {
+                            if !d.subscription_ids.contains(&id) {
+                                d.subscription_ids.push(id);
+                            }
+                        }
+                        continue;
+                    }
+                    seen.insert(m.topic.clone(), retained.len());
                     retained.push(Delivery {
-                        qos: m.qos.min(opts.qos),
+                        qos,
                         msg: m,
                         retain: true,
                         subscription_ids: sub_id.into_iter().collect(),
@@ -364,6 +392,13 @@ impl Conn {
         let ack = SubAck { packet_id: s.packet_id, return_codes: codes, properties: Properties::default() };
         self.respond(ticket, Packet::SubAck(ack), retained);
         Ok(())
+    }
+
+    /// Whether subscribing to `filter` would take the session over its subscription limit
+    /// (replacing one it holds never does).
+    fn over_subscription_limit(&self, filter: &ByteString, max: usize) -> bool {
+        let cell = self.handle.lock();
+        cell.subscriptions.len() >= max && !cell.subscriptions.contains_key(filter)
     }
 
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
