@@ -21,7 +21,7 @@ struct Failing {
 impl Backend for Failing {
     fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         if self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Engine("No space left on device".into()));
+            return Err(StoreError::Io(std::io::Error::other("No space left on device")));
         }
         self.inner.lock().unwrap().apply(ops)
     }
@@ -66,7 +66,7 @@ async fn v5_publisher_gets_0x80_while_the_store_fails_then_recovers() {
     assert_eq!(ack[0], 0x40);
     assert!(reason_of(&ack) < 0x80, "recovered store acknowledges again: {}", hex(&ack));
     p.ping().await;
-    broker.shutdown().await;
+    broker.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test]
@@ -86,7 +86,7 @@ async fn v311_publisher_is_disconnected_when_its_message_cannot_be_stored() {
     // The broker keeps serving everyone else.
     other.ping().await;
     other.publish_retain("cfg/b", b"y", 1, 1, true).await;
-    broker.shutdown().await;
+    broker.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test]
@@ -101,5 +101,5 @@ async fn persistent_subscribe_fails_with_0x80_when_not_stored() {
     backend.fail.store(false, Ordering::SeqCst);
     let codes = s.subscribe_many(2, &[("x/#", 1)]).await;
     assert_eq!(codes, vec![0x01]);
-    broker.shutdown().await;
+    broker.shutdown().await.expect("clean shutdown");
 }
