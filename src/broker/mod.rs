@@ -602,7 +602,7 @@ impl Broker {
                     }
                 }
                 Retained::Stored { topic, expires_at_ms } => {
-                    if !expires_at_ms.is_some_and(|t| t <= now_ms) {
+                    if expires_at_ms.is_none_or(|t| t > now_ms) {
                         out.stored.push(topic);
                     }
                 }

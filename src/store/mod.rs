@@ -36,7 +36,7 @@ pub mod records;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -253,7 +253,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Handle to the commit thread. Dropping it flushes, syncs and stops the thread.
 pub struct Store {
     shared: Arc<Shared>,
-    reader: Option<Arc<dyn RetainedReader>>,
+    /// Taken at `close`: the reader keeps the engine open (and its directory locked), and a
+    /// closed store must let a new one open the directory.
+    reader: RwLock<Option<Arc<dyn RetainedReader>>>,
     thread: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
     durability: Durability,
 }
@@ -302,12 +304,12 @@ impl Store {
                 }
             })
             .map_err(StoreError::Io)?;
-        Ok((Store { shared, reader, thread: Mutex::new(Some(thread)), durability }, recovered))
+        Ok((Store { shared, reader: RwLock::new(reader), thread: Mutex::new(Some(thread)), durability }, recovered))
     }
 
     /// Reads a retained message that was recovered as `Indexed`. Blocking (a disk read).
     pub fn read_retained(&self, topic: &str) -> Result<Option<Arc<Message>>, StoreError> {
-        match &self.reader {
+        match self.retained_reader() {
             Some(r) => r.get(topic),
             None => Ok(None),
         }
@@ -315,7 +317,7 @@ impl Store {
 
     /// A reader for retained messages recovered as `Indexed`, to use off the caller's thread.
     pub fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
-        self.reader.clone()
+        self.reader.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// True when acknowledgements must wait for `outcome` (durability "sync").
@@ -389,6 +391,7 @@ impl Store {
             Some(t) => t.join().unwrap_or(Ok(())),
             None => Ok(()),
         };
+        self.reader.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(e) = self.fatal() {
             return Err(e);
         }
