@@ -94,12 +94,37 @@ fn main() -> ExitCode {
             }
         };
         info!("tern {} ready", env!("CARGO_PKG_VERSION"));
-        wait_for_signal(&handle).await;
+        let store_failed = tokio::select! {
+            () = wait_for_signal(&handle) => false,
+            e = handle.failed() => {
+                error!("exiting: the store failed ({e}); restart tern to recover what was committed");
+                true
+            }
+        };
         info!("shutting down");
-        handle.shutdown().await;
-        ExitCode::SUCCESS
+        // Bounded: connections get a few seconds, and a store hung in a sync does not keep a
+        // supervisor from restarting us.
+        match tokio::time::timeout(SHUTDOWN_LIMIT, handle.shutdown()).await {
+            Ok(Ok(())) if !store_failed => ExitCode::SUCCESS,
+            Ok(Ok(())) => ExitCode::from(EX_IOERR),
+            Ok(Err(e)) => {
+                error!("not everything was written to the store: {e}");
+                ExitCode::from(EX_IOERR)
+            }
+            Err(_) => {
+                error!("shutdown did not finish within {SHUTDOWN_LIMIT:?}; the store may not be synced");
+                ExitCode::from(EX_IOERR)
+            }
+        }
     })
 }
+
+/// Exit status when the store failed (sysexits.h EX_IOERR): at run time (the storage engine
+/// refuses writes, the commit thread died) or in the final sync at shutdown.
+const EX_IOERR: u8 = 74;
+
+/// The longest a shutdown may take before the process exits anyway.
+const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Returns on SIGINT or SIGTERM; on SIGHUP reloads passwords, ACLs and certificates.
 async fn wait_for_signal(handle: &tern::BrokerHandle) {

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::{AuthFileError, AuthMethod, Authenticator, FilePolicy, Policy};
 use crate::broker::{Broker, DurableWaiters};
@@ -41,6 +41,13 @@ pub enum StartError {
     /// A TLS listener's certificate or key could not be used.
     #[error("{0}")]
     Tls(#[from] TlsError),
+    /// A start-up task run off the async workers failed (panicked or was cancelled).
+    #[error("{what} task failed: {source}")]
+    Task { what: &'static str, source: tokio::task::JoinError },
+}
+
+fn task_failed(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> StartError {
+    move |source| StartError::Task { what, source }
 }
 
 /// A running broker. Dropping it does not stop it; call `shutdown`.
@@ -51,6 +58,8 @@ pub struct BrokerHandle {
     pub(crate) broker: Arc<Broker>,
     /// Every TLS listener's certificates, for reload.
     tls: Vec<Arc<TlsAcceptor>>,
+    /// Set once when the store becomes fatal.
+    failed: watch::Receiver<Option<Arc<StoreError>>>,
 }
 
 impl BrokerHandle {
@@ -67,6 +76,27 @@ impl BrokerHandle {
     /// Sessions the broker holds, connected or not.
     pub fn session_count(&self) -> usize {
         self.broker.session_count()
+    }
+
+    /// The error that made the store fatal, if it is: nothing is acknowledged as stored any
+    /// more, and the broker should be shut down and restarted.
+    pub fn store_failure(&self) -> Option<Arc<StoreError>> {
+        self.failed.borrow().clone()
+    }
+
+    /// Resolves when the store becomes fatal (at once if it is), with the error. The binary
+    /// awaits it beside the signals, shuts down and exits with status 74.
+    pub async fn failed(&self) -> Arc<StoreError> {
+        let mut rx = self.failed.clone();
+        loop {
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives in the store's hook list; gone only with the store.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Address of the first listener (tests bind port 0 and ask).
@@ -119,15 +149,20 @@ impl BrokerHandle {
     }
 
     /// Stops accepting, tells v5 clients the server is shutting down (0x8B), waits
-    /// briefly for connections to close, then flushes and closes the store.
-    pub async fn shutdown(self) {
+    /// briefly for connections to close, then flushes and closes the store. Err when the
+    /// final sync failed or the store had failed for good: not everything is on disk, and the
+    /// binary exits non-zero.
+    pub async fn shutdown(self) -> Result<(), Arc<StoreError>> {
         let _ = self.shutdown.send(true);
         self.broker.kick_all(crate::protocol::reason::SERVER_SHUTTING_DOWN);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         let broker = self.broker;
-        let _ = tokio::task::spawn_blocking(move || broker.close_store()).await;
+        match tokio::task::spawn_blocking(move || broker.close_store()).await {
+            Ok(r) => r,
+            Err(e) => Err(Arc::new(StoreError::CommitThread(format!("store closing task failed: {e}")))),
+        }
     }
 }
 
@@ -164,38 +199,42 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
             policy
         }
     };
+    let location = match ext.backend {
+        Some(_) => "(backend given by the embedding program)".to_string(),
+        None => config.storage.dir.display().to_string(),
+    };
     let backend = match ext.backend {
         Some(b) => b,
         None => {
             let dir = config.storage.dir.clone();
             let b = tokio::task::spawn_blocking(move || FjallBackend::open(&dir))
                 .await
-                .map_err(|e| StoreError::Engine(format!("store opening task failed: {e}")))??;
+                .map_err(task_failed("store opening"))??;
             Box::new(b)
         }
     };
-    run(config, backend, Authenticator::new(methods), policy).await
+    run(config, backend, location, Authenticator::new(methods), policy).await
 }
 
 /// Like `start`, over any store backend (tests inject failing ones).
 pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) -> Result<BrokerHandle, StartError> {
     config.validate("configuration passed to tern::start")?;
     let policy = Arc::new(load_policy(&config).await?);
-    run(config, backend, Authenticator::default(), policy).await
+    run(config, backend, "(backend given by the caller)".into(), Authenticator::default(), policy).await
 }
 
 /// Reads the password and ACL files off the async workers.
 async fn load_policy(config: &Arc<Config>) -> Result<FilePolicy, StartError> {
     let c = Arc::clone(config);
-    let loaded = tokio::task::spawn_blocking(move || FilePolicy::load(&c))
-        .await
-        .map_err(|e| StoreError::Engine(format!("policy loading task failed: {e}")))?;
+    let loaded =
+        tokio::task::spawn_blocking(move || FilePolicy::load(&c)).await.map_err(task_failed("policy loading"))?;
     Ok(loaded?)
 }
 
 async fn run(
     config: Arc<Config>,
     backend: Box<dyn Backend>,
+    location: String,
     auth: Authenticator,
     policy: Arc<dyn Policy>,
 ) -> Result<BrokerHandle, StartError> {
@@ -207,7 +246,7 @@ async fn run(
                 let settings = settings.clone();
                 let a = tokio::task::spawn_blocking(move || TlsAcceptor::new(&settings, index))
                     .await
-                    .map_err(|e| StoreError::Engine(format!("certificate loading task failed: {e}")))??;
+                    .map_err(task_failed("certificate loading"))??;
                 Some(Arc::new(a))
             }
             _ => None,
@@ -218,7 +257,21 @@ async fn run(
     let waiters = Arc::clone(&durable);
     let notify = Box::new(move |seq: u64| waiters.progress(seq));
     let interval = Duration::from_millis(config.storage.sync_interval_ms);
-    let (store, recovered) = Store::open(backend, config.storage.durability, interval, notify)?;
+    let durability = config.storage.durability;
+    // Recovery reads the whole store: off the async workers.
+    let (store, recovered) = tokio::task::spawn_blocking(move || Store::open(backend, durability, interval, notify))
+        .await
+        .map_err(task_failed("store recovery"))??;
+    let (failed_tx, failed) = watch::channel(None);
+    store.on_fatal(Box::new(move |e: Arc<StoreError>| {
+        error!(
+            storage_dir = %location,
+            error = %e,
+            "the store cannot keep anything any more: acknowledgements report failure from now on; \
+             the broker must restart (recovery replays what was committed)"
+        );
+        failed_tx.send_replace(Some(e));
+    }));
     let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable, auth, policy));
     broker.restore(recovered);
     tokio::spawn(Arc::clone(&broker).run_keep_alive());
@@ -240,7 +293,7 @@ async fn run(
         tasks.push(tokio::spawn(accept_loop(listener, spot, Arc::clone(&broker), rx.clone(), Arc::clone(&live))));
     }
     let tls = acceptors.into_iter().flatten().collect();
-    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls })
+    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls, failed })
 }
 
 /// Which listener an accept loop serves, and its TLS acceptor when it has one.

@@ -341,6 +341,6 @@ async fn mosquitto_conformance_vectors() {
         println!("LISTED BUT PASSES {s}");
     }
     println!("conformance: {passed} passed, {failed} failed, {diverged} listed divergences");
-    broker.shutdown().await;
+    broker.shutdown().await.expect("clean shutdown");
     assert!(failed == 0 && stale.is_empty(), "{failed} unlisted failures, {} stale divergences", stale.len());
 }

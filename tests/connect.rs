@@ -222,7 +222,7 @@ async fn shutdown_tells_v5_clients_and_closes_all() {
     let mut c5 = connect_v5(b.addr, "down5").await;
     let mut c3 = connect_v311(b.addr, "down3").await;
     let addr = b.addr;
-    tokio::time::timeout(WAIT, b.handle.shutdown()).await.expect("shutdown finishes");
+    tokio::time::timeout(WAIT, b.handle.shutdown()).await.expect("shutdown finishes").expect("clean shutdown");
     c5.expect_disconnect(0x8B).await;
     c3.expect_closed().await;
     // Nothing listens any more.

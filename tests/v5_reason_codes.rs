@@ -47,7 +47,7 @@ async fn shutdown_sends_disconnect_0x8b() {
     let b = start().await;
     let mut c = connect_v5(b.addr, "sd-rc").await;
     let TestBroker { handle, .. } = b;
-    tokio::time::timeout(WAIT, handle.shutdown()).await.expect("shutdown finishes");
+    tokio::time::timeout(WAIT, handle.shutdown()).await.expect("shutdown finishes").expect("clean shutdown");
     c.expect(&[0xE0, 0x01, 0x8B]).await;
     c.expect_closed().await;
 }

@@ -38,7 +38,7 @@ pub struct FjallBackend {
 }
 
 fn engine(e: fjall::Error) -> StoreError {
-    StoreError::Engine(e.to_string())
+    StoreError::Engine(e)
 }
 
 impl FjallBackend {
@@ -88,6 +88,25 @@ impl FjallBackend {
         })
     }
 
+    /// Classifies a failed write or sync. fjall 3 poisons its database when a journal write
+    /// or fsync fails (disk full included) and answers `Poisoned` to every write after that;
+    /// it returns the original I/O error only the first time. `persist(Buffer)` checks the
+    /// poison flag first, so it tells whether the failure was the fatal kind.
+    fn failed(&self, e: fjall::Error) -> StoreError {
+        let dir = self.dir.display().to_string();
+        if matches!(e, fjall::Error::Poisoned) {
+            return StoreError::Poisoned { dir, source: e };
+        }
+        // Twice: if the probe itself flushes into a failing disk, that poisons, and the
+        // second call reports it.
+        for _ in 0..2 {
+            if let Err(fjall::Error::Poisoned) = self.db.persist(PersistMode::Buffer) {
+                return StoreError::Poisoned { dir, source: e };
+            }
+        }
+        StoreError::Engine(e)
+    }
+
     fn prefix_keys(ks: &Keyspace, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
         ks.prefix(prefix).map(|g| g.key().map(|k| k.to_vec()).map_err(engine)).collect()
     }
@@ -104,11 +123,14 @@ impl Backend for FjallBackend {
                 Op::DeleteSession { client } => {
                     // Prefix deletes read committed data, so what this batch has put so far
                     // must be committed first.
-                    std::mem::replace(&mut batch, self.db.batch()).commit().map_err(engine)?;
+                    std::mem::replace(&mut batch, self.db.batch()).commit().map_err(|e| self.failed(e))?;
                     batch.remove(&self.sessions, &client.as_bytes()[..]);
                     let p = client_prefix(client);
                     for ks in [&self.subscriptions, &self.queue, &self.inflight, &self.inbound] {
-                        for k in Self::prefix_keys(ks, &p)? {
+                        for k in Self::prefix_keys(ks, &p).map_err(|e| match e {
+                            StoreError::Engine(e) => self.failed(e),
+                            other => other,
+                        })? {
                             batch.remove(ks, k);
                         }
                     }
@@ -152,7 +174,7 @@ impl Backend for FjallBackend {
                 }
             }
         }
-        batch.commit().map_err(engine)
+        batch.commit().map_err(|e| self.failed(e))
     }
 
     fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
@@ -162,7 +184,7 @@ impl Backend for FjallBackend {
     fn sync(&mut self) -> Result<(), StoreError> {
         // fdatasync: the journal is appended to, and its data (with the size that makes it
         // reachable) is what must survive; other metadata need not be flushed each round.
-        self.db.persist(PersistMode::SyncData).map_err(engine)
+        self.db.persist(PersistMode::SyncData).map_err(|e| self.failed(e))
     }
 
     fn load(&mut self) -> Result<Recovered, StoreError> {

@@ -8,19 +8,43 @@
 //! through a callback. Callers hold acknowledgements until their number is reported.
 //!
 //! Backends: `fjall` (the real one) and `MemoryBackend` (tests of the machinery).
+//!
+//! ## When writes fail
+//! - A failed batch is reported failed to everyone holding one of its numbers (`outcome`),
+//!   however many batches fail (`failures` proves it never forgets). Its acknowledgements go
+//!   out as failures (v5 PUBACK/PUBREC/SUBACK 0x80; a 3.1.1 publisher is disconnected).
+//! - *Transient* failures (an error the engine survives): the commit thread goes on with the
+//!   next batch, so tern resumes by itself once writes succeed again.
+//! - *Fatal* failures (`StoreError::is_fatal`): the engine refuses every further write (fjall
+//!   poisons itself when a journal write or fsync fails, disk full included, since it cannot
+//!   know what reached the disk), or the commit thread panicked. From then on every number
+//!   not committed, and every later submission, is reported failed; submissions are dropped
+//!   rather than piled up; `fatal()` returns the error and the `on_fatal` hooks run (the
+//!   server logs the store directory and the cause, and the binary exits with status 74 so a
+//!   supervisor restarts it). QoS 0 traffic, which never waits for the store, is served
+//!   until the exit.
+//! - In-flight work at a fatal exit: acknowledgements held for uncommitted work are sent as
+//!   failures while the broker still runs, or never (the connection closes at exit); either
+//!   way the client still owns the message and resends it after reconnecting (QoS 1/2
+//!   resend unacknowledged PUBLISHes, SUBSCRIBE is repeated). Recovery at the next start
+//!   replays exactly what was committed, so nothing acknowledged as stored is lost.
 
+mod failures;
 mod fjall_backend;
 mod memory;
 pub mod records;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
 use bytestring::ByteString;
 use tracing::{error, info};
+
+use failures::Failures;
 
 pub use fjall_backend::FjallBackend;
 pub use memory::MemoryBackend;
@@ -30,7 +54,9 @@ use crate::config::Durability;
 use crate::message::Message;
 use crate::protocol::SubscriptionOptions;
 
+/// Why the store could not do something. Engine errors keep fjall's error as their source.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The store directory is held by another tern process.
     #[error("store directory {0} is in use by another process (only one broker may use a data directory)")]
@@ -41,9 +67,38 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("corrupt record in store: {0}")]
     Corrupt(String),
-    /// The storage engine failed (I/O error, disk full...).
+    /// The storage engine failed (I/O error, disk full...) and still accepts writes: the
+    /// writes of this batch are lost, later ones may succeed.
     #[error("storage engine error: {0}")]
-    Engine(String),
+    Engine(#[source] fjall::Error),
+    /// An I/O error outside the engine (the commit thread could not start; test backends
+    /// report their failures with it). Not fatal by itself.
+    #[error("store I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The engine refuses every further write: a journal write or sync failed and fjall,
+    /// which cannot know what reached the disk, poisoned itself. `source` is the failure
+    /// that did it when known. Fatal.
+    #[error("store directory {dir} refuses every further write after a failed write or sync: {source}")]
+    Poisoned {
+        dir: String,
+        #[source]
+        source: fjall::Error,
+    },
+    /// The commit thread panicked: nothing submitted from then on can be committed. Fatal.
+    #[error("the store's commit thread died: {0}")]
+    CommitThread(String),
+}
+
+impl StoreError {
+    /// True when the store cannot make progress any more: acknowledgements stop for good and
+    /// the broker must exit (a supervisor restarts it, and recovery replays what was
+    /// committed).
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Poisoned { .. } | StoreError::CommitThread(_) | StoreError::Engine(fjall::Error::Poisoned)
+        )
+    }
 }
 
 /// One change to the durable state.
@@ -142,16 +197,53 @@ pub trait Backend: Send + 'static {
 struct Pending {
     ops: Vec<Op>,
     last_seq: u64,
+    /// The store is fatal: submissions are numbered (and reported failed) but not kept, so
+    /// pending work cannot grow behind a store that will never write it.
+    fatal: bool,
 }
+
+/// Called once with the error when the store becomes fatal.
+pub type FatalHook = Box<dyn FnOnce(Arc<StoreError>) + Send>;
 
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
     processed: AtomicU64,
-    /// Sequence ranges whose batch failed; small (failures are rare) and pruned as read.
-    failed: Mutex<Vec<(u64, u64)>>,
+    /// What must never be reported durable; see `failures` for why it never forgets.
+    failures: Mutex<Failures>,
+    /// Set once, when the store cannot make progress any more.
+    fatal: OnceLock<Arc<StoreError>>,
+    fatal_hooks: Mutex<Vec<FatalHook>>,
     stop: AtomicBool,
     notify: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl Shared {
+    /// Makes the store fatal: everything not processed yet, and everything submitted from
+    /// now on, is reported failed; pending work is dropped; waiters are woken (they will
+    /// find their tickets failed) and the fatal hooks are called. Idempotent.
+    fn declare_fatal(&self, err: StoreError) {
+        let since = self.processed.load(Ordering::Acquire) + 1;
+        lock(&self.failures).set_fatal(since);
+        {
+            let mut p = lock(&self.pending);
+            p.fatal = true;
+            p.ops = Vec::new();
+        }
+        let err = Arc::new(err);
+        if self.fatal.set(Arc::clone(&err)).is_ok() {
+            error!(
+                error = %err,
+                since_seq = since,
+                "store failed for good: nothing more is acknowledged as stored (QoS 0 is still served)"
+            );
+            let hooks = std::mem::take(&mut *lock(&self.fatal_hooks));
+            for h in hooks {
+                h(Arc::clone(&err));
+            }
+        }
+        (self.notify)(u64::MAX);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,14 +253,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Handle to the commit thread. Dropping it flushes, syncs and stops the thread.
 pub struct Store {
     shared: Arc<Shared>,
-    reader: Option<Arc<dyn RetainedReader>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Taken at `close`: the reader keeps the engine open (and its directory locked), and a
+    /// closed store must let a new one open the directory.
+    reader: RwLock<Option<Arc<dyn RetainedReader>>>,
+    thread: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
     durability: Durability,
 }
 
 impl Store {
     /// Loads the backend's state and starts the commit thread. `notify` is called from that
-    /// thread with the highest sequence number processed (committed or failed).
+    /// thread with the highest sequence number processed (committed or failed), and with
+    /// `u64::MAX` when the store becomes fatal. Blocking: call it off the async workers.
     pub fn open(
         mut backend: Box<dyn Backend>,
         durability: Durability,
@@ -178,27 +273,51 @@ impl Store {
         let recovered = backend.load()?;
         let reader = backend.retained_reader();
         let shared = Arc::new(Shared {
-            pending: Mutex::new(Pending { ops: Vec::new(), last_seq: 0 }),
+            pending: Mutex::new(Pending { ops: Vec::new(), last_seq: 0, fatal: false }),
             wake: Condvar::new(),
             processed: AtomicU64::new(0),
-            failed: Mutex::new(Vec::new()),
+            failures: Mutex::new(Failures::default()),
+            fatal: OnceLock::new(),
+            fatal_hooks: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             notify,
         });
         let s2 = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("tern-store".into())
-            .spawn(move || commit_loop(backend, s2, durability, sync_interval))
-            .map_err(|e| StoreError::Engine(format!("cannot start the store thread: {e}")))?;
-        Ok((Store { shared, reader, thread: Mutex::new(Some(thread)), durability }, recovered))
+            .spawn(move || {
+                // A panic anywhere in the loop (a backend bug, an engine assertion) must not
+                // leave acknowledgements waiting forever: it makes the store fatal.
+                let run =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| commit_loop(backend, &s2, durability, sync_interval)));
+                match run {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "panic".into());
+                        s2.declare_fatal(StoreError::CommitThread(what));
+                        Ok(())
+                    }
+                }
+            })
+            .map_err(StoreError::Io)?;
+        Ok((Store { shared, reader: RwLock::new(reader), thread: Mutex::new(Some(thread)), durability }, recovered))
     }
 
-    /// Reads a retained message that was recovered as `Indexed`.
+    /// Reads a retained message that was recovered as `Indexed`. Blocking (a disk read).
     pub fn read_retained(&self, topic: &str) -> Result<Option<Arc<Message>>, StoreError> {
-        match &self.reader {
+        match self.retained_reader() {
             Some(r) => r.get(topic),
             None => Ok(None),
         }
+    }
+
+    /// A reader for retained messages recovered as `Indexed`, to use off the caller's thread.
+    pub fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
+        self.reader.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// True when acknowledgements must wait for `outcome` (durability "sync").
@@ -206,7 +325,8 @@ impl Store {
         self.durability == Durability::Sync
     }
 
-    /// Queues operations for the next commit; returns their sequence number.
+    /// Queues operations for the next commit; returns their sequence number. Once the store
+    /// is fatal the operations are dropped and the number is reported failed.
     pub fn submit(&self, ops: impl IntoIterator<Item = Op>) -> u64 {
         let mut p = lock(&self.shared.pending);
         let before = p.ops.len();
@@ -216,6 +336,10 @@ impl Store {
         }
         p.last_seq += 1;
         let seq = p.last_seq;
+        if p.fatal {
+            p.ops.clear();
+            return seq;
+        }
         drop(p);
         self.shared.wake.notify_one();
         seq
@@ -227,32 +351,68 @@ impl Store {
     }
 
     /// None while `seq` is not processed yet; Some(true) once durable, Some(false) if its
-    /// batch failed.
+    /// batch failed or the store became fatal before committing it. A failed write is never
+    /// reported durable, however many fail (see `failures`).
     pub fn outcome(&self, seq: u64) -> Option<bool> {
-        if seq > self.processed() {
-            return None;
+        // `processed` first: a failure is recorded before `processed` passes its batch.
+        let processed = self.processed();
+        if lock(&self.shared.failures).failed(seq) {
+            return Some(false);
         }
-        let failed = lock(&self.shared.failed);
-        Some(!failed.iter().any(|&(lo, hi)| lo <= seq && seq <= hi))
+        (seq <= processed).then_some(true)
     }
 
-    /// Flushes what is pending, syncs, and stops the commit thread.
-    pub fn close(&self) {
+    /// The error that made the store fatal, if it is.
+    pub fn fatal(&self) -> Option<Arc<StoreError>> {
+        self.shared.fatal.get().cloned()
+    }
+
+    /// Calls `hook` once when the store becomes fatal (at once if it already is), from the
+    /// thread that found out (the commit thread): it must not block.
+    pub fn on_fatal(&self, hook: FatalHook) {
+        let mut hooks = lock(&self.shared.fatal_hooks);
+        // Checked under the hooks lock: `declare_fatal` sets `fatal` before taking the hooks.
+        match self.shared.fatal.get() {
+            Some(e) => {
+                let e = Arc::clone(e);
+                drop(hooks);
+                hook(e);
+            }
+            None => hooks.push(hook),
+        }
+    }
+
+    /// Flushes what is pending, syncs, and stops the commit thread. Err when the final sync
+    /// failed or the store was fatal: then not everything submitted is on disk. Blocking.
+    pub fn close(&self) -> Result<(), Arc<StoreError>> {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake.notify_one();
-        if let Some(t) = lock(&self.thread).take() {
-            let _ = t.join();
+        let ended = match lock(&self.thread).take() {
+            Some(t) => t.join().unwrap_or(Ok(())),
+            None => Ok(()),
+        };
+        self.reader.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(e) = self.fatal() {
+            return Err(e);
         }
+        ended.map_err(Arc::new)
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
-        self.close();
+        let _ = self.close();
     }
 }
 
-fn commit_loop(mut backend: Box<dyn Backend>, shared: Arc<Shared>, durability: Durability, interval: Duration) {
+/// Writes batches until stopped (Ok after a successful final sync) or until the store is
+/// fatal (Ok: the error is in `shared.fatal`).
+fn commit_loop(
+    mut backend: Box<dyn Backend>,
+    shared: &Shared,
+    durability: Durability,
+    interval: Duration,
+) -> Result<(), StoreError> {
     let mut failing = false;
     let mut dirty = false;
     let mut low = 1u64;
@@ -266,9 +426,11 @@ fn commit_loop(mut backend: Box<dyn Backend>, shared: Arc<Shared>, durability: D
                 if shared.stop.load(Ordering::Acquire) {
                     drop(p);
                     if dirty || durability != Durability::Sync {
-                        let _ = backend.sync();
+                        // A failed final sync means something acknowledged (periodic, none) or
+                        // written may not be on disk: the caller must hear of it.
+                        backend.sync()?;
                     }
-                    return;
+                    return Ok(());
                 }
                 if durability == Durability::Periodic && dirty {
                     let (guard, timeout) = shared.wake.wait_timeout(p, interval).unwrap_or_else(|e| e.into_inner());
@@ -276,6 +438,10 @@ fn commit_loop(mut backend: Box<dyn Backend>, shared: Arc<Shared>, durability: D
                     if timeout.timed_out() && p.ops.is_empty() {
                         drop(p);
                         if let Err(e) = backend.sync() {
+                            if e.is_fatal() {
+                                shared.declare_fatal(e);
+                                return Ok(());
+                            }
                             error!(error = %e, "periodic store sync failed");
                         }
                         dirty = false;
@@ -302,17 +468,17 @@ fn commit_loop(mut backend: Box<dyn Backend>, shared: Arc<Shared>, durability: D
                     failing = false;
                 }
             }
+            Err(e) if e.is_fatal() => {
+                // `processed` stays below `low`: this batch and everything after it fail.
+                shared.declare_fatal(e);
+                return Ok(());
+            }
             Err(e) => {
                 if !failing {
                     error!(error = %e, "store write failed; affected messages are not acknowledged");
                     failing = true;
                 }
-                let mut f = lock(&shared.failed);
-                // Keep the list short: old ranges have been read by everyone who waited.
-                if f.len() > 1024 {
-                    f.drain(..512);
-                }
-                f.push((low, high));
+                lock(&shared.failures).record(low, high);
             }
         }
         low = high + 1;
@@ -336,7 +502,7 @@ mod tests {
     impl Backend for Flaky {
         fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
             if self.fail.load(Ordering::SeqCst) {
-                return Err(StoreError::Engine("disk full".into()));
+                return Err(StoreError::Io(std::io::Error::other("disk full")));
             }
             lock(&self.inner).apply(ops)
         }
@@ -352,11 +518,11 @@ mod tests {
     }
 
     fn wait_for(store: &Store, seq: u64) -> bool {
-        for _ in 0..500 {
+        for _ in 0..20_000 {
             if let Some(ok) = store.outcome(seq) {
                 return ok;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(50));
         }
         panic!("seq {seq} never processed");
     }
@@ -418,5 +584,115 @@ mod tests {
         let syncs = backend.syncs.load(Ordering::SeqCst);
         assert!(syncs < 400, "{syncs} syncs for 1600 submissions: commits are not grouped");
         assert_eq!(lock(&backend.inner).load().unwrap().sessions.len(), 1600);
+    }
+    /// Fails, panics or fails its sync on command; no delay.
+    #[derive(Default, Clone)]
+    struct Scripted {
+        inner: Arc<Mutex<MemoryBackend>>,
+        fail: Arc<AtomicBool>,
+        panic: Arc<AtomicBool>,
+        fail_sync: Arc<AtomicBool>,
+    }
+
+    impl Backend for Scripted {
+        fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+            assert!(!self.panic.load(Ordering::SeqCst), "backend bug");
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(StoreError::Io(std::io::Error::other("transient")));
+            }
+            lock(&self.inner).apply(ops)
+        }
+        fn sync(&mut self) -> Result<(), StoreError> {
+            if self.fail_sync.load(Ordering::SeqCst) {
+                return Err(StoreError::Io(std::io::Error::other("fsync failed")));
+            }
+            Ok(())
+        }
+        fn load(&mut self) -> Result<Recovered, StoreError> {
+            lock(&self.inner).load()
+        }
+    }
+
+    fn open(backend: &Scripted, durability: Durability) -> Store {
+        Store::open(Box::new(backend.clone()), durability, Duration::from_millis(10), Box::new(|_| {})).unwrap().0
+    }
+
+    #[test]
+    fn five_thousand_failed_batches_are_all_still_reported_failed() {
+        let backend = Scripted::default();
+        let store = open(&backend, Durability::Sync);
+        let (mut failed, mut committed) = (Vec::new(), Vec::new());
+        for i in 0..10_000 {
+            let fail = i % 2 == 0;
+            backend.fail.store(fail, Ordering::SeqCst);
+            let seq = store.submit([session(&format!("c{i}"))]);
+            assert_eq!(wait_for(&store, seq), !fail);
+            if fail {
+                failed.push(seq)
+            } else {
+                committed.push(seq)
+            }
+        }
+        assert_eq!(failed.len(), 5_000);
+        for seq in &failed {
+            assert_eq!(store.outcome(*seq), Some(false), "failed batch {seq} reported durable");
+        }
+        // The latest successes keep their answer (only the oldest may be merged away).
+        for seq in &committed[committed.len() - 1_000..] {
+            assert_eq!(store.outcome(*seq), Some(true));
+        }
+        assert!(store.fatal().is_none(), "transient failures are not fatal");
+    }
+
+    #[test]
+    fn a_panicking_commit_thread_makes_the_store_fatal() {
+        let backend = Scripted::default();
+        let notified = Arc::new(AtomicU64::new(0));
+        let n2 = Arc::clone(&notified);
+        let (store, _) = Store::open(
+            Box::new(backend.clone()),
+            Durability::Sync,
+            Duration::from_millis(10),
+            Box::new(move |s| n2.store(s, Ordering::SeqCst)),
+        )
+        .unwrap();
+        let hooked = Arc::new(Mutex::new(None));
+        let h2 = Arc::clone(&hooked);
+        store.on_fatal(Box::new(move |e| *lock(&h2) = Some(e.to_string())));
+        let a = store.submit([session("a")]);
+        assert!(wait_for(&store, a));
+        backend.panic.store(true, Ordering::SeqCst);
+        let b = store.submit([session("b")]);
+        assert!(!wait_for(&store, b), "the batch the thread died on is not durable");
+        let err = store.fatal().expect("fatal");
+        assert!(matches!(*err, StoreError::CommitThread(_)), "{err}");
+        assert!(err.to_string().contains("backend bug"), "{err}");
+        assert!(lock(&hooked).as_deref().is_some_and(|m| m.contains("backend bug")));
+        assert_eq!(notified.load(Ordering::SeqCst), u64::MAX, "waiters are woken");
+        // Later submissions are answered at once, failed, and not kept.
+        backend.panic.store(false, Ordering::SeqCst);
+        let c = store.submit([session("c")]);
+        assert_eq!(store.outcome(c), Some(false));
+        assert!(lock(&store.shared.pending).ops.is_empty());
+        assert_eq!(store.outcome(a), Some(true), "what was committed stays committed");
+        // A hook registered late is called at once.
+        let late = Arc::new(AtomicBool::new(false));
+        let l2 = Arc::clone(&late);
+        store.on_fatal(Box::new(move |_| l2.store(true, Ordering::SeqCst)));
+        assert!(late.load(Ordering::SeqCst));
+        assert!(store.close().is_err());
+    }
+
+    #[test]
+    fn a_failed_final_sync_is_an_error() {
+        let backend = Scripted::default();
+        let store = open(&backend, Durability::Periodic);
+        let a = store.submit([session("a")]);
+        assert!(wait_for(&store, a));
+        backend.fail_sync.store(true, Ordering::SeqCst);
+        let err = store.close().expect_err("the final sync failed");
+        assert!(err.to_string().contains("fsync failed"), "{err}");
+        let clean = open(&Scripted::default(), Durability::Sync);
+        assert!(clean.close().is_ok());
     }
 }
