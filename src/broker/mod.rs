@@ -565,22 +565,6 @@ impl Broker {
         existed
     }
 
-    /// Retained messages matching a (non-shared) filter, expired ones left out.
-    ///
-    /// Blocking: index-only retained messages are read from the store on the caller's
-    /// thread. Connections should use `retained_matches` and `read_stored_retained`.
-    pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
-        let RetainedMatches { mut loaded, stored } = self.retained_matches(filter);
-        for topic in stored {
-            match self.store.read_retained(&topic) {
-                Ok(Some(m)) => loaded.push(m),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(topic = %topic, error = %e, "retained message unreadable"),
-            }
-        }
-        loaded
-    }
-
     /// Retained messages matching a (non-shared) filter, expired ones left out, without
     /// touching the disk: those held in memory, and the topics of those held only in the
     /// store (read them with `read_stored_retained`).
@@ -615,8 +599,6 @@ impl Broker {
     /// blocking thread, never on an async worker. A topic whose retained message was
     /// replaced or cleared meanwhile is left out (the subscriber got the new one live), as
     /// are unreadable ones (logged) and expired ones.
-    // Until `connection::inbound::on_subscribe` moves to it (it still calls `retained_for`).
-    #[allow(dead_code)]
     pub async fn read_stored_retained(self: &Arc<Self>, topics: Vec<ByteString>) -> Vec<Arc<Message>> {
         if topics.is_empty() {
             return Vec::new();

@@ -319,6 +319,8 @@ impl Conn {
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let mut seen: HashMap<ByteString, usize> = HashMap::new();
+        // Retained messages held only on disk: topic -> (highest granted QoS, subscription ids).
+        let mut stored: HashMap<ByteString, (QoS, Vec<u32>)> = HashMap::new();
         let mut ticket = 0;
         for (filter, mut opts) in s.filters {
             let shared = topic::is_shared(&filter);
@@ -361,36 +363,50 @@ impl Conn {
                     _ => false,
                 };
             if send {
-                for m in self.broker.retained_for(plain) {
+                let matches = self.broker.retained_matches(plain);
+                for m in matches.loaded {
                     let qos = m.qos.min(opts.qos);
                     // One copy per retained message however many filters of this SUBSCRIBE
                     // match it: a SUBSCRIBE of many overlapping filters must not multiply the
                     // retained store into the queue.
                     if let Some(&i) = seen.get(&m.topic) {
-                        let d: &mut Delivery = &mut retained[i];
-                        d.qos = d.qos.max(qos);
-                        if let Some(id) = sub_id {
-                            if !d.subscription_ids.contains(&id) {
-                                d.subscription_ids.push(id);
-                            }
-                        }
+                        merge_retained(&mut retained[i], qos, sub_id);
                         continue;
                     }
                     seen.insert(m.topic.clone(), retained.len());
-                    retained.push(Delivery {
-                        qos,
-                        msg: m,
-                        retain: true,
-                        subscription_ids: sub_id.into_iter().collect(),
-                        store_seq: None,
-                        shared: None,
-                        maybe_sent: false,
-                    });
+                    retained.push(retained_delivery(m, qos, sub_id));
+                }
+                for topic in matches.stored {
+                    // Only its topic is in memory: read from the store below, once.
+                    let entry = stored.entry(topic).or_insert((QoS::AtMostOnce, Vec::new()));
+                    entry.0 = entry.0.max(opts.qos);
+                    entry.1.extend(sub_id.filter(|id| !entry.1.contains(id)));
                 }
             }
         }
         let ack = SubAck { packet_id: s.packet_id, return_codes: codes, properties: Properties::default() };
         self.respond(ticket, Packet::SubAck(ack), retained);
+        if !stored.is_empty() {
+            // Reading them blocks on the disk, so it happens off this task; they are queued when
+            // read (MQTT allows them before the SUBACK, and they follow it in practice).
+            let broker = Arc::clone(&self.broker);
+            let handle = Arc::clone(&self.handle);
+            tokio::spawn(async move {
+                let topics = stored.keys().cloned().collect();
+                let read = broker.read_stored_retained(topics).await;
+                let ds = read
+                    .into_iter()
+                    .filter_map(|m| {
+                        let (granted, ids) = stored.get(&m.topic)?;
+                        let qos = m.qos.min(*granted);
+                        let mut d = retained_delivery(m, qos, None);
+                        d.subscription_ids = ids.clone();
+                        Some(d)
+                    })
+                    .collect();
+                broker.deliver_retained(&handle, ds);
+            });
+        }
         Ok(())
     }
 
@@ -473,5 +489,28 @@ impl Conn {
             self.session_expiry = e;
         }
         Err(Close::Client { publish_will: d.reason == reason::DISCONNECT_WITH_WILL })
+    }
+}
+
+/// A retained message as sent on subscribe.
+fn retained_delivery(msg: Arc<Message>, qos: QoS, sub_id: Option<u32>) -> Delivery {
+    Delivery {
+        msg,
+        qos,
+        retain: true,
+        subscription_ids: sub_id.into_iter().collect(),
+        store_seq: None,
+        shared: None,
+        maybe_sent: false,
+    }
+}
+
+/// Another filter of the same SUBSCRIBE matched a retained message already queued.
+fn merge_retained(d: &mut Delivery, qos: QoS, sub_id: Option<u32>) {
+    d.qos = d.qos.max(qos);
+    if let Some(id) = sub_id {
+        if !d.subscription_ids.contains(&id) {
+            d.subscription_ids.push(id);
+        }
     }
 }
