@@ -31,6 +31,18 @@ pub struct Config {
     pub auth: Auth,
     pub limits: Limits,
     pub mqtt: Mqtt,
+    /// Topics whose messages jump the queue: each session sends higher levels first.
+    pub priority: Vec<Priority>,
+}
+
+/// `[[priority]] filter = "alarms/#", level = 9`: messages on topics the filter matches are
+/// sent before those of lower levels (0 for everything else), first in first out per level.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Priority {
+    pub filter: String,
+    /// 1 to 9.
+    pub level: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -211,6 +223,7 @@ impl Default for Config {
             auth: Auth::default(),
             limits: Limits::default(),
             mqtt: Mqtt::default(),
+            priority: Vec::new(),
         }
     }
 }
@@ -408,6 +421,17 @@ impl Config {
         }
         if self.mqtt.maximum_qos > 2 {
             return bad("mqtt.maximum_qos", "must be 0, 1 or 2".into());
+        }
+        for (i, p) in self.priority.iter().enumerate() {
+            if !(1..=9).contains(&p.level) {
+                return bad(&format!("priority[{i}].level"), "must be between 1 and 9 (0 is every other topic)".into());
+            }
+            if !crate::protocol::topic::valid_topic_filter(&p.filter) || p.filter.starts_with("$share/") {
+                return bad(
+                    &format!("priority[{i}].filter"),
+                    format!("`{}` is not a topic filter, e.g. \"alarms/#\" or \"+/door\"", p.filter),
+                );
+            }
         }
         if self.storage.sync_interval_ms == 0 {
             return bad("storage.sync_interval_ms", "must be at least 1".into());

@@ -427,6 +427,11 @@ impl Broker {
         }
     }
 
+    /// The `[[priority]]` level of `topic`: the highest of the filters matching it, else 0.
+    pub fn priority_of(&self, topic: &str) -> u8 {
+        self.config.priority.iter().filter(|p| topic::matches(&p.filter, topic)).map(|p| p.level).max().unwrap_or(0)
+    }
+
     /// Whether `owner` may publish `topic` now: never in `$SYS`, otherwise as the policy says.
     /// Wills are published with their owner's rights, checked when they are published.
     pub fn may_publish(&self, owner: &Principal, topic: &str) -> bool {
@@ -682,6 +687,12 @@ impl Broker {
             i = j;
         }
         let matched = deliveries.len();
+        if !self.config.priority.is_empty() {
+            let level = self.priority_of(&msg.topic);
+            for (_, d) in &mut deliveries {
+                d.priority = level;
+            }
+        }
         // Copies for persistent sessions reach the store before any subscriber can see (and
         // acknowledge) them, so the store never sees an ack before its message.
         let mut encoded: Option<Bytes> = None;
@@ -803,6 +814,7 @@ fn merge(msg: &Arc<Message>, group: &[Entry<Arc<SessionHandle>>]) -> Option<Deli
         store_seq: None,
         shared: None,
         maybe_sent: false,
+        priority: 0,
     })
 }
 

@@ -91,6 +91,7 @@ impl Broker {
                 ops.push(Op::DeleteQueued { client: client.clone(), seq });
                 continue;
             }
+            let priority = self.priority_of(&rec.message.topic);
             let d = Delivery {
                 msg: rec.message,
                 qos: rec.qos,
@@ -101,6 +102,7 @@ impl Broker {
                 // QoS 1 sends are not recorded (a duplicate is allowed, if flagged), so any
                 // QoS 1 message may have gone out before the crash.
                 maybe_sent: state.is_none() && rec.qos == QoS::AtLeastOnce,
+                priority,
             };
             match state {
                 Some(InflightState::Sent(pid)) => cell.state.restore_inflight(pid, d, OutState::AwaitingAck),

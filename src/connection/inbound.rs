@@ -374,7 +374,9 @@ impl Conn {
                         continue;
                     }
                     seen.insert(m.topic.clone(), retained.len());
-                    retained.push(retained_delivery(m, qos, sub_id));
+                    let mut d = retained_delivery(m, qos, sub_id);
+                    d.priority = self.broker.priority_of(&d.msg.topic);
+                    retained.push(d);
                 }
                 for topic in matches.stored {
                     // Only its topic is in memory: read from the store below, once.
@@ -401,6 +403,7 @@ impl Conn {
                         let qos = m.qos.min(*granted);
                         let mut d = retained_delivery(m, qos, None);
                         d.subscription_ids = ids.clone();
+                        d.priority = broker.priority_of(&d.msg.topic);
                         Some(d)
                     })
                     .collect();
@@ -502,6 +505,7 @@ fn retained_delivery(msg: Arc<Message>, qos: QoS, sub_id: Option<u32>) -> Delive
         store_seq: None,
         shared: None,
         maybe_sent: false,
+        priority: 0,
     }
 }
 

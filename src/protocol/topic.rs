@@ -50,8 +50,8 @@ pub fn parse_shared(filter: &str) -> Option<(&str, &str)> {
 /// Reference matcher: whether topic name `topic` matches `filter`. `+` matches one level,
 /// `#` the rest including the parent level (`a/#` matches `a`), and topics starting with `$`
 /// are never matched by a filter starting with a wildcard ([MQTT-4.7.2-1]). Assumes valid
-/// arguments; for shared subscriptions pass the filter part. The tries are tested against it.
-#[cfg(test)]
+/// arguments; for shared subscriptions pass the filter part. The tries are tested against it,
+/// and `[[priority]]` filters (a handful, checked per published message) use it.
 pub fn matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;

@@ -5,6 +5,8 @@
 //! Owns MQTT delivery rules for one client. No I/O, no clock reads of its own beyond what the
 //! caller passes, no knowledge of the broker, sockets or store.
 
+mod queue;
+
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +32,8 @@ pub struct Delivery {
     /// Recovered after a crash without a record of having been sent: it may have been, so
     /// it goes out with DUP set.
     pub maybe_sent: bool,
+    /// Priority level of its topic (`[[priority]]`): higher levels are sent first.
+    pub priority: u8,
 }
 
 /// Where an outbound QoS 1/2 message stands.
@@ -94,7 +98,7 @@ pub struct QueueLimits {
 
 #[derive(Debug)]
 pub struct SessionState {
-    queue: VecDeque<Delivery>,
+    queue: queue::Queue,
     queued_bytes: usize,
     inflight: VecDeque<Inflight>,
     next_packet_id: u16,
@@ -112,7 +116,7 @@ pub struct SessionState {
 impl SessionState {
     pub fn new(limits: QueueLimits) -> Self {
         SessionState {
-            queue: VecDeque::new(),
+            queue: queue::Queue::default(),
             queued_bytes: 0,
             inflight: VecDeque::new(),
             next_packet_id: 1,
@@ -309,16 +313,11 @@ impl SessionState {
             }
         }
         self.inflight = keep;
-        let mut rest = VecDeque::with_capacity(self.queue.len());
-        for d in self.queue.drain(..) {
-            if can(&d) {
-                self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.payload.len());
-                out.push(d);
-            } else {
-                rest.push_back(d);
-            }
+        let taken = self.queue.take_if(can);
+        for d in &taken {
+            self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.payload.len());
         }
-        self.queue = rest;
+        out.extend(taken);
         out
     }
 
@@ -331,7 +330,7 @@ impl SessionState {
     /// subscriber's messages to another member.
     pub fn drain_all(&mut self) -> Vec<Delivery> {
         let mut out: Vec<Delivery> = self.inflight.drain(..).map(|f| f.delivery).collect();
-        out.extend(self.queue.drain(..));
+        out.extend(self.queue.drain());
         self.queued_bytes = 0;
         out
     }
@@ -376,6 +375,7 @@ mod tests {
             store_seq: None,
             shared: None,
             maybe_sent: false,
+            priority: 0,
         }
     }
 
@@ -426,6 +426,23 @@ mod tests {
         let mut b = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 5 });
         b.enqueue(d(QoS::AtLeastOnce, "abc"), false).unwrap();
         assert!(b.enqueue(d(QoS::AtLeastOnce, "abc"), false).is_err());
+    }
+
+    #[test]
+    fn higher_priority_first_fifo_within_a_level() {
+        let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0 });
+        for (level, p) in [(0, "n1"), (7, "h1"), (3, "m1"), (7, "h2"), (0, "n2"), (3, "m2")] {
+            let mut x = d(QoS::AtMostOnce, p);
+            x.priority = level;
+            s.enqueue(x, true).unwrap();
+        }
+        let now = Instant::now();
+        let mut order = Vec::new();
+        while let Some(Outgoing::Unacked(x)) = s.next_outgoing(10, now) {
+            order.push(String::from_utf8(x.msg.payload.to_vec()).unwrap());
+        }
+        assert_eq!(order, ["h1", "h2", "m1", "m2", "n1", "n2"]);
+        assert!(s.has_room() && s.drain_all().is_empty());
     }
 
     #[test]
