@@ -43,8 +43,10 @@ async fn queued_messages_go_out_by_priority_then_in_order() {
 
 #[tokio::test]
 async fn bad_priority_level_is_named() {
-    let mut c = tern::Config::default();
-    c.priority = vec![tern::config::Priority { filter: "a/#".into(), level: 12 }];
+    let c = tern::Config {
+        priority: vec![tern::config::Priority { filter: "a/#".into(), level: 12 }],
+        ..Default::default()
+    };
     let err = c.validate("p.toml").unwrap_err().to_string();
     assert!(err.contains("priority[0].level"), "{err}");
 }
