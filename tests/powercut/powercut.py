@@ -7,8 +7,9 @@ so that what counts as acknowledged is exactly what came back on the wire.
   powercut.py publish    --port P --prefix R --state FILE --kill-pid PID --kill-after N
   powercut.py check      --port P --prefix R --state FILE
 
-setup: the persistent sessions R-sub-q1 (pc R/q1/# at QoS 1) and R-sub-q2 (R/q2/# at QoS 2)
-subscribe and go away (clean session 0).
+setup: the persistent sessions R-sub-q1 (R/q1/# at QoS 1) and R-sub-q2 (R/q2/# at QoS 2),
+MQTT 3.1.1 with clean session 0, and R-sub-v5q2 (R/q2/# at QoS 2), MQTT 5 with a Session
+Expiry Interval of an hour, subscribe and go away.
 publish: three publishers stream at once, each with up to WINDOW messages in flight: QoS 1 to
 R/q1/0..3, QoS 2 to R/q2/0..3, retained QoS 1/2 to R/r/0..7. A message counts as acknowledged
 when its PUBACK (QoS 1) or its PUBREC (QoS 2: from then on the broker owns it; a publisher
@@ -54,16 +55,33 @@ def enc_len(n):
             return bytes(out)
 
 
+def skip_props(b):
+    """b without the MQTT 5 properties (length-prefixed) at its start."""
+    n, mult, i = 0, 1, 0
+    while True:
+        d = b[i]
+        n += (d & 0x7F) * mult
+        mult *= 128
+        i += 1
+        if not d & 0x80:
+            return b[i + n:]
+
+
 class Conn:
-    def __init__(self, port, client_id, clean, timeout=10.0, keepalive=120):
+    """MQTT 3.1.1, or MQTT 5 (v5=True) with a Session Expiry Interval of an hour."""
+
+    def __init__(self, port, client_id, clean, timeout=10.0, keepalive=120, v5=False):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.closed = False
-        vh = enc_str("MQTT") + bytes([4, 0x02 if clean else 0x00]) + struct.pack(">H", keepalive)
+        self.v5 = v5
+        vh = enc_str("MQTT") + bytes([5 if v5 else 4, 0x02 if clean else 0x00]) + struct.pack(">H", keepalive)
+        if v5:
+            vh += bytes([5, 0x11]) + struct.pack(">I", 3600)
         self.send(CONNECT << 4, vh + enc_str(client_id))
         t, _, body = self.read(time.monotonic() + timeout)
-        if t != CONNACK or len(body) != 2:
+        if t != CONNACK or len(body) < 2 or (not v5 and len(body) != 2):
             raise Closed(f"{client_id}: expected CONNACK, got type {t}")
         if body[1] != 0:
             raise Closed(f"{client_id}: CONNACK return code {body[1]}")
@@ -119,13 +137,15 @@ class Conn:
             self.fill(left)
 
     def subscribe(self, topic, qos):
-        self.send((SUBSCRIBE << 4) | 2, struct.pack(">H", 1) + enc_str(topic) + bytes([qos]))
+        props = b"\x00" if self.v5 else b""
+        self.send((SUBSCRIBE << 4) | 2, struct.pack(">H", 1) + props + enc_str(topic) + bytes([qos]))
         deadline = time.monotonic() + 10
         while True:
             t, _, body = self.read(deadline)
             if t == SUBACK:
-                if body[2] != qos:
-                    raise Closed(f"SUBACK granted {body[2]} for {topic}, wanted {qos}")
+                codes = skip_props(body[2:]) if self.v5 else body[2:]
+                if codes[0] != qos:
+                    raise Closed(f"SUBACK granted {codes[0]} for {topic}, wanted {qos}")
                 return
 
     def disconnect(self):
@@ -157,10 +177,15 @@ def wait_ready(a):
     return 1
 
 
+# The persistent sessions: (session name, stream, QoS, MQTT 5). The MQTT 5 session takes the
+# QoS 2 stream too, with a Session Expiry Interval instead of clean session 0.
+SESSIONS = (("q1", "q1", 1, False), ("q2", "q2", 2, False), ("v5q2", "q2", 2, True))
+
+
 def setup(a):
-    for name, qos in (("q1", 1), ("q2", 2)):
-        c = Conn(a.port, f"{a.prefix}-sub-{name}", False)
-        c.subscribe(f"{a.prefix}/{name}/#", qos)
+    for sess, stream, qos, v5 in SESSIONS:
+        c = Conn(a.port, f"{a.prefix}-sub-{sess}", False, v5=v5)
+        c.subscribe(f"{a.prefix}/{stream}/#", qos)
         c.disconnect()
     return 0
 
@@ -318,6 +343,8 @@ def drain(conn, quiet, deadline, expect=None, settle=1.0):
             if qos:
                 pid = struct.unpack(">H", rest[:2])[0]
                 rest = rest[2:]
+            if conn.v5:
+                rest = skip_props(rest)
             if qos == 2 and pid in waiting_rel:
                 conn.send(PUBREC << 4, struct.pack(">H", pid))
                 continue
@@ -345,13 +372,13 @@ def check(a):
     p = a.prefix
     figures = []
     t0 = time.monotonic()
-    for name, qos in (("q1", 1), ("q2", 2)):
+    for sess, name, qos, v5 in SESSIONS:
         st = state[name]
         sent = {seq: ti for seq, ti, _ in st["sent"]}
         acked = set(st["acked"])
-        c = Conn(a.port, f"{p}-sub-{name}", False)
+        c = Conn(a.port, f"{p}-sub-{sess}", False, v5=v5)
         if not c.session_present:
-            failures.append(f"{name}: session {p}-sub-{name} not present after the cut")
+            failures.append(f"{sess}: session {p}-sub-{sess} not present after the cut")
         want = len(acked)
         got = drain(c, a.quiet, time.monotonic() + a.timeout,
                     lambda g: len(g) >= want and acked <= {parse_payload(m[1])[2] for m in g}, a.settle)
@@ -361,23 +388,23 @@ def check(a):
         for topic, payload, dqos, dup in got:
             sname, ti, seq = parse_payload(payload)
             if sname != name or topic != f"{p}/{name}/{ti}" or sent.get(seq) != ti:
-                failures.append(f"{name}: delivered a message never sent: {topic} {payload[:30]!r}")
+                failures.append(f"{sess}: delivered a message never sent: {topic} {payload[:30]!r}")
                 continue
             counts[seq] = counts.get(seq, 0) + 1
             per_topic.setdefault(ti, []).append(seq)
         missing = sorted(acked - counts.keys())
         if missing:
-            failures.append(f"{name}: {len(missing)} acknowledged messages not delivered, first seqs {missing[:10]}")
+            failures.append(f"{sess}: {len(missing)} acknowledged messages not delivered, first seqs {missing[:10]}")
         dups = sorted(s for s, n in counts.items() if n > 1)
         if qos == 2 and dups:
-            failures.append(f"{name}: {len(dups)} QoS 2 messages delivered more than once: {dups[:10]}")
+            failures.append(f"{sess}: {len(dups)} QoS 2 messages delivered more than once: {dups[:10]}")
         for ti, seqs in sorted(per_topic.items()):
             firsts = list(dict.fromkeys(seqs))
             if firsts != sorted(firsts):
                 bad = next(i for i in range(1, len(firsts)) if firsts[i] < firsts[i - 1])
-                failures.append(f"{name}: topic {ti} out of order: ... {firsts[max(0, bad - 2):bad + 2]} ...")
+                failures.append(f"{sess}: topic {ti} out of order: ... {firsts[max(0, bad - 2):bad + 2]} ...")
         extra = len(counts.keys() - acked)
-        figures.append(f"{name}: {len(acked)} acknowledged, {len(acked & counts.keys())} recovered, "
+        figures.append(f"{sess}: {len(acked)} acknowledged, {len(acked & counts.keys())} recovered, "
                        f"{extra} unacknowledged also delivered, {len(got)} deliveries"
                        + (f" ({len(dups)} duplicates)" if dups else ""))
 

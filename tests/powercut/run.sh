@@ -14,7 +14,8 @@
 # 127.0.0.1.
 #
 # Each round (POWERCUT_ROUNDS, default 2) on the same disk image:
-#   boot; two persistent sessions subscribe (QoS 1 and QoS 2) and go away; three publishers
+#   boot; three persistent sessions subscribe (QoS 1, QoS 2, and QoS 2 over MQTT 5 with a
+#   Session Expiry Interval) and go away; three publishers
 #   stream QoS 1, QoS 2 and retained messages; after a random number of acknowledgements the
 #   qemu process gets SIGKILL: whatever the guest had only in its page cache (or in qemu's
 #   queues) is gone, as in a power cut;
