@@ -40,6 +40,8 @@ fi
 TERN_BIN=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROUNDS=${POWERCUT_ROUNDS:-2}
+# mkfs.ext4 and modprobe live in sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 for tool in qemu-system-x86_64 cpio gzip mkfs.ext4 python3 ldd timeout; do
     if ! command -v "$tool" >/dev/null 2>&1; then
