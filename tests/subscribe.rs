@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 /// Publishes each topic at QoS 1 from `publisher`, then returns the topics `sub` received
@@ -178,4 +180,32 @@ async fn subscriptions_of_two_clients_each_get_a_copy() {
     publisher.publish("both/t", b"copy", 1, 1).await;
     assert_eq!(s1.recv_publish_ack().await.payload, b"copy");
     assert_eq!(s2.recv_publish_ack().await.payload, b"copy");
+}
+
+/// [MQTT-3.10.4-2]: once the server has an UNSUBSCRIBE it adds no messages for that filter,
+/// even when the client does not wait for UNSUBACK and another client publishes at once
+/// (seen with a public interop suite: subscribe to three topics at QoS 2, wait, unsubscribe
+/// the first without waiting, a second client publishes QoS 1 to all three).
+#[tokio::test]
+async fn unsubscribe_not_waited_for_stops_delivery_at_once() {
+    let b = start_with(|c| c.limits.max_keepalive = 60).await;
+    for round in 0..20 {
+        let mut sub = connect_v5(b.addr, &format!("unsub-{round}")).await;
+        let topics = [format!("u{round}/a"), format!("u{round}/b"), format!("u{round}/c")];
+        assert_eq!(sub.subscribe_many(1, &[(&topics[0], 2), (&topics[1], 2), (&topics[2], 2)]).await, vec![2, 2, 2]);
+        sub.send(&unsubscribe_pkt(true, 2, &[&topics[0]])).await;
+        let mut p = connect_v5(b.addr, &format!("unsub-pub-{round}")).await;
+        for (i, t) in topics.iter().enumerate() {
+            p.publish(t, b"m", 1, i as u16 + 1).await;
+        }
+        let mut got = Vec::new();
+        while let Event::Packet(pk) = sub.next_event(Duration::from_millis(200)).await {
+            if pk[0] >> 4 == 3 {
+                let m = parse_publish(&pk, true);
+                sub.ack(&m).await;
+                got.push(m.topic);
+            }
+        }
+        assert_eq!(got, vec![topics[1].clone(), topics[2].clone()], "round {round}");
+    }
 }

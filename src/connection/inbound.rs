@@ -429,11 +429,9 @@ impl Conn {
         if !self.version.is_v5() {
             codes.clear();
         }
-        self.encode(Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            reason_codes: codes,
-            properties: Properties::default(),
-        }));
+        // Behind any SUBACK still held for the store, so acknowledgements keep their order.
+        let ack = UnsubAck { packet_id: u.packet_id, reason_codes: codes, properties: Properties::default() };
+        self.respond(0, Packet::UnsubAck(ack), Vec::new());
         Ok(())
     }
 
