@@ -170,7 +170,8 @@ pub struct Limits {
     pub max_inflight: u16,
     /// Messages waiting to be sent, per session (online or offline).
     pub max_queued_messages: usize,
-    /// Payload bytes waiting to be sent, per session; 0 = unlimited.
+    /// Bytes waiting to be sent, per session (payload, topic and properties, plus ~128 bytes
+    /// of bookkeeping per message); 0 = unlimited.
     pub max_queued_bytes: usize,
     /// Longest topic name or filter, in bytes.
     pub max_topic_length: usize,

@@ -10,6 +10,11 @@ use bytestring::ByteString;
 
 use crate::protocol::{Properties, QoS};
 
+/// Payloads up to this size are copied out of the read buffer (see `Message::received`).
+const OWNED_PAYLOAD: usize = 8 * 1024;
+/// The message's own struct and allocations, counted with its bytes.
+const HELD_OVERHEAD: usize = 128;
+
 #[derive(Debug, Clone)]
 pub struct Message {
     pub topic: ByteString,
@@ -18,17 +23,17 @@ pub struct Message {
     pub qos: QoS,
     /// Retain flag as published.
     pub retain: bool,
-    /// v5 properties forwarded to subscribers unchanged: payload format, content type,
-    /// response topic, correlation data, user properties. Never topic alias or subscription
-    /// identifiers, which are per connection. Message expiry is kept in `expires_at`.
-    pub properties: Properties,
     /// Client id of the publisher, for No Local.
     pub origin: ByteString,
     /// When the message was received, for the Message Expiry Interval.
     pub received_at: Instant,
     /// Message Expiry Interval from the publisher, in seconds.
     pub expiry_interval: Option<u32>,
-    /// `properties` encoded once for all v5 subscribers (`protocol::encode_property_list`).
+    /// The v5 properties forwarded to subscribers unchanged (payload format, content type,
+    /// response topic, correlation data, user properties; never topic alias or subscription
+    /// identifiers, which are per connection; message expiry is `expiry_interval`), encoded
+    /// once for all subscribers and the store. Held only encoded: decoded, each property
+    /// costs several times its size.
     pub props_v5: Bytes,
 }
 
@@ -36,6 +41,10 @@ impl Message {
     /// A message as just received from `origin`: its Message Expiry Interval moves out of the
     /// properties (it is recomputed per delivery), and the rest is encoded once for v5
     /// subscribers.
+    ///
+    /// A small payload and the topic are copied out of the buffer they were decoded from: a
+    /// slice would keep that whole read buffer (up to 64 KiB) alive for as long as the message
+    /// waits in any queue. Larger payloads stay shared, where the buffer is mostly theirs.
     pub fn received(
         topic: ByteString,
         payload: Bytes,
@@ -46,17 +55,22 @@ impl Message {
     ) -> Message {
         let expiry_interval = properties.message_expiry_interval.take();
         let props_v5 = crate::protocol::encode_property_list(&properties);
+        let payload = if payload.len() <= OWNED_PAYLOAD { Bytes::copy_from_slice(&payload) } else { payload };
         Message {
-            topic,
+            topic: ByteString::from(&*topic),
             payload,
             qos,
             retain,
-            properties,
             origin,
             received_at: Instant::now(),
             expiry_interval,
             props_v5,
         }
+    }
+
+    /// Memory the message holds while it waits in a queue, roughly: what queue limits count.
+    pub fn held_bytes(&self) -> usize {
+        self.payload.len() + self.topic.len() + self.props_v5.len() + HELD_OVERHEAD
     }
 
     /// True when the message's expiry interval has run out.

@@ -41,7 +41,8 @@ async fn connections_over_the_limit_are_told_why_and_room_frees_up() {
 
 #[tokio::test]
 async fn queued_bytes_limit_drops_what_does_not_fit() {
-    let b = start_with(|c| c.limits.max_queued_bytes = 10).await;
+    // Each message holds 6 bytes of payload, 5 of topic and ~128 of bookkeeping: one fits.
+    let b = start_with(|c| c.limits.max_queued_bytes = 200).await;
     let mut s = Raw::open(b.addr).await;
     s.handshake(&Connect::v311("byte-limited").clean(false)).await;
     s.subscribe(1, "bytes", 1).await;

@@ -141,7 +141,7 @@ impl SessionState {
     /// and a hard limit of twice the bound catches the rest. Without `slack` (a client that is
     /// away: nobody reads the queue, so waiting would not help) the bound is hard.
     pub fn enqueue(&mut self, d: Delivery, slack: bool) -> Result<Queued, Dropped> {
-        let size = d.msg.payload.len();
+        let size = d.msg.held_bytes();
         let factor = if slack { 2 } else { 1 };
         let over_bytes =
             self.limits.max_bytes != 0 && self.queued_bytes + size > self.limits.max_bytes.saturating_mul(factor);
@@ -163,7 +163,7 @@ impl SessionState {
     /// Queues without the limits: retained messages sent on subscribe are bounded by the
     /// retained store, and dropping some would break "all matching retained are sent".
     pub fn enqueue_unbounded(&mut self, d: Delivery) {
-        self.queued_bytes += d.msg.payload.len();
+        self.queued_bytes += d.msg.held_bytes();
         self.queue.push_back(d);
     }
 
@@ -201,7 +201,7 @@ impl SessionState {
 
     fn pop_front(&mut self) -> Option<Delivery> {
         let d = self.queue.pop_front()?;
-        self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.payload.len());
+        self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.held_bytes());
         Some(d)
     }
 
@@ -315,7 +315,7 @@ impl SessionState {
         self.inflight = keep;
         let taken = self.queue.take_if(can);
         for d in &taken {
-            self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.payload.len());
+            self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.held_bytes());
         }
         out.extend(taken);
         out
@@ -363,7 +363,6 @@ mod tests {
                 payload: Bytes::from_static(payload.as_bytes()),
                 qos,
                 retain: false,
-                properties: Default::default(),
                 origin: "p".into(),
                 received_at: Instant::now(),
                 expiry_interval: None,
@@ -423,7 +422,8 @@ mod tests {
         }
         assert_eq!(s.enqueue(d(QoS::AtLeastOnce, "x"), false), Err(Dropped::QueueFull));
         assert_eq!(s.dropped, 1);
-        let mut b = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 5 });
+        // Bytes held: payload, topic and ~128 bytes of bookkeeping (132 for "abc" on "t").
+        let mut b = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 200 });
         b.enqueue(d(QoS::AtLeastOnce, "abc"), false).unwrap();
         assert!(b.enqueue(d(QoS::AtLeastOnce, "abc"), false).is_err());
     }

@@ -12,7 +12,7 @@ use bytestring::ByteString;
 
 use super::StoreError;
 use crate::message::Message;
-use crate::protocol::{self, Packet, ProtocolVersion, Publish, QoS};
+use crate::protocol::{self, Packet, ProtocolVersion, PublishOut, QoS};
 
 pub const STORE_VERSION: u32 = 1;
 
@@ -91,16 +91,20 @@ pub fn encode_message(m: &Message, buf: &mut BytesMut) {
         None => buf.put_u8(0),
     }
     put_str(buf, m.origin.as_bytes());
-    let p = Publish {
+    // The same bytes as a v5 PUBLISH of the message's properties; expiry is in the header.
+    let p = PublishOut {
         dup: false,
         qos: QoS::AtMostOnce,
         retain: false,
-        topic: m.topic.clone(),
+        topic: m.topic.as_bytes(),
         packet_id: None,
-        payload: m.payload.clone(),
-        properties: m.properties.clone(),
+        payload: &m.payload,
+        properties: &m.props_v5,
+        message_expiry: None,
+        subscription_ids: &[],
+        topic_alias: None,
     };
-    protocol::encode(&Packet::Publish(p), ProtocolVersion::V5, buf);
+    p.encode(ProtocolVersion::V5, buf);
 }
 
 pub fn decode_message(mut buf: &[u8]) -> Result<Message, StoreError> {
@@ -132,7 +136,6 @@ pub fn decode_message(mut buf: &[u8]) -> Result<Message, StoreError> {
         received_at: unix_ms_to_instant(received),
         expiry_interval,
         props_v5: protocol::encode_property_list(&p.properties),
-        properties: p.properties,
     })
 }
 
@@ -311,21 +314,20 @@ mod tests {
     use std::sync::Arc;
 
     fn msg() -> Message {
-        Message {
-            topic: "a/b".into(),
-            payload: Bytes::from_static(b"hello"),
-            qos: QoS::ExactlyOnce,
-            retain: true,
-            properties: Properties {
-                content_type: Some("text/plain".into()),
-                user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
-                ..Default::default()
-            },
-            origin: "pub 1".into(),
-            received_at: Instant::now(),
-            expiry_interval: Some(30),
-            props_v5: Bytes::new(),
-        }
+        let properties = Properties {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+            message_expiry_interval: Some(30),
+            ..Default::default()
+        };
+        Message::received(
+            "a/b".into(),
+            Bytes::from_static(b"hello"),
+            QoS::ExactlyOnce,
+            true,
+            properties,
+            "pub 1".into(),
+        )
     }
 
     #[test]
@@ -341,8 +343,8 @@ mod tests {
         assert_eq!(back.subscription_ids, vec![1, 7]);
         let (a, b) = (&*back.message, &*r.message);
         assert_eq!(
-            (&a.topic, &a.payload, a.qos, a.retain, &a.properties, &a.origin, a.expiry_interval),
-            (&b.topic, &b.payload, b.qos, b.retain, &b.properties, &b.origin, b.expiry_interval)
+            (&a.topic, &a.payload, a.qos, a.retain, &a.props_v5, &a.origin, a.expiry_interval),
+            (&b.topic, &b.payload, b.qos, b.retain, &b.props_v5, &b.origin, b.expiry_interval)
         );
         assert!(a.received_at.elapsed().as_millis() < 1000);
     }
