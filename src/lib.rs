@@ -23,5 +23,10 @@ pub(crate) mod protocol;
 pub(crate) mod session;
 pub(crate) mod topics;
 
+// Entry points for the fuzz targets in fuzz/ only (`cargo fuzz` sets `--cfg fuzzing`); not API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use config::Config;
 pub use server::{start, start_with, BrokerHandle, Extensions, StartError};

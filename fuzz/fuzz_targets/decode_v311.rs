@@ -1,0 +1,8 @@
+//! The packet decoder at protocol level 4, on a stream of packets (src/fuzzing.rs: decode).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    tern::fuzzing::decode(4, data);
+});
