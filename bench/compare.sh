@@ -282,7 +282,7 @@ run_one() {
     fi
     if [ "$rc" != 0 ] || [ $alive = 0 ]; then
         log "$kind #$run of $scen: exit $rc, broker alive=$alive; broker log tail ($dir/broker.log):"
-        grep -v 'client \(dis\)\?connected' "$dir/broker.log" | tail -5 | sed 's/^/    /' >&2
+        grep -vi 'client .*\(dis\)\?connected' "$dir/broker.log" | tail -5 | sed 's/^/    /' >&2
     fi
 }
 
