@@ -7,7 +7,8 @@
 #
 # Environment:
 #   SCENARIOS   subset of: fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep
-#               tls_handshakes tls_fanin1
+#               tls_handshakes tls_fanin1 overload0 overload1 conns_device
+#               (overload*: both brokers at their DEFAULT configuration, see default_config)
 #   RUNS        runs per broker per scenario (default 3; sweep always runs once per broker)
 #   QUICK=1     smaller message counts and shorter latency runs
 #   TIMEOUT     tern-bench hard timeout per run, seconds (default 60)
@@ -28,7 +29,7 @@ QUICK=${QUICK:-0}
 TIMEOUT=${TIMEOUT:-60}
 DURABILITY=${DURABILITY:-sync}
 TERN_DURABILITY=${TERN_DURABILITY:-none}
-SCENARIOS=${SCENARIOS:-"fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep tls_handshakes tls_fanin1"}
+SCENARIOS=${SCENARIOS:-"fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep tls_handshakes tls_fanin1 overload0 overload1 conns_device"}
 TLS_KEY=${TLS_KEY:-ec}
 OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
 BENCH=${CARGO_TARGET_DIR:-$ROOT/target}/release/tern-bench
@@ -116,6 +117,7 @@ args_for() {
         fanout1) [ "$q" = 1 ] && echo "fanout --qos 1 --messages 10000" || echo "fanout --qos 1 --messages 50000" ;;
         latency) [ "$q" = 1 ] && echo "latency --rate 2000 --secs 3" || echo "latency --rate 2000 --secs 10" ;;
         conns) echo "conns --conns 10000" ;;
+        conns_device) echo "conns --conns 10000 --keepalive 60 --subscribe" ;;
         retained) [ "$q" = 1 ] && echo "retained --messages 20000" || echo "retained --messages 100000" ;;
         durable) [ "$q" = 1 ] && echo "durable --messages 40000" || echo "durable --messages 200000" ;;
         sweep) [ "$q" = 1 ] && echo "latency --sweep 1000,2000,5000,10000,20000 --secs 2 --drain-ms 1000" ||
@@ -124,6 +126,19 @@ args_for() {
             echo "handshakes --conns 2000 --tls-ca $TLS_DIR/ca.crt" ;;
         tls_fanin1) [ "$q" = 1 ] && echo "fanin --qos 1 --messages 100000 --tls-ca $TLS_DIR/ca.crt" ||
             echo "fanin --qos 1 --messages 400000 --tls-ca $TLS_DIR/ca.crt" ;;
+        overload0) [ "$q" = 1 ] && echo "overload --qos 0 --messages 100000 --drain-ms 1000" ||
+            echo "overload --qos 0 --messages 400000" ;;
+        overload1) [ "$q" = 1 ] && echo "overload --qos 1 --messages 100000 --drain-ms 1000" ||
+            echo "overload --qos 1 --messages 400000" ;;
+        *) return 1 ;;
+    esac
+}
+
+# Scenarios run against each broker's DEFAULT configuration: nothing but a listener and
+# (tern) a data directory, (mosquitto) anonymous access, which 2.0 refuses by default.
+default_config() {
+    case $1 in
+        overload*) return 0 ;;
         *) return 1 ;;
     esac
 }
@@ -158,7 +173,24 @@ tls = { cert = \"$TLS_DIR/server.crt\", key = \"$TLS_DIR/server.key\" }"
 keyfile $TLS_DIR/server.key"
             ;;
     esac
-    if [ "$kind" = tern ]; then
+    if default_config "$scen"; then
+        if [ "$kind" = tern ]; then
+            cat >"$dir/broker.toml" <<EOF
+[[listener]]
+bind = "127.0.0.1:$BROKER_PORT"
+
+[storage]
+dir = "$dir/data"
+EOF
+            RUST_LOG=${RUST_LOG:-warn} "$TERN" -c "$dir/broker.toml" >"$dir/broker.log" 2>&1 &
+        else
+            cat >"$dir/broker.conf" <<EOF
+listener $BROKER_PORT 127.0.0.1
+allow_anonymous true
+EOF
+            mosquitto -c "$dir/broker.conf" >"$dir/broker.log" 2>&1 &
+        fi
+    elif [ "$kind" = tern ]; then
         local mode=$TERN_DURABILITY
         [ "$scen" = durable ] && mode=$DURABILITY
         # Limits matched to the mosquitto config below (queue and in-flight window).
@@ -250,7 +282,7 @@ run_one() {
     fi
     if [ "$rc" != 0 ] || [ $alive = 0 ]; then
         log "$kind #$run of $scen: exit $rc, broker alive=$alive; broker log tail ($dir/broker.log):"
-        grep -v 'client \(dis\)\?connected' "$dir/broker.log" | tail -5 | sed 's/^/    /' >&2
+        grep -vi 'client .*\(dis\)\?connected' "$dir/broker.log" | tail -5 | sed 's/^/    /' >&2
     fi
 }
 
@@ -261,7 +293,7 @@ run_one() {
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "mosquitto: $MOSQ_VERSION"
     echo "tern: $(git -C "$ROOT" describe --always --dirty 2>/dev/null)"
-    echo "mode: $([ "$QUICK" = 1 ] && echo QUICK || echo full), RUNS=$RUNS, tern durability: $TERN_DURABILITY (durable: $DURABILITY)"
+    echo "mode: $([ "$QUICK" = 1 ] && echo QUICK || echo full), RUNS=$RUNS, tern durability: $TERN_DURABILITY (durable: $DURABILITY; overload*: both brokers at their default configuration)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 

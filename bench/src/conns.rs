@@ -1,12 +1,14 @@
 //! conns: open many idle connections, each confirmed by its CONNACK; report the connection
-//! rate and, with `--pid`, the broker's RSS growth per connection.
+//! rate and, with `--pid`, the broker's RSS growth per connection. With `--subscribe` each
+//! connection is an idle device: it also subscribes to `dev/<i>/cmd` at QoS 1 and waits for
+//! its SUBACK (which must grant it) before it counts as open.
 
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::mqtt::{Conn, ConnectOpts};
+use crate::mqtt::{bad, Conn, ConnectOpts};
 use crate::stats::{nofile_limit, quantile, rss_kb, CpuMeter, Report};
 use crate::{Args, Outcome};
 
@@ -14,6 +16,7 @@ pub async fn run(a: &Args) -> Outcome {
     let mut rep = Report::new("conns");
     rep.kv("conns", a.conns)
         .kv("keepalive", a.keepalive)
+        .kv("subscribe", u8::from(a.subscribe))
         .kv("concurrency", a.concurrency)
         .kv("v", if a.v5 { "5" } else { "3.1.1" });
     let need = a.conns as u64 + 64;
@@ -31,7 +34,7 @@ pub async fn run(a: &Args) -> Outcome {
     let mut set = JoinSet::new();
     let workers = a.concurrency.min(a.conns.max(1));
     for w in 0..workers {
-        let (ep, v5, ka) = (a.ep.clone(), a.v5, a.keepalive);
+        let (ep, v5, ka, sub) = (a.ep.clone(), a.v5, a.keepalive, a.subscribe);
         let mine: Vec<usize> = (w..a.conns).step_by(workers).collect();
         set.spawn(async move {
             let mut held = Vec::with_capacity(mine.len());
@@ -40,7 +43,17 @@ pub async fn run(a: &Args) -> Outcome {
                 let started = Instant::now();
                 let id = format!("bench-idle-{i}");
                 let o = ConnectOpts { client_id: &id, clean: true, keep_alive: ka, v5, session_expiry: 0 };
-                match Conn::open(&ep, &o, deadline).await {
+                let opened = async {
+                    let mut c = Conn::open(&ep, &o, deadline).await?;
+                    if sub {
+                        let code = c.subscribe(&format!("dev/{i}/cmd"), 1, deadline).await?;
+                        if code >= 0x80 {
+                            return Err(bad(&format!("SUBACK refused with code 0x{code:02x}")));
+                        }
+                    }
+                    Ok(c)
+                };
+                match opened.await {
                     Ok(mut c) => {
                         // Idle from here on: give the buffers back so only the socket remains.
                         c.rbuf = Default::default();
@@ -67,7 +80,7 @@ pub async fn run(a: &Args) -> Outcome {
     }
     let secs = t0.elapsed().as_secs_f64();
     rep.kv("opened", held.len()).f("secs", secs, 3).f("conn_rate", held.len() as f64 / secs.max(1e-9), 0);
-    // Connect → CONNACK per connection, with `--concurrency` of them under way at once.
+    // Connect → CONNACK (with --subscribe: → SUBACK) per connection, with `--concurrency` of them under way at once.
     lat.sort_unstable();
     rep.kv("connack_p50_us", quantile(&lat, 0.5))
         .kv("connack_p99_us", quantile(&lat, 0.99))

@@ -1,5 +1,6 @@
-//! Throughput scenarios: fanin, fanout, durable (QoS 1 fan-in to a persistent session) and
-//! retained (bulk retained store, then one `#` subscriber).
+//! Throughput scenarios: fanin, fanout, durable (QoS 1 fan-in to a persistent session),
+//! overload (fanin's flood against a broker at its defaults: loss and memory are the result)
+//! and retained (bulk retained store, then one `#` subscriber).
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +11,7 @@ use bytes::Buf;
 use tokio::time::Instant;
 
 use crate::mqtt::{self, Conn, ConnectOpts};
-use crate::stats::{CpuMeter, Report, Tracker};
+use crate::stats::{rss_kb, rss_peak_kb, CpuMeter, Report, Tracker};
 use crate::{Args, Outcome};
 
 /// Publishes between write syscalls for QoS 0.
@@ -183,18 +184,27 @@ fn first_err<'a>(errs: impl Iterator<Item = &'a Option<String>>) -> Option<Strin
     errs.flatten().next().cloned()
 }
 
-/// fanin, fanout, durable.
+/// fanin, fanout, durable, overload.
+///
+/// `overload` is fanin on `bench/+` with another verdict: it is meant for a broker at its
+/// default configuration, where a flood larger than the subscriber's queue shows what the
+/// broker does with it (drop, slow the publishers, grow). QoS 0 loss is the measurement, not
+/// a failure; QoS 1 loss (acknowledged, never delivered) is reported as `lost_acked` and fails
+/// the run, as do errors (e.g. the broker disconnecting the subscriber). With `--pid` it adds
+/// the broker's RSS before the flood, at its peak (VmHWM, the whole process life) and at the end.
 pub async fn throughput(a: &Args) -> Outcome {
     let deadline = Instant::now() + a.timeout;
     let (pubs, subs) = match a.scenario.as_str() {
         "fanout" => (1, a.subs),
-        "fanin" | "durable" => (a.pubs, 1),
+        "fanin" | "durable" | "overload" => (a.pubs, 1),
         _ => unreachable!(),
     };
     let durable = a.scenario == "durable";
+    let overload = a.scenario == "overload";
     let (filter, topic_of): (&str, fn(usize) -> String) = match a.scenario.as_str() {
         "fanout" => ("bench/o", |_| "bench/o".to_string()),
         "durable" => ("bench/d/+", |p| format!("bench/d/{p}")),
+        "overload" => ("bench/+", |p| format!("bench/{p}")),
         _ => ("bench/f/+", |p| format!("bench/f/{p}")),
     };
     let per_pub = a.messages / pubs as u64;
@@ -238,6 +248,7 @@ pub async fn throughput(a: &Args) -> Outcome {
         }
     }
 
+    let rss_start = if overload { a.pid.and_then(rss_kb) } else { None };
     let cpu = CpuMeter::start(a.pid);
     let done = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
@@ -298,20 +309,47 @@ pub async fn throughput(a: &Args) -> Outcome {
     rep.f("secs", secs, 3)
         .f("rate", if secs > 0.0 { distinct as f64 / secs } else { 0.0 }, 0)
         .f("pub_secs", pub_secs, 3);
+    let acked: u64 = pr.iter().map(|r| r.acked).sum();
+    // Messages the broker acknowledged and never delivered (a publish that was sent but not
+    // acknowledged when a publisher stopped on an error is not counted).
+    let lost_acked = lost.saturating_sub(sent - acked.min(sent));
     if a.qos == 1 {
         let rejected: u64 = pr.iter().map(|r| r.rejected).sum();
-        rep.kv("acked", pr.iter().map(|r| r.acked).sum::<u64>());
+        rep.kv("acked", acked);
         if rejected > 0 {
             rep.kv("rejected", rejected);
         }
     }
+    if overload {
+        rep.f("lost_pct", if expected > 0 { lost as f64 * 100.0 / expected as f64 } else { 0.0 }, 1);
+        if a.qos == 1 {
+            rep.kv("lost_acked", lost_acked);
+        }
+        rep.f("pub_rate", if pub_secs > 0.0 { sent as f64 / pub_secs } else { 0.0 }, 0);
+        if let Some(pid) = a.pid {
+            if let Some(r) = rss_start {
+                rep.kv("rss_start_kb", r);
+            }
+            if let Some(r) = rss_peak_kb(pid) {
+                rep.kv("rss_peak_kb", r);
+            }
+            if let Some(r) = rss_kb(pid) {
+                rep.kv("rss_end_kb", r);
+            }
+        }
+    }
     cpu.finish(&mut rep);
     rep.kv("timeout", u8::from(timed_out));
-    if let Some(e) = first_err(pr.iter().map(|r| &r.err).chain(sr.iter().map(|r| &r.err))) {
+    let err = first_err(pr.iter().map(|r| &r.err).chain(sr.iter().map(|r| &r.err)));
+    let errored = err.is_some();
+    if let Some(e) = err {
         rep.kv("error", e);
     }
     let code = if timed_out {
         2
+    } else if overload {
+        // Loss at QoS 0 is what overload measures; everything else is still a failure.
+        u8::from(lost_acked > 0 || dup > 0 || bad > 0 || errored || sent < per_pub * pubs as u64)
     } else if (a.qos >= 1 && lost > 0) || dup > 0 || bad > 0 || sent < per_pub * pubs as u64 {
         1
     } else {

@@ -22,9 +22,13 @@ const USAGE: &str = "usage: tern-bench SCENARIO [options]
 
 scenarios:
   fanin     N publishers -> 1 subscriber on a wildcard (rate = messages received/s)
+  overload  fanin's flood (publishers as fast as they can) to 1 subscriber on `bench/+`, meant
+            for a broker at its default configuration: loss is measured, not a failure at
+            QoS 0; with --pid the broker's peak and final RSS
   fanout    1 publisher -> M subscribers (rate = deliveries/s)
   latency   open-loop Poisson arrivals at --rate for --secs (or --sweep R1,R2,...)
   conns     open --conns idle connections; connection rate and broker RSS per connection
+            (--subscribe: each also subscribes to dev/<i>/cmd at QoS 1, like an idle device)
   handshakes  open and close --conns connections, --concurrency at a time: connections/s
             (TCP connect + TLS handshake with --tls-ca + CONNECT/CONNACK + DISCONNECT)
   retained  publish --messages retained messages, then time a new `#` QoS 1 subscriber
@@ -33,17 +37,18 @@ scenarios:
 options (defaults in brackets):
   --host H [127.0.0.1]   --port P [1883]     --v5 (MQTT 5.0; default 3.1.1)
   --qos 0|1 [0; retained and durable always 1]
-  --pubs N [fanin/durable 8]   --subs M [fanout 16]
-  --messages N  total publishes [fanin 400000, fanout 50000, retained 100000, durable 200000]
+  --pubs N [fanin/overload/durable 8]   --subs M [fanout 16]
+  --messages N  total publishes [fanin, overload 400000, fanout 50000, retained 100000,
+                durable 200000]
   --size B [64] payload bytes (min 20)   --window W [64] unacked QoS 1 publishes per publisher
   --rate R [2000] msg/s   --secs S [10]   --sweep R1,R2,...   (latency)
-  --conns N [conns 10000, handshakes 2000]  --keepalive S [0]
+  --conns N [conns 10000, handshakes 2000]  --keepalive S [0]  --subscribe (conns)
   --concurrency C [conns 64, handshakes 32]
   --tls-ca FILE  connect with TLS, trusting the CA certificate(s) in this PEM file (every
                  scenario; without it plain TCP)
   --tls-server-name NAME [localhost]  name the broker's certificate must be valid for
   --tls-resume   allow TLS session resumption (default: off, every handshake is a full one)
-  --pid PID  broker process: its CPU (and for conns its RSS) is reported
+  --pid PID  broker process: its CPU (and for conns and overload its RSS) is reported
   --timeout S [60] hard limit on the run   --drain-ms MS [2000] QoS 0 quiet time before giving up";
 
 #[derive(Clone, Debug)]
@@ -63,6 +68,8 @@ pub struct Args {
     pub sweep: Vec<f64>,
     pub conns: usize,
     pub keepalive: u16,
+    /// conns: subscribe each connection to `dev/<i>/cmd` (QoS 1) after its CONNACK.
+    pub subscribe: bool,
     pub concurrency: usize,
     pub pid: Option<u32>,
     pub timeout: Duration,
@@ -80,7 +87,7 @@ fn parse_args() -> Result<Args, String> {
         return Err(String::new());
     }
     let (def_pubs, def_subs, def_msgs) = match scenario.as_str() {
-        "fanin" => (8, 1, 400_000),
+        "fanin" | "overload" => (8, 1, 400_000),
         "fanout" => (1, 16, 50_000),
         "retained" => (1, 1, 100_000),
         "durable" => (8, 1, 200_000),
@@ -108,6 +115,7 @@ fn parse_args() -> Result<Args, String> {
         sweep: Vec::new(),
         conns: def_conns,
         keepalive: 0,
+        subscribe: false,
         concurrency: def_concurrency,
         pid: None,
         timeout: Duration::from_secs(60),
@@ -120,6 +128,10 @@ fn parse_args() -> Result<Args, String> {
         }
         if k == "--tls-resume" {
             tls_resume = true;
+            continue;
+        }
+        if k == "--subscribe" {
+            a.subscribe = true;
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
@@ -204,7 +216,7 @@ fn main() -> ExitCode {
     let res = rt.block_on(async move {
         tokio::time::timeout(backstop, async move {
             match a.scenario.as_str() {
-                "fanin" | "fanout" | "durable" => flow::throughput(&a).await,
+                "fanin" | "fanout" | "durable" | "overload" => flow::throughput(&a).await,
                 "retained" => flow::retained(&a).await,
                 "conns" => conns::run(&a).await,
                 "handshakes" => handshakes::run(&a).await,
