@@ -473,10 +473,13 @@ impl Broker {
     }
 
     fn schedule_expiry(self: &Arc<Self>, handle: &Arc<SessionHandle>, connection_id: u64, after: Duration) {
-        let broker = Arc::clone(self);
-        let handle = Arc::clone(handle);
+        // Weak: a session discarded before it expires (clean start, takeover) must not be kept
+        // in memory by its timer for the rest of the expiry interval.
+        let broker = Arc::downgrade(self);
+        let handle = Arc::downgrade(handle);
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
+            let (Some(broker), Some(handle)) = (broker.upgrade(), handle.upgrade()) else { return };
             let still_away = {
                 let cell = handle.lock();
                 cell.owner == 0 && cell.last_owner == connection_id && !cell.ended
