@@ -52,6 +52,18 @@ pub async fn start_with(f: impl FnOnce(&mut tern::Config)) -> TestBroker {
     TestBroker { handle, addr, _dir: dir }
 }
 
+/// Polls `cond` every 20 ms until it holds and returns how long that took (from the call);
+/// panics naming `what` once `limit` has passed. For waiting on something that should happen,
+/// instead of sleeping a fixed time and then asserting it.
+pub async fn poll_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t0.elapsed()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packet building
 // ---------------------------------------------------------------------------------------------
