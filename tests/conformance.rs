@@ -2,9 +2,11 @@
 //!
 //! The vectors live outside the repository; `TERN_CONFORMANCE_DIR` names their directory
 //! (`.ci/run` sets it to `../shared/conformance/mosquitto-vectors`). Without it the test says
-//! it did not run and why. Cases listed in `tests/conformance-divergences.md` are expected to
-//! differ (tern follows the specification there); any other failure fails the test, and so
-//! does a listed case that now passes (the list must stay true).
+//! it did not run and why, and passes; but when `CI` is set (non-empty, as `.ci/run` makes
+//! sure), missing vectors fail the test, so that CI never counts a skipped run as a passed
+//! one. Cases listed in `tests/conformance-divergences.md` are expected to differ (tern
+//! follows the specification there); any other failure fails the test, and so does a listed
+//! case that now passes (the list must stay true).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -278,12 +280,20 @@ fn divergences() -> HashSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_conformance_vectors() {
-    let Some(dir) = std::env::var_os("TERN_CONFORMANCE_DIR") else {
+    let Some(dir) = std::env::var_os("TERN_CONFORMANCE_DIR").map(PathBuf::from) else {
+        // In CI a skipped conformance run must not look like a passed one. (A directory that
+        // is named but missing fails in `load`, CI or not.)
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        assert!(
+            !ci,
+            "conformance vectors not run and CI is set: set TERN_CONFORMANCE_DIR to the vectors \
+             directory (.ci/run does when ../shared/conformance/mosquitto-vectors exists)"
+        );
         println!("conformance vectors not run: set TERN_CONFORMANCE_DIR to the vectors directory (.ci/run does)");
         return;
     };
-    let cases = load(Path::new(&dir));
-    assert!(!cases.is_empty(), "no cases found in {}", PathBuf::from(&dir).display());
+    let cases = load(&dir);
+    assert!(!cases.is_empty(), "no cases found in {}", dir.display());
 
     let data = tempfile::tempdir().unwrap();
     let mut config = tern::Config::default();

@@ -15,11 +15,14 @@ async fn persistent(b: &TestBroker, id: &str, expect_present: bool) -> Raw {
     c
 }
 
-/// Disconnects cleanly and lets the broker finish detaching the session.
+/// Disconnects cleanly. `disconnect` returns once the broker has closed the socket; the broker
+/// detaches the session right after that close, in the same step of the connection's task, so
+/// by the time the test runs again the session is detached. (For a session with an expiry
+/// nothing a client sees tells the two apart anyway: a reconnect resumes it or takes it over,
+/// session present 1 both ways, and a publish reaches its queue both ways.) Tests that depend
+/// on the detach having ended a session poll `session_count` instead.
 async fn go_offline(c: Raw) {
     c.disconnect().await;
-    // The broker closes the socket just before it detaches the session; give it a moment.
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 #[tokio::test]
@@ -177,14 +180,20 @@ async fn v5_session_expires() {
     let b = start().await;
     let (mut c, _) = connect_with(b.addr, &Connect::v5("brief").expiry(1)).await;
     c.subscribe(1, "e/t", 1).await;
+    let t0 = std::time::Instant::now();
     go_offline(c).await;
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // The broker's only session: it ends when its 1 s runs out (counted from the disconnect,
+    // which is after t0), not before.
+    poll_until(Duration::from_secs(1) + WAIT, "the session with expiry 1 s to end", || b.handle.session_count() == 0)
+        .await;
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(950), "session with expiry 1 s ended after {took:?}");
 
     let mut publisher = connect_v311(b.addr, "pub").await;
     publisher.publish("e/t", b"too late", 1, 1).await;
 
     let (mut c, ack) = connect_with(b.addr, &Connect::v5("brief").clean(false).expiry(1)).await;
-    assert!(!ack.session_present, "session with expiry 1 s still present after 2 s: {ack:?}");
+    assert!(!ack.session_present, "session with expiry 1 s present after it ended ({took:?}): {ack:?}");
     c.expect_silence(QUIET).await;
 }
 
@@ -194,7 +203,7 @@ async fn v5_expiry_zero_ends_session_at_disconnect() {
     let (mut c, _) = connect_with(b.addr, &Connect::v5("zero")).await;
     c.subscribe(1, "zero/t", 1).await;
     go_offline(c).await;
-    assert_eq!(b.handle.session_count(), 0, "session with expiry 0 outlived its connection");
+    poll_until(WAIT, "the session with expiry 0 to end with its connection", || b.handle.session_count() == 0).await;
     let (_c, ack) = connect_with(b.addr, &Connect::v5("zero").clean(false)).await;
     assert!(!ack.session_present, "{ack:?}");
 }
@@ -208,7 +217,7 @@ async fn v5_disconnect_can_shorten_expiry() {
     body.extend(props(&prop_u32(PROP_SESSION_EXPIRY, 0)));
     c.send(&packet(0xE0, &body)).await;
     c.expect_closed().await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    poll_until(WAIT, "the session to end at the DISCONNECT", || b.handle.session_count() == 0).await;
     let (_c, ack) = connect_with(b.addr, &Connect::v5("shorten").clean(false).expiry(60)).await;
     assert!(!ack.session_present, "{ack:?}");
 }
