@@ -72,6 +72,11 @@ impl<T> Members<T> {
         if self.indexed() {
             self.index.insert(entry.client.clone(), self.list.len());
         }
+        if self.list.is_empty() {
+            // Most filters have one subscriber (a device's own topic): room for one, not the
+            // four a first push would reserve, saves ~300 bytes per idle device.
+            self.list.reserve_exact(1);
+        }
         self.list.push(entry);
         if self.list.len() == INDEX_FROM {
             self.index = self.list.iter().enumerate().map(|(i, e)| (e.client.clone(), i)).collect();
