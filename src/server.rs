@@ -199,6 +199,8 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
             policy
         }
     };
+    // Certificates before the store: a bad file stops start-up before the store is opened.
+    let acceptors = load_tls(&config).await?;
     let location = match ext.backend {
         Some(_) => "(backend given by the embedding program)".to_string(),
         None => config.storage.dir.display().to_string(),
@@ -213,14 +215,15 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
             Box::new(b)
         }
     };
-    run(config, backend, location, Authenticator::new(methods), policy).await
+    run(config, acceptors, backend, location, Authenticator::new(methods), policy).await
 }
 
 /// Like `start`, over any store backend (tests inject failing ones).
 pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) -> Result<BrokerHandle, StartError> {
     config.validate("configuration passed to tern::start")?;
     let policy = Arc::new(load_policy(&config).await?);
-    run(config, backend, "(backend given by the caller)".into(), Authenticator::default(), policy).await
+    let acceptors = load_tls(&config).await?;
+    run(config, acceptors, backend, "(backend given by the caller)".into(), Authenticator::default(), policy).await
 }
 
 /// Reads the password and ACL files off the async workers.
@@ -231,14 +234,8 @@ async fn load_policy(config: &Arc<Config>) -> Result<FilePolicy, StartError> {
     Ok(loaded?)
 }
 
-async fn run(
-    config: Arc<Config>,
-    backend: Box<dyn Backend>,
-    location: String,
-    auth: Authenticator,
-    policy: Arc<dyn Policy>,
-) -> Result<BrokerHandle, StartError> {
-    // Certificates first: a bad file should stop start-up before the store is touched.
+/// Every listener's TLS acceptor (None for plain TCP), certificates read off the async workers.
+async fn load_tls(config: &Config) -> Result<Vec<Option<Arc<TlsAcceptor>>>, StartError> {
     let mut acceptors = Vec::new();
     for (index, l) in config.listener.iter().enumerate() {
         let acceptor = match (&l.tls, l.kind) {
@@ -253,6 +250,17 @@ async fn run(
         };
         acceptors.push(acceptor);
     }
+    Ok(acceptors)
+}
+
+async fn run(
+    config: Arc<Config>,
+    acceptors: Vec<Option<Arc<TlsAcceptor>>>,
+    backend: Box<dyn Backend>,
+    location: String,
+    auth: Authenticator,
+    policy: Arc<dyn Policy>,
+) -> Result<BrokerHandle, StartError> {
     let durable = Arc::new(DurableWaiters::default());
     let waiters = Arc::clone(&durable);
     let notify = Box::new(move |seq: u64| waiters.progress(seq));

@@ -765,6 +765,7 @@ impl Broker {
         }
         let mut ops = Vec::new();
         for d in &mut ds {
+            d.priority = self.priority_of(&d.msg.topic);
             if d.qos != QoS::AtMostOnce {
                 let mut encoded = None;
                 self.assign_store_seq(handle, d, &mut encoded, &mut ops);

@@ -374,9 +374,7 @@ impl Conn {
                         continue;
                     }
                     seen.insert(m.topic.clone(), retained.len());
-                    let mut d = retained_delivery(m, qos, sub_id);
-                    d.priority = self.broker.priority_of(&d.msg.topic);
-                    retained.push(d);
+                    retained.push(retained_delivery(m, qos, sub_id));
                 }
                 for topic in matches.stored {
                     // Only its topic is in memory: read from the store below, once.
@@ -403,7 +401,6 @@ impl Conn {
                         let qos = m.qos.min(*granted);
                         let mut d = retained_delivery(m, qos, None);
                         d.subscription_ids = ids.clone();
-                        d.priority = broker.priority_of(&d.msg.topic);
                         Some(d)
                     })
                     .collect();
