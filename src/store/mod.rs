@@ -307,14 +307,6 @@ impl Store {
         Ok((Store { shared, reader: RwLock::new(reader), thread: Mutex::new(Some(thread)), durability }, recovered))
     }
 
-    /// Reads a retained message that was recovered as `Indexed`. Blocking (a disk read).
-    pub fn read_retained(&self, topic: &str) -> Result<Option<Arc<Message>>, StoreError> {
-        match self.retained_reader() {
-            Some(r) => r.get(topic),
-            None => Ok(None),
-        }
-    }
-
     /// A reader for retained messages recovered as `Indexed`, to use off the caller's thread.
     pub fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
         self.reader.read().unwrap_or_else(|e| e.into_inner()).clone()
