@@ -171,8 +171,13 @@ pub struct Limits {
     /// Messages waiting to be sent, per session (online or offline).
     pub max_queued_messages: usize,
     /// Bytes waiting to be sent, per session (payload, topic and properties, plus ~128 bytes
-    /// of bookkeeping per message); 0 = unlimited.
+    /// of bookkeeping per message), in memory or (offline persistent sessions) on disk;
+    /// 0 = unlimited.
     pub max_queued_bytes: usize,
+    /// Bytes all sessions' queues may hold in memory together (each queue's first 64 KiB
+    /// not counted); at the budget publishers are slowed, at twice it messages are dropped.
+    /// 0 = unlimited.
+    pub max_queued_memory: usize,
     /// Longest topic name or filter, in bytes.
     pub max_topic_length: usize,
     /// Most levels in a topic name or filter.
@@ -242,7 +247,8 @@ impl Default for Limits {
             max_connections: 100_000,
             max_inflight: 64,
             max_queued_messages: 10_000,
-            max_queued_bytes: 0,
+            max_queued_bytes: 64 * 1024 * 1024,
+            max_queued_memory: 256 * 1024 * 1024,
             max_topic_length: 65_535,
             max_topic_levels: 128,
             connect_timeout_secs: 10,

@@ -73,6 +73,12 @@ impl BrokerHandle {
         self.broker.retained_in_memory()
     }
 
+    /// Bytes of queued messages held in memory, as counted against `limits.max_queued_memory`
+    /// (each queue's first 64 KiB is not counted).
+    pub fn queued_memory(&self) -> usize {
+        self.broker.queued_memory()
+    }
+
     /// Sessions the broker holds, connected or not.
     pub fn session_count(&self) -> usize {
         self.broker.session_count()

@@ -35,7 +35,7 @@ use crate::auth::{policy::is_sys_topic, Authenticator, Policy, Principal};
 use crate::config::Config;
 use crate::message::Message;
 use crate::protocol::{topic, ProtocolVersion, QoS, SubscriptionOptions};
-use crate::session::{Delivery, QueueLimits};
+use crate::session::{Delivery, Load, MemoryBudget, QueueLimits, Queued};
 use crate::store::records::{self, now_unix_ms};
 use crate::store::{Op, SessionRecord, Store, StoreError, StoredWill};
 use crate::topics::{Entry, RetainedTrie, SubscriptionTrie};
@@ -69,6 +69,15 @@ pub struct Broker {
     /// done are reduced to their topic (`Retained::Stored`).
     retained_loaded: std::sync::Mutex<std::collections::VecDeque<(Arc<Message>, u64)>>,
     store: Store,
+    /// Publishers hold it shared from giving persistent sessions' copies their store keys
+    /// until the copies are submitted; a backlog read takes it alone for a moment, so that
+    /// every key it may read has been submitted (see `load_backlog`).
+    store_gate: RwLock<()>,
+    /// Offline persistent sessions keep their queues in the store, not in memory (the store
+    /// can read them back).
+    backlogs_on_disk: bool,
+    /// Memory held by all session queues (`limits.max_queued_memory`).
+    queue_memory: Arc<MemoryBudget>,
     durable: Arc<DurableWaiters>,
     keep_alive: keep_alive::KeepAlive,
     shutting_down: AtomicBool,
@@ -97,8 +106,26 @@ pub enum Retained {
 pub struct RetainedMatches {
     /// Held whole in memory, ready to deliver.
     pub loaded: Vec<Arc<Message>>,
-    /// Held only in the store: topics to read with `Broker::read_stored_retained`.
+    /// Held only in the store: topics, read from the store as their subscriber's queue drains.
     pub stored: Vec<ByteString>,
+}
+
+/// The retained messages one SUBSCRIBE sends, one entry per message however many of its
+/// filters match it, each with the highest QoS granted among those filters.
+#[derive(Debug, Default)]
+pub struct RetainedBatch {
+    pub loaded: Vec<(Arc<Message>, QoS)>,
+    pub stored: Vec<(ByteString, QoS)>,
+    /// The SUBSCRIBE's subscription identifier (v5).
+    pub subscription_id: Option<u32>,
+}
+
+/// Where a persistent session's copy of a message waits (`Broker::assign_store_seq`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Memory,
+    Backlog(Queued),
+    Dropped,
 }
 
 /// Outcome of one filter of a SUBSCRIBE.
@@ -119,6 +146,7 @@ impl Broker {
         auth: Authenticator,
         policy: Arc<dyn Policy>,
     ) -> Self {
+        let queue_memory = Arc::new(MemoryBudget::new(config.limits.max_queued_memory));
         Broker {
             config,
             auth,
@@ -127,7 +155,10 @@ impl Broker {
             subscriptions: RwLock::new(SubscriptionTrie::new()),
             retained: RwLock::new(RetainedTrie::new()),
             retained_loaded: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            backlogs_on_disk: store.queue_reader().is_some(),
+            queue_memory,
             store,
+            store_gate: RwLock::new(()),
             durable,
             keep_alive: keep_alive::KeepAlive::default(),
             shutting_down: AtomicBool::new(false),
@@ -140,7 +171,14 @@ impl Broker {
         QueueLimits {
             max_messages: self.config.limits.max_queued_messages,
             max_bytes: self.config.limits.max_queued_bytes,
+            budget: Some(Arc::clone(&self.queue_memory)),
         }
+    }
+
+    /// Bytes of queued messages held in memory beyond each queue's free part
+    /// (`limits.max_queued_memory`).
+    pub fn queued_memory(&self) -> usize {
+        self.queue_memory.used()
     }
 
     pub fn session_count(&self) -> usize {
@@ -370,6 +408,11 @@ impl Broker {
             self.end_session(handle);
             return;
         }
+        if self.backlogs_on_disk {
+            // Its QoS 1/2 messages are in the store: they need not take memory while it is
+            // away (they are read back when it returns).
+            handle.lock().state.spill();
+        }
         self.persist(vec![Op::PutSession {
             client: handle.client_id.clone(),
             record: SessionRecord {
@@ -406,6 +449,7 @@ impl Broker {
         let moved = from.lock().state.take_shared(|k| receivers.contains_key(k));
         let mut ops = Vec::new();
         let mut handover = Vec::new();
+        let gate = self.store_gate.read().unwrap_or_else(|e| e.into_inner());
         for mut d in moved {
             let Some(member) = d.shared.as_ref().and_then(|k| receivers.get(k)) else { continue };
             if let Some(seq) = d.store_seq.take() {
@@ -414,16 +458,27 @@ impl Broker {
             d.qos = d.msg.qos.min(member.options.qos);
             d.subscription_ids = member.subscription_id.into_iter().collect();
             let target = Arc::clone(&member.target);
-            if d.qos != QoS::AtMostOnce {
+            let place = if d.qos != QoS::AtMostOnce {
                 let mut encoded = None;
-                self.assign_store_seq(&target, &mut d, &mut encoded, &mut ops);
-            }
-            handover.push((target, d));
+                self.assign_store_seq(&target, &mut d, &mut encoded, &mut ops)
+            } else {
+                Placement::Memory
+            };
+            handover.push((target, d, place));
         }
         self.persist(ops);
-        for (target, d) in handover {
+        drop(gate);
+        for (target, d, place) in handover {
             // A member taking over a departed member's messages is not slowed down for them.
-            let _ = target.deliver(d);
+            match place {
+                Placement::Memory => {
+                    let _ = target.deliver(d);
+                }
+                Placement::Backlog(q) => {
+                    let _ = target.backlogged(q);
+                }
+                Placement::Dropped => {}
+            }
         }
     }
 
@@ -575,7 +630,7 @@ impl Broker {
 
     /// Retained messages matching a (non-shared) filter, expired ones left out, without
     /// touching the disk: those held in memory, and the topics of those held only in the
-    /// store (read them with `read_stored_retained`).
+    /// store (read when the subscriber's queue gets to them).
     pub fn retained_matches(&self, filter: &str) -> RetainedMatches {
         let mut found = Vec::new();
         {
@@ -601,42 +656,6 @@ impl Broker {
             }
         }
         out
-    }
-
-    /// Reads retained messages held only in the store (`RetainedMatches::stored`) on a
-    /// blocking thread, never on an async worker. A topic whose retained message was
-    /// replaced or cleared meanwhile is left out (the subscriber got the new one live), as
-    /// are unreadable ones (logged) and expired ones.
-    pub async fn read_stored_retained(self: &Arc<Self>, topics: Vec<ByteString>) -> Vec<Arc<Message>> {
-        if topics.is_empty() {
-            return Vec::new();
-        }
-        let Some(reader) = self.store.retained_reader() else { return Vec::new() };
-        let broker = Arc::clone(self);
-        let read = tokio::task::spawn_blocking(move || {
-            let now = Instant::now();
-            let mut out = Vec::with_capacity(topics.len());
-            for topic in topics {
-                match reader.get(&topic) {
-                    Ok(Some(m)) if !m.is_expired(now) => {
-                        let current = {
-                            let trie = broker.retained.read().unwrap_or_else(|e| e.into_inner());
-                            matches!(trie.get(&topic), Some(Retained::Stored { .. }))
-                        };
-                        if current {
-                            out.push(m);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(topic = %topic, error = %e, "retained message unreadable"),
-                }
-            }
-            out
-        });
-        read.await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "retained read task failed");
-            Vec::new()
-        })
     }
 
     /// Publishes a message: updates the retained index when it is retained, and hands a
@@ -699,25 +718,36 @@ impl Broker {
         // Copies for persistent sessions reach the store before any subscriber can see (and
         // acknowledge) them, so the store never sees an ack before its message.
         let mut encoded: Option<Bytes> = None;
-        for (target, d) in &mut deliveries {
-            if d.qos != QoS::AtMostOnce {
-                self.assign_store_seq(target, d, &mut encoded, &mut ops);
+        let mut placed = Vec::with_capacity(deliveries.len());
+        let (seq, ticket) = {
+            let _gate = (msg.qos != QoS::AtMostOnce).then(|| self.store_gate.read().unwrap_or_else(|e| e.into_inner()));
+            for (target, d) in &mut deliveries {
+                placed.push(if d.qos == QoS::AtMostOnce {
+                    Placement::Memory
+                } else {
+                    self.assign_store_seq(target, d, &mut encoded, &mut ops)
+                });
             }
-        }
-        let (seq, ticket) = self.submit(ops);
+            self.submit(ops)
+        };
         if msg.retain && !msg.payload.is_empty() {
             self.retained_loaded.lock().unwrap_or_else(|e| e.into_inner()).push_back((Arc::clone(&msg), seq));
             self.shed_retained();
         }
         let mut cleanup = Vec::new();
-        for (target, d) in deliveries {
+        for ((target, d), place) in deliveries.into_iter().zip(placed) {
             let seq = d.store_seq;
-            match target.deliver(d) {
+            let delivered = match place {
+                Placement::Memory => target.deliver(d),
+                Placement::Backlog(q) => target.backlogged(q),
+                Placement::Dropped => Delivered::Dropped,
+            };
+            match delivered {
                 Delivered::Queued => {}
                 Delivered::Full => full.push(target),
                 Delivered::Dropped => {
                     self.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                    if let Some(seq) = seq {
+                    if let (Some(seq), Placement::Memory) = (seq, place) {
                         cleanup.push(Op::DeleteQueued { client: target.client_id.clone(), seq });
                     }
                 }
@@ -727,22 +757,42 @@ impl Broker {
         (matched, ticket)
     }
 
-    /// Gives a persistent session's copy its durable-queue key and the store op writing it.
+    /// Gives a persistent session's copy its durable-queue key and the store op writing it,
+    /// and says where the copy waits: in the session's queue in memory (the caller delivers
+    /// it), already counted in its backlog in the store, or nowhere (the backlog is at its
+    /// limit: dropped, counted, nothing written). Callers hold `store_gate` shared until the
+    /// op is submitted.
     fn assign_store_seq(
         &self,
         target: &SessionHandle,
         d: &mut Delivery,
         encoded: &mut Option<Bytes>,
         ops: &mut Vec<Op>,
-    ) {
-        let seq = {
+    ) -> Placement {
+        let (seq, place) = {
             let mut cell = target.lock();
             if !cell.persistent() {
-                return;
+                return Placement::Memory;
             }
             let seq = cell.next_store_seq;
+            // A client that is away, or one still catching up on its backlog, gets its copy
+            // on disk only: memory stays free however much waits for it.
+            let place = if cell.state.backlogged() || (cell.owner == 0 && self.backlogs_on_disk) {
+                let connected = cell.owner != 0;
+                match cell.state.backlog_push(seq, d.msg.held_bytes(), connected) {
+                    Ok(q) => Placement::Backlog(q),
+                    Err(_) => {
+                        if cell.state.dropped.is_power_of_two() {
+                            tracing::warn!(client_id = %target.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
+                        }
+                        return Placement::Dropped;
+                    }
+                }
+            } else {
+                Placement::Memory
+            };
             cell.next_store_seq += 1;
-            seq
+            (seq, place)
         };
         let body = encoded.get_or_insert_with(|| {
             let mut b = BytesMut::new();
@@ -755,25 +805,140 @@ impl Broker {
             seq,
             value: records::encode_queued_parts(d.qos, d.retain, &d.subscription_ids, body),
         });
+        place
     }
 
-    /// Queues retained messages sent on subscribe (outside the queue limits, persisted for
-    /// persistent sessions). Returns the store ticket.
-    pub fn deliver_retained(&self, handle: &Arc<SessionHandle>, mut ds: Vec<Delivery>) -> u64 {
-        if ds.is_empty() {
-            return 0;
+    /// Queues retained messages sent on subscribe: they wait in the session's retained
+    /// cursor (a few bytes each) and are read into its queue as it drains.
+    pub fn deliver_retained(&self, handle: &Arc<SessionHandle>, batch: RetainedBatch) {
+        if batch.loaded.is_empty() && batch.stored.is_empty() {
+            return;
         }
-        let mut ops = Vec::new();
-        for d in &mut ds {
-            d.priority = self.priority_of(&d.msg.topic);
-            if d.qos != QoS::AtMostOnce {
-                let mut encoded = None;
-                self.assign_store_seq(handle, d, &mut encoded, &mut ops);
+        handle.push_retained(batch);
+    }
+
+    /// Makes the read a session's queue asked for (`SessionState::wants_load`: its backlog,
+    /// or retained messages that are only in the store), off the caller's task; the
+    /// session's connection is woken when the messages are queued.
+    pub fn start_load(self: &Arc<Self>, handle: &Arc<SessionHandle>, load: Load) {
+        let broker = Arc::clone(self);
+        let handle = Arc::clone(handle);
+        tokio::spawn(async move {
+            match load {
+                Load::Retained(topics) => {
+                    let read = broker.read_retained_topics(topics).await;
+                    handle.retained_loaded(read);
+                }
+                Load::Backlog { from, to, max, max_bytes } => {
+                    broker.load_backlog(&handle, from, to, max, max_bytes).await
+                }
+            }
+        });
+    }
+
+    /// Reads a chunk of a session's backlog and queues it.
+    async fn load_backlog(
+        self: &Arc<Self>,
+        handle: &Arc<SessionHandle>,
+        from: u64,
+        to: u64,
+        max: usize,
+        max_bytes: usize,
+    ) {
+        let Some(reader) = self.store.queue_reader() else {
+            handle.lock().state.load_failed();
+            return;
+        };
+        // Every key up to `to` was given out before this load was asked for, by publishers
+        // that submit its write before letting go of the gate: once the gate is ours for a
+        // moment, waiting for what is submitted now covers them all.
+        let submitted = {
+            let _gate = self.store_gate.write().unwrap_or_else(|e| e.into_inner());
+            self.store.last_submitted()
+        };
+        if self.store.outcome(submitted).is_none() {
+            let waiter = Arc::new(ConnControl::default());
+            self.wait_durable(submitted, &waiter);
+            while self.store.outcome(submitted).is_none() {
+                std::future::poll_fn(|cx| waiter.poll_signals(cx)).await;
             }
         }
-        let ticket = self.persist(ops);
-        handle.deliver_retained(ds);
-        ticket
+        let client = handle.client_id.clone();
+        let read = tokio::task::spawn_blocking(move || reader.read(&client, from, to, max, max_bytes)).await;
+        let (entries, through) = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(client_id = %handle.client_id, error = %e, "queued messages unreadable; retried when the client next drains");
+                handle.lock().state.load_failed();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "queue read task failed");
+                handle.lock().state.load_failed();
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut ds = Vec::with_capacity(entries.len());
+        let mut expired = Vec::new();
+        for (seq, rec, state) in entries {
+            if state.is_none() && rec.message.is_expired(now) {
+                expired.push(Op::DeleteQueued { client: handle.client_id.clone(), seq });
+                continue;
+            }
+            let priority = self.priority_of(&rec.message.topic);
+            ds.push(Delivery {
+                msg: rec.message,
+                qos: rec.qos,
+                retain: rec.retain,
+                subscription_ids: rec.subscription_ids,
+                store_seq: Some(seq),
+                shared: None,
+                // It may have gone out before a crash (QoS 1 sends are not recorded); a
+                // duplicate is allowed if flagged.
+                maybe_sent: rec.qos == QoS::AtLeastOnce,
+                priority,
+            });
+        }
+        self.persist(expired);
+        handle.backlog_loaded(ds, through);
+    }
+
+    /// Reads retained messages held only in the store, by topic: None for a topic whose
+    /// message is no longer retained there (cleared, expired, or replaced by a newer one,
+    /// which its subscribers received when it was published).
+    async fn read_retained_topics(
+        self: &Arc<Self>,
+        topics: Vec<ByteString>,
+    ) -> Vec<(ByteString, Option<Arc<Message>>)> {
+        let Some(reader) = self.store.retained_reader() else {
+            return topics.into_iter().map(|t| (t, None)).collect();
+        };
+        let broker = Arc::clone(self);
+        let read = tokio::task::spawn_blocking(move || {
+            let now = Instant::now();
+            topics
+                .into_iter()
+                .map(|topic| {
+                    let m = match reader.get(&topic) {
+                        Ok(Some(m)) if !m.is_expired(now) => {
+                            let trie = broker.retained.read().unwrap_or_else(|e| e.into_inner());
+                            matches!(trie.get(&topic), Some(Retained::Stored { .. })).then_some(m)
+                        }
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::warn!(topic = %topic, error = %e, "retained message unreadable");
+                            None
+                        }
+                    };
+                    (topic, m)
+                })
+                .collect::<Vec<_>>()
+        });
+        read.await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "retained read task failed");
+            Vec::new()
+        })
     }
 
     fn update_retained(&self, msg: &Arc<Message>, ops: &mut Vec<Op>) {

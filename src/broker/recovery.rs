@@ -111,6 +111,18 @@ impl Broker {
             }
             queued += 1;
         }
+        for (client, b) in r.backlogs {
+            let Some(h) = handles.get(&client) else {
+                // No live session owns them (it expired while the broker was down, or its
+                // record is gone): remove the client's whole prefix.
+                ops.push(Op::DeleteSession { client });
+                continue;
+            };
+            let mut cell = h.lock();
+            cell.next_store_seq = cell.next_store_seq.max(b.last + 1);
+            cell.state.restore_backlog(b.count, b.bytes, b.first, b.last);
+            queued += b.count;
+        }
         for (client, pid) in r.inbound {
             match handles.get(&client) {
                 Some(h) => {

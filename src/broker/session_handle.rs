@@ -165,6 +165,13 @@ impl SessionCell {
         self.ended || self.owner == 0 || self.state.has_room()
     }
 
+    /// Signals the connection serving the session, if any.
+    pub fn signal(&self, bits: u8) {
+        if let Some(c) = &self.control {
+            c.signal(bits);
+        }
+    }
+
     /// Wakes the publishers waiting on this session if it has room now.
     pub fn wake_publishers(&mut self) {
         if !self.waiters.is_empty() && self.has_room() {
@@ -264,20 +271,47 @@ impl SessionHandle {
         Some(cell.progress)
     }
 
-    /// Queues retained messages sent on subscribe, outside the queue limits.
-    pub fn deliver_retained(&self, ds: Vec<Delivery>) {
-        if ds.is_empty() {
-            return;
-        }
+    /// Queues the retained messages of a SUBSCRIBE (see `SessionState::push_retained`).
+    pub fn push_retained(&self, batch: super::RetainedBatch) {
         let mut cell = self.lock();
         if cell.ended {
             return;
         }
-        for d in ds {
-            cell.state.enqueue_unbounded(d);
+        cell.state.push_retained(batch.loaded, batch.stored, batch.subscription_id);
+        cell.signal(signal::DELIVERY);
+    }
+
+    /// A copy was counted into the session's backlog in the store (`Queued` says whether
+    /// the backlog is now at its bound): wakes the connection, which reads the backlog
+    /// when its queue runs low.
+    pub fn backlogged(&self, queued: Queued) -> Delivered {
+        let cell = self.lock();
+        cell.signal(signal::DELIVERY);
+        match queued {
+            Queued::Full if cell.owner != 0 => Delivered::Full,
+            _ => Delivered::Queued,
         }
-        if let Some(c) = &cell.control {
-            c.signal(signal::DELIVERY);
+    }
+
+    /// Retained messages read from the store for the session's cursor.
+    pub fn retained_loaded(&self, read: Vec<(ByteString, Option<Arc<crate::message::Message>>)>) {
+        let mut cell = self.lock();
+        cell.state.retained_loaded(read);
+        cell.signal(signal::DELIVERY);
+    }
+
+    /// Backlog messages read from the store, queued in memory now.
+    pub fn backlog_loaded(&self, read: Vec<Delivery>, through: u64) {
+        let mut cell = self.lock();
+        if cell.ended {
+            cell.state.load_failed();
+            return;
         }
+        cell.state.backlog_loaded(read, through);
+        if cell.owner == 0 {
+            // The client left while this was read: back to the store with it.
+            cell.state.spill();
+        }
+        cell.signal(signal::DELIVERY);
     }
 }

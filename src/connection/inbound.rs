@@ -99,7 +99,7 @@ impl Conn {
                 // An unknown id still gets PUBREL with success, as mosquitto answers (0x92
                 // would also be allowed): the client then completes and forgets it.
                 if r.reason < 0x80 {
-                    self.respond(ticket, Packet::PubRel(PubResp::new(r.packet_id)), Vec::new());
+                    self.respond(ticket, Packet::PubRel(PubResp::new(r.packet_id)), None);
                 }
                 Ok(())
             }
@@ -119,7 +119,7 @@ impl Conn {
                         .broker
                         .persist(vec![Op::DeleteInbound { client: self.client_id.clone(), packet_id: r.packet_id }]);
                 }
-                self.respond(ticket, Packet::PubComp(PubResp::new(r.packet_id)), Vec::new());
+                self.respond(ticket, Packet::PubComp(PubResp::new(r.packet_id)), None);
                 Ok(())
             }
             Packet::PubComp(r) => {
@@ -132,7 +132,7 @@ impl Conn {
             Packet::PingReq => {
                 // Behind any held acknowledgement: a PINGRESP tells some clients that
                 // everything sent before the PINGREQ was handled.
-                self.respond(0, Packet::PingResp, Vec::new());
+                self.respond(0, Packet::PingResp, None);
                 Ok(())
             }
             Packet::Disconnect(d) => self.on_disconnect(d),
@@ -240,7 +240,7 @@ impl Conn {
                     }
                 }
                 let ack = PubResp { packet_id: pid, reason: ack_reason, properties: Properties::default() };
-                self.respond(ticket, Packet::PubAck(ack), Vec::new());
+                self.respond(ticket, Packet::PubAck(ack), None);
             }
             QoS::ExactlyOnce => {
                 let mut ticket = 0;
@@ -275,7 +275,7 @@ impl Conn {
                     // delivered again [MQTT-4.3.3-9].
                 }
                 let ack = PubResp { packet_id: pid, reason: ack_reason, properties: Properties::default() };
-                self.respond(ticket, Packet::PubRec(ack), Vec::new());
+                self.respond(ticket, Packet::PubRec(ack), None);
             }
         }
         Ok(())
@@ -286,8 +286,8 @@ impl Conn {
         let pid = p.packet_id.unwrap_or(0);
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.respond(0, Packet::PubAck(PubResp::new(pid)), Vec::new()),
-            QoS::ExactlyOnce => self.respond(0, Packet::PubRec(PubResp::new(pid)), Vec::new()),
+            QoS::AtLeastOnce => self.respond(0, Packet::PubAck(PubResp::new(pid)), None),
+            QoS::ExactlyOnce => self.respond(0, Packet::PubRec(PubResp::new(pid)), None),
         }
         Ok(())
     }
@@ -317,10 +317,13 @@ impl Conn {
             });
         }
         let mut codes = Vec::with_capacity(s.filters.len());
-        let mut retained = Vec::new();
+        // One entry per retained message however many filters of this SUBSCRIBE match it: a
+        // SUBSCRIBE of many overlapping filters must not multiply the retained store.
+        let mut retained = RetainedBatch { subscription_id: sub_id, ..RetainedBatch::default() };
         let mut seen: HashMap<ByteString, usize> = HashMap::new();
-        // Retained messages held only on disk: topic -> (highest granted QoS, subscription ids).
-        let mut stored: HashMap<ByteString, (QoS, Vec<u32>)> = HashMap::new();
+        // Retained messages held only on disk: topic -> index in `retained.stored`.
+        let mut stored: HashMap<ByteString, usize> = HashMap::new();
+        let mut matched: HashMap<ByteString, QoS> = HashMap::new();
         let mut ticket = 0;
         for (filter, mut opts) in s.filters {
             let shared = topic::is_shared(&filter);
@@ -362,51 +365,49 @@ impl Conn {
                     1 => !result.existed,
                     _ => false,
                 };
-            if send {
+            // A filter this SUBSCRIBE has matched already adds at most a higher QoS, so it is
+            // not matched again: repeating one filter many times costs one match (and at most
+            // two passes more, as its QoS can rise only twice).
+            let before = if send { matched.get(plain).copied() } else { None };
+            if let Some(q) = before {
+                if opts.qos > q {
+                    matched.insert(ByteString::from(plain), opts.qos);
+                    let raise = |e: &mut QoS| *e = (*e).max(opts.qos);
+                    retained
+                        .loaded
+                        .iter_mut()
+                        .filter(|(m, _)| topic::matches(plain, &m.topic))
+                        .for_each(|e| raise(&mut e.1));
+                    retained.stored.iter_mut().filter(|(t, _)| topic::matches(plain, t)).for_each(|e| raise(&mut e.1));
+                }
+            } else if send {
+                matched.insert(ByteString::from(plain), opts.qos);
                 let matches = self.broker.retained_matches(plain);
                 for m in matches.loaded {
-                    let qos = m.qos.min(opts.qos);
-                    // One copy per retained message however many filters of this SUBSCRIBE
-                    // match it: a SUBSCRIBE of many overlapping filters must not multiply the
-                    // retained store into the queue.
-                    if let Some(&i) = seen.get(&m.topic) {
-                        merge_retained(&mut retained[i], qos, sub_id);
-                        continue;
+                    match seen.get(&m.topic) {
+                        Some(&i) => retained.loaded[i].1 = retained.loaded[i].1.max(opts.qos),
+                        None => {
+                            seen.insert(m.topic.clone(), retained.loaded.len());
+                            retained.loaded.push((m, opts.qos));
+                        }
                     }
-                    seen.insert(m.topic.clone(), retained.len());
-                    retained.push(retained_delivery(m, qos, sub_id));
                 }
                 for topic in matches.stored {
-                    // Only its topic is in memory: read from the store below, once.
-                    let entry = stored.entry(topic).or_insert((QoS::AtMostOnce, Vec::new()));
-                    entry.0 = entry.0.max(opts.qos);
-                    entry.1.extend(sub_id.filter(|id| !entry.1.contains(id)));
+                    match stored.get(&topic) {
+                        Some(&i) => retained.stored[i].1 = retained.stored[i].1.max(opts.qos),
+                        None => {
+                            stored.insert(topic.clone(), retained.stored.len());
+                            retained.stored.push((topic, opts.qos));
+                        }
+                    }
                 }
             }
         }
         let ack = SubAck { packet_id: s.packet_id, return_codes: codes, properties: Properties::default() };
-        self.respond(ticket, Packet::SubAck(ack), retained);
-        if !stored.is_empty() {
-            // Reading them blocks on the disk, so it happens off this task; they are queued when
-            // read (MQTT allows them before the SUBACK, and they follow it in practice).
-            let broker = Arc::clone(&self.broker);
-            let handle = Arc::clone(&self.handle);
-            tokio::spawn(async move {
-                let topics = stored.keys().cloned().collect();
-                let read = broker.read_stored_retained(topics).await;
-                let ds = read
-                    .into_iter()
-                    .filter_map(|m| {
-                        let (granted, ids) = stored.get(&m.topic)?;
-                        let qos = m.qos.min(*granted);
-                        let mut d = retained_delivery(m, qos, None);
-                        d.subscription_ids = ids.clone();
-                        Some(d)
-                    })
-                    .collect();
-                broker.deliver_retained(&handle, ds);
-            });
-        }
+        // The retained messages are queued once the SUBACK goes out; those only on disk are
+        // read as the queue drains (off this task).
+        let then = (!retained.loaded.is_empty() || !retained.stored.is_empty()).then(|| Box::new(retained));
+        self.respond(ticket, Packet::SubAck(ack), then);
         Ok(())
     }
 
@@ -428,7 +429,7 @@ impl Conn {
         }
         // Behind any SUBACK still held for the store, so acknowledgements keep their order.
         let ack = UnsubAck { packet_id: u.packet_id, reason_codes: codes, properties: Properties::default() };
-        self.respond(0, Packet::UnsubAck(ack), Vec::new());
+        self.respond(0, Packet::UnsubAck(ack), None);
         Ok(())
     }
 
@@ -487,29 +488,5 @@ impl Conn {
             self.session_expiry = e;
         }
         Err(Close::Client { publish_will: d.reason == reason::DISCONNECT_WITH_WILL })
-    }
-}
-
-/// A retained message as sent on subscribe.
-fn retained_delivery(msg: Arc<Message>, qos: QoS, sub_id: Option<u32>) -> Delivery {
-    Delivery {
-        msg,
-        qos,
-        retain: true,
-        subscription_ids: sub_id.into_iter().collect(),
-        store_seq: None,
-        shared: None,
-        maybe_sent: false,
-        priority: 0,
-    }
-}
-
-/// Another filter of the same SUBSCRIBE matched a retained message already queued.
-fn merge_retained(d: &mut Delivery, qos: QoS, sub_id: Option<u32>) {
-    d.qos = d.qos.max(qos);
-    if let Some(id) = sub_id {
-        if !d.subscription_ids.contains(&id) {
-            d.subscription_ids.push(id);
-        }
     }
 }

@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 
 use crate::auth::{AuthExchange, AuthMethod, AuthStep, Login, Principal, Refusal};
-use crate::broker::{signal, Attached, Broker, SessionHandle, EXPIRY_NEVER};
+use crate::broker::{signal, Attached, Broker, RetainedBatch, SessionHandle, EXPIRY_NEVER};
 use crate::message::Message;
 use crate::protocol::{
     self, reason, topic, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties,
@@ -235,7 +235,8 @@ struct Conn {
 struct HeldAck {
     ticket: u64,
     packet: Packet,
-    then: Vec<Delivery>,
+    /// Retained messages of a SUBSCRIBE, queued once its SUBACK is sent.
+    then: Option<Box<RetainedBatch>>,
 }
 
 impl Conn {

@@ -7,10 +7,12 @@ impl Conn {
     /// Sends an acknowledgement now, or holds it until `ticket` is durable (and behind any
     /// acknowledgement already held, to keep their order).
     /// While publishes wait for room (flow control), every acknowledgement is held too.
-    pub(super) fn respond(&mut self, ticket: u64, packet: Packet, then: Vec<Delivery>) {
+    pub(super) fn respond(&mut self, ticket: u64, packet: Packet, then: Option<Box<RetainedBatch>>) {
         if ticket == 0 && self.held.is_empty() && self.flow.is_none() {
             self.encode(packet);
-            self.broker.deliver_retained(&self.handle, then);
+            if let Some(batch) = then {
+                self.broker.deliver_retained(&self.handle, *batch);
+            }
         } else {
             self.held.push_back(HeldAck { ticket, packet, then });
         }
@@ -42,7 +44,9 @@ impl Conn {
                 }
             }
             self.encode(packet);
-            self.broker.deliver_retained(&self.handle, then);
+            if let Some(batch) = then {
+                self.broker.deliver_retained(&self.handle, *batch);
+            }
         }
         Ok(())
     }
@@ -112,7 +116,11 @@ impl Conn {
             ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
         }
         cell.wake_publishers();
+        let load = cell.state.wants_load();
         drop(cell);
+        if let Some(load) = load {
+            self.broker.start_load(&handle, load);
+        }
         let ticket = self.broker.persist(ops);
         self.write_ticket = self.write_ticket.max(ticket);
         if sent > 0 {

@@ -5,14 +5,22 @@
 //! Owns MQTT delivery rules for one client. No I/O, no clock reads of its own beyond what the
 //! caller passes, no knowledge of the broker, sockets or store.
 
+mod backlog;
+mod budget;
 mod queue;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytestring::ByteString;
+
 use crate::message::Message;
 use crate::protocol::QoS;
+
+use backlog::{Backlog, PendingRetained, RetainedCursor, RetainedItem, LOW_WATER};
+pub use backlog::{Load, LOAD_BYTES, LOAD_CHUNK};
+pub use budget::MemoryBudget;
 
 /// One message on its way to one subscriber.
 #[derive(Debug, Clone)]
@@ -89,11 +97,13 @@ pub enum Queued {
     Full,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct QueueLimits {
     pub max_messages: usize,
     /// 0 = unlimited.
     pub max_bytes: usize,
+    /// The broker-wide budget the queue's memory counts against.
+    pub budget: Option<Arc<MemoryBudget>>,
 }
 
 #[derive(Debug)]
@@ -106,11 +116,26 @@ pub struct SessionState {
     allocs: u64,
     inbound_qos2: HashSet<u16>,
     limits: QueueLimits,
+    reservation: budget::Reservation,
+    /// QoS 1/2 messages in the store only (persistent sessions): see `Backlog`.
+    backlog: Option<Backlog>,
+    /// Retained messages still to send for SUBSCRIBEs.
+    retained: RetainedCursor,
+    /// A `Load` handed out is not back yet.
+    loading: bool,
     /// Messages dropped since the session began (queue full, expired, too large).
     pub dropped: u64,
     /// Durable-queue keys of messages dropped without delivery (expired), for the caller to
     /// delete from the store.
     discarded: Vec<u64>,
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        if let Some(b) = &self.limits.budget {
+            self.reservation.release(b);
+        }
+    }
 }
 
 impl SessionState {
@@ -123,6 +148,10 @@ impl SessionState {
             allocs: 1,
             inbound_qos2: HashSet::new(),
             limits,
+            reservation: budget::Reservation::default(),
+            backlog: None,
+            retained: RetainedCursor::default(),
+            loading: false,
             dropped: 0,
             discarded: Vec::new(),
         }
@@ -140,37 +169,229 @@ impl SessionState {
     /// feeding it; what publishers send before they notice is bounded by their read buffers,
     /// and a hard limit of twice the bound catches the rest. Without `slack` (a client that is
     /// away: nobody reads the queue, so waiting would not help) the bound is hard.
+    /// The broker-wide memory budget works the same way (soft at the budget, hard at twice).
     pub fn enqueue(&mut self, d: Delivery, slack: bool) -> Result<Queued, Dropped> {
         let size = d.msg.held_bytes();
-        let factor = if slack { 2 } else { 1 };
-        let over_bytes =
-            self.limits.max_bytes != 0 && self.queued_bytes + size > self.limits.max_bytes.saturating_mul(factor);
-        if self.queue.len() >= self.limits.max_messages.saturating_mul(factor) || over_bytes {
-            self.dropped += 1;
-            return Err(Dropped::QueueFull);
-        }
+        self.admit(size, slack)?;
         self.queued_bytes += size;
         self.queue.push_back(d);
+        self.held_changed();
         Ok(if self.has_room() { Queued::Fits } else { Queued::Full })
     }
 
-    /// Whether the queue is below its bound in messages and bytes.
-    pub fn has_room(&self) -> bool {
-        self.queue.len() < self.limits.max_messages
-            && (self.limits.max_bytes == 0 || self.queued_bytes < self.limits.max_bytes)
+    /// Whether one more message of `size` bytes fits under the hard bounds; counts it dropped
+    /// when not.
+    fn admit(&mut self, size: usize, slack: bool) -> Result<(), Dropped> {
+        let factor = if slack { 2 } else { 1 };
+        let (count, bytes) = self.waiting();
+        let over_bytes = self.limits.max_bytes != 0 && bytes + size > self.limits.max_bytes.saturating_mul(factor);
+        let over_memory = self.limits.budget.as_ref().is_some_and(|b| b.exhausted());
+        if count >= self.limits.max_messages.saturating_mul(factor) || over_bytes || over_memory {
+            self.dropped += 1;
+            return Err(Dropped::QueueFull);
+        }
+        Ok(())
     }
 
-    /// Queues without the limits: retained messages sent on subscribe are bounded by the
-    /// retained store, and dropping some would break "all matching retained are sent".
+    /// Messages and bytes waiting, in memory and in the backlog.
+    fn waiting(&self) -> (usize, usize) {
+        let (c, b) = self.backlog.as_ref().map_or((0, 0), |b| (b.count, b.bytes));
+        (self.queue.len() + c, self.queued_bytes + b)
+    }
+
+    /// Whether the queue is below its bound in messages and bytes, and the broker below its
+    /// memory budget.
+    pub fn has_room(&self) -> bool {
+        self.own_room() && !self.limits.budget.as_ref().is_some_and(|b| b.full())
+    }
+
+    /// Whether the queue is below its own bound (whatever the broker-wide budget says).
+    pub fn own_room(&self) -> bool {
+        let (count, bytes) = self.waiting();
+        count < self.limits.max_messages && (self.limits.max_bytes == 0 || bytes < self.limits.max_bytes)
+    }
+
+    fn held_changed(&mut self) {
+        if let Some(b) = &self.limits.budget {
+            self.reservation.track(b, self.queued_bytes);
+        }
+    }
+
+    /// Queues without the limits: messages already counted (recovered from the store).
     pub fn enqueue_unbounded(&mut self, d: Delivery) {
         self.queued_bytes += d.msg.held_bytes();
         self.queue.push_back(d);
+        self.held_changed();
+    }
+
+    /// Whether new QoS 1/2 messages of this (persistent) session go to its backlog in the
+    /// store rather than to the queue in memory.
+    pub fn backlogged(&self) -> bool {
+        self.backlog.is_some()
+    }
+
+    /// Counts a message the caller has written to the store (key `seq`) into the backlog,
+    /// within the session's limits (see `enqueue` for `slack`).
+    pub fn backlog_push(&mut self, seq: u64, size: usize, slack: bool) -> Result<Queued, Dropped> {
+        self.admit(size, slack)?;
+        let b = self.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq });
+        b.count += 1;
+        b.bytes += size;
+        b.next = b.next.min(seq);
+        b.last = b.last.max(seq);
+        Ok(if self.has_room() { Queued::Fits } else { Queued::Full })
+    }
+
+    /// The client is away: the queued messages that are in the store leave memory for the
+    /// backlog (they are read back when the client returns). Returns how many.
+    pub fn spill(&mut self) -> usize {
+        let stored = self.queue.take_if(|d| d.store_seq.is_some());
+        let mut moved = 0;
+        for d in stored {
+            let size = d.msg.held_bytes();
+            self.queued_bytes = self.queued_bytes.saturating_sub(size);
+            let Some(seq) = d.store_seq else { continue };
+            let b = self.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq });
+            b.count += 1;
+            b.bytes += size;
+            b.next = b.next.min(seq);
+            b.last = b.last.max(seq);
+            moved += 1;
+        }
+        self.retained.ahead = self.retained.ahead.min(self.queue.len());
+        self.held_changed();
+        moved
+    }
+
+    /// Starts with a backlog found in the store (recovery): `count` messages of `bytes`
+    /// with keys from `first` to `last`.
+    pub fn restore_backlog(&mut self, count: usize, bytes: usize, first: u64, last: u64) {
+        if count > 0 {
+            self.backlog = Some(Backlog { count, bytes, next: first, last });
+        }
+    }
+
+    /// Queues retained messages for a SUBSCRIBE, behind what is queued now. They are not
+    /// held as deliveries (a few bytes each until sent), and are not bounded by the queue's
+    /// limits: they are bounded by the retained store, and are read into the queue only as
+    /// it drains.
+    pub fn push_retained(&mut self, loaded: Vec<(Arc<Message>, QoS)>, stored: Vec<(ByteString, QoS)>, id: Option<u32>) {
+        if self.retained.pending.is_empty() {
+            self.retained.ahead = self.queue.len();
+        }
+        let p = &mut self.retained.pending;
+        p.extend(loaded.into_iter().map(|(m, qos)| PendingRetained {
+            item: RetainedItem::Loaded(m),
+            qos,
+            subscription_id: id,
+        }));
+        p.extend(stored.into_iter().map(|(t, qos)| PendingRetained {
+            item: RetainedItem::Stored(t),
+            qos,
+            subscription_id: id,
+        }));
+    }
+
+    /// A read the caller should make now, if any: the retained messages next in line that
+    /// are only in the store, or the next chunk of the backlog once the queue runs low. One
+    /// at a time; its result goes to `retained_loaded` / `backlog_loaded` (or `load_failed`).
+    pub fn wants_load(&mut self) -> Option<Load> {
+        if self.loading {
+            return None;
+        }
+        let load = if self.retained.ahead == 0
+            && matches!(self.retained.pending.front(), Some(PendingRetained { item: RetainedItem::Stored(_), .. }))
+        {
+            let topics = self
+                .retained
+                .pending
+                .iter()
+                .take(LOAD_CHUNK)
+                .map_while(|p| match &p.item {
+                    RetainedItem::Stored(t) => Some(t.clone()),
+                    RetainedItem::Loaded(_) => None,
+                })
+                .collect();
+            Load::Retained(topics)
+        } else {
+            let b = self.backlog.as_ref()?;
+            if self.queue.len() > LOW_WATER || self.queued_bytes > LOAD_BYTES {
+                return None;
+            }
+            Load::Backlog { from: b.next, to: b.last, max: LOAD_CHUNK, max_bytes: LOAD_BYTES }
+        };
+        self.loading = true;
+        Some(load)
+    }
+
+    /// A `Load` could not be made: it may be asked for again.
+    pub fn load_failed(&mut self) {
+        self.loading = false;
+    }
+
+    /// The result of `Load::Retained`: each topic's message, None when it is retained no
+    /// more. Ignored if the cursor changed meanwhile (the session was discarded).
+    pub fn retained_loaded(&mut self, read: Vec<(ByteString, Option<Arc<Message>>)>) {
+        self.loading = false;
+        let p = &mut self.retained.pending;
+        let same = read.len() <= p.len()
+            && read.iter().zip(p.iter()).all(|((t, _), q)| matches!(&q.item, RetainedItem::Stored(s) if s == t));
+        if !same {
+            return;
+        }
+        let mut gone = Vec::new();
+        for (i, (_, m)) in read.into_iter().enumerate() {
+            match m {
+                Some(m) => {
+                    if let Some(q) = p.get_mut(i) {
+                        q.item = RetainedItem::Loaded(m);
+                    }
+                }
+                None => gone.push(i),
+            }
+        }
+        for i in gone.into_iter().rev() {
+            p.remove(i);
+        }
+    }
+
+    /// The result of `Load::Backlog`: the messages read (with their store keys, in key
+    /// order), and the key up to which the store was read (`to` of the load when nothing
+    /// stopped the read early). Messages in flight (restored after a restart) are skipped.
+    pub fn backlog_loaded(&mut self, read: Vec<Delivery>, through: u64) {
+        self.loading = false;
+        let Some(b) = self.backlog.as_mut() else { return };
+        let mut taken = Vec::new();
+        for d in read {
+            let Some(seq) = d.store_seq else { continue };
+            if seq < b.next || self.inflight.iter().any(|f| f.delivery.store_seq == Some(seq)) {
+                continue;
+            }
+            b.count = b.count.saturating_sub(1);
+            b.bytes = b.bytes.saturating_sub(d.msg.held_bytes());
+            taken.push(d);
+        }
+        b.next = b.next.max(through.saturating_add(1));
+        if b.next > b.last {
+            // Read to the end: whatever the counts say, nothing is left in the store.
+            self.backlog = None;
+        }
+        for d in taken {
+            self.enqueue_unbounded(d);
+        }
     }
 
     /// Takes the next message to send if the in-flight window allows. Expired messages are
     /// skipped and counted. QoS 0 behind a blocked QoS 1/2 message waits, keeping order.
     pub fn next_outgoing(&mut self, window: usize, now: Instant) -> Option<Outgoing> {
         loop {
+            if self.retained.ahead == 0 && !self.retained.pending.is_empty() {
+                let d = self.next_retained(window, now)?;
+                if d.qos == QoS::AtMostOnce {
+                    return Some(Outgoing::Unacked(d));
+                }
+                return self.track(d);
+            }
             let front = self.queue.front()?;
             if front.msg.is_expired(now) {
                 if let Some(seq) = self.pop_front().and_then(|d| d.store_seq) {
@@ -186,22 +407,54 @@ impl SessionState {
                 return None;
             }
             let d = self.pop_front()?;
-            let pid = self.allocate_packet_id()?;
-            let alloc = self.allocs;
-            self.allocs += 1;
-            self.inflight.push_back(Inflight {
-                packet_id: pid,
-                delivery: d.clone(),
-                state: OutState::AwaitingAck,
-                alloc,
-            });
-            return Some(Outgoing::Tracked(pid, d));
+            return self.track(d);
         }
+    }
+
+    /// The next retained message of the cursor as a delivery, if it can go now: it is in
+    /// memory (else the caller reads it: `wants_load`) and, at QoS 1/2, the window has room.
+    fn next_retained(&mut self, window: usize, now: Instant) -> Option<Delivery> {
+        loop {
+            let front = self.retained.pending.front()?;
+            let RetainedItem::Loaded(m) = &front.item else { return None };
+            if m.is_expired(now) {
+                self.retained.pending.pop_front();
+                continue;
+            }
+            let qos = m.qos.min(front.qos);
+            if qos != QoS::AtMostOnce && self.inflight.len() >= window {
+                return None;
+            }
+            let p = self.retained.pending.pop_front()?;
+            let RetainedItem::Loaded(msg) = p.item else { return None };
+            return Some(Delivery {
+                msg,
+                qos,
+                // Sent because of a new subscription: flagged retained [MQTT-3.3.1-8].
+                retain: true,
+                subscription_ids: p.subscription_id.into_iter().collect(),
+                store_seq: None,
+                shared: None,
+                maybe_sent: false,
+                priority: 0,
+            });
+        }
+    }
+
+    /// Puts a QoS 1/2 delivery in flight with a new packet id.
+    fn track(&mut self, d: Delivery) -> Option<Outgoing> {
+        let pid = self.allocate_packet_id()?;
+        let alloc = self.allocs;
+        self.allocs += 1;
+        self.inflight.push_back(Inflight { packet_id: pid, delivery: d.clone(), state: OutState::AwaitingAck, alloc });
+        Some(Outgoing::Tracked(pid, d))
     }
 
     fn pop_front(&mut self) -> Option<Delivery> {
         let d = self.queue.pop_front()?;
         self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.held_bytes());
+        self.retained.ahead = self.retained.ahead.saturating_sub(1);
+        self.held_changed();
         Some(d)
     }
 
@@ -317,6 +570,8 @@ impl SessionState {
         for d in &taken {
             self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.held_bytes());
         }
+        self.retained.ahead = self.retained.ahead.min(self.queue.len());
+        self.held_changed();
         out.extend(taken);
         out
     }
@@ -332,6 +587,9 @@ impl SessionState {
         let mut out: Vec<Delivery> = self.inflight.drain(..).map(|f| f.delivery).collect();
         out.extend(self.queue.drain());
         self.queued_bytes = 0;
+        self.held_changed();
+        self.backlog = None;
+        self.retained = RetainedCursor::default();
         out
     }
 
@@ -379,12 +637,12 @@ mod tests {
     }
 
     fn limits() -> QueueLimits {
-        QueueLimits { max_messages: 3, max_bytes: 0 }
+        QueueLimits { max_messages: 3, max_bytes: 0, budget: None }
     }
 
     #[test]
     fn window_limits_inflight_and_keeps_order() {
-        let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0 });
+        let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0, budget: None });
         s.enqueue(d(QoS::AtLeastOnce, "1"), false).unwrap();
         s.enqueue(d(QoS::AtLeastOnce, "2"), false).unwrap();
         s.enqueue(d(QoS::AtMostOnce, "3"), false).unwrap();
@@ -423,14 +681,14 @@ mod tests {
         assert_eq!(s.enqueue(d(QoS::AtLeastOnce, "x"), false), Err(Dropped::QueueFull));
         assert_eq!(s.dropped, 1);
         // Bytes held: payload, topic and ~128 bytes of bookkeeping (132 for "abc" on "t").
-        let mut b = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 200 });
+        let mut b = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 200, budget: None });
         b.enqueue(d(QoS::AtLeastOnce, "abc"), false).unwrap();
         assert!(b.enqueue(d(QoS::AtLeastOnce, "abc"), false).is_err());
     }
 
     #[test]
     fn higher_priority_first_fifo_within_a_level() {
-        let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0 });
+        let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0, budget: None });
         for (level, p) in [(0, "n1"), (7, "h1"), (3, "m1"), (7, "h2"), (0, "n2"), (3, "m2")] {
             let mut x = d(QoS::AtMostOnce, p);
             x.priority = level;
@@ -465,7 +723,7 @@ mod tests {
 
     #[test]
     fn packet_ids_skip_those_in_flight_and_wrap() {
-        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0 });
+        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0, budget: None });
         s.next_packet_id = u16::MAX;
         s.enqueue(d(QoS::AtLeastOnce, "a"), false).unwrap();
         s.enqueue(d(QoS::AtLeastOnce, "b"), false).unwrap();
@@ -477,7 +735,7 @@ mod tests {
 
     #[test]
     fn an_id_held_for_a_whole_lap_is_skipped() {
-        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0 });
+        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0, budget: None });
         let now = Instant::now();
         s.enqueue(d(QoS::AtLeastOnce, "stuck"), false).unwrap();
         let Some(Outgoing::Tracked(stuck, _)) = s.next_outgoing(2, now) else { panic!() };
@@ -496,7 +754,7 @@ mod tests {
 
     #[test]
     fn restored_ids_are_not_reused() {
-        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0 });
+        let mut s = SessionState::new(QueueLimits { max_messages: 10, max_bytes: 0, budget: None });
         let now = Instant::now();
         s.restore_inflight(9, d(QoS::AtLeastOnce, "a"), OutState::AwaitingAck);
         s.restore_inflight(3, d(QoS::AtLeastOnce, "b"), OutState::AwaitingAck);
@@ -518,5 +776,104 @@ mod tests {
         assert!(!s.inbound_qos2_begin(7));
         assert!(s.inbound_qos2_release(7));
         assert!(!s.inbound_qos2_release(7));
+    }
+
+    fn stored(seq: u64, payload: &'static str) -> Delivery {
+        let mut x = d(QoS::AtLeastOnce, payload);
+        x.store_seq = Some(seq);
+        x
+    }
+
+    fn drain_payloads(s: &mut SessionState) -> Vec<String> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while let Some(o) = s.next_outgoing(1000, now) {
+            let (Outgoing::Unacked(x) | Outgoing::Tracked(_, x)) = o;
+            out.push(String::from_utf8(x.msg.payload.to_vec()).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn spilled_queue_is_read_back_in_order_and_new_messages_wait_behind_it() {
+        let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0, budget: None });
+        s.enqueue(stored(1, "a"), true).unwrap();
+        s.enqueue(d(QoS::AtMostOnce, "q0"), true).unwrap();
+        s.enqueue(stored(2, "b"), true).unwrap();
+        assert_eq!(s.spill(), 2);
+        assert!(s.backlogged());
+        // Away: new copies are counted into the backlog only.
+        assert_eq!(s.backlog_push(3, 100, false), Ok(Queued::Fits));
+        assert_eq!(s.waiting().0, 4, "three in the backlog, the QoS 0 one in memory");
+        let Some(Load::Backlog { from, to, .. }) = s.wants_load() else { panic!("no backlog load") };
+        assert_eq!((from, to), (1, 3));
+        assert_eq!(s.wants_load(), None, "one load at a time");
+        // Read in two chunks; the first stopped early at key 2.
+        s.backlog_loaded(vec![stored(1, "a"), stored(2, "b")], 2);
+        assert!(s.backlogged());
+        assert_eq!(drain_payloads(&mut s), ["q0", "a", "b"]);
+        let Some(Load::Backlog { from, to, .. }) = s.wants_load() else { panic!("no second load") };
+        assert_eq!((from, to), (3, 3));
+        s.backlog_loaded(vec![stored(3, "c")], 3);
+        assert!(!s.backlogged(), "read to its end");
+        assert_eq!(drain_payloads(&mut s), ["c"]);
+        assert_eq!(s.waiting(), (0, 0));
+    }
+
+    #[test]
+    fn backlog_counts_against_the_limits_and_skips_messages_in_flight() {
+        let mut s = SessionState::new(QueueLimits { max_messages: 2, max_bytes: 0, budget: None });
+        s.restore_inflight(5, stored(7, "inflight"), OutState::AwaitingAck);
+        s.restore_backlog(1, 100, 7, 8);
+        assert_eq!(s.backlog_push(9, 100, false), Ok(Queued::Full));
+        assert_eq!(s.backlog_push(10, 100, false), Err(Dropped::QueueFull));
+        let Some(Load::Backlog { from: 7, to: 9, .. }) = s.wants_load() else { panic!() };
+        s.backlog_loaded(vec![stored(7, "inflight"), stored(8, "x"), stored(9, "y")], 9);
+        assert!(!s.backlogged());
+        assert_eq!(s.queue.len(), 2, "key 7 is in flight already");
+    }
+
+    #[test]
+    fn retained_cursor_goes_after_what_was_queued_before_it_and_waits_for_reads() {
+        let mut s = SessionState::new(QueueLimits { max_messages: 100, max_bytes: 0, budget: None });
+        s.enqueue(d(QoS::AtMostOnce, "before"), true).unwrap();
+        let m = |p: &'static str| d(QoS::AtLeastOnce, p).msg;
+        s.push_retained(vec![(m("r1"), QoS::AtLeastOnce)], vec![("t/2".into(), QoS::AtMostOnce)], Some(9));
+        s.enqueue(d(QoS::AtMostOnce, "after"), true).unwrap();
+        let now = Instant::now();
+        let Some(Outgoing::Unacked(x)) = s.next_outgoing(10, now) else { panic!() };
+        assert_eq!(&x.msg.payload[..], b"before");
+        let Some(Outgoing::Tracked(_, x)) = s.next_outgoing(10, now) else { panic!() };
+        assert_eq!((&x.msg.payload[..], x.retain, &x.subscription_ids[..]), (&b"r1"[..], true, &[9][..]));
+        assert!(s.next_outgoing(10, now).is_none(), "t/2 must be read from the store first");
+        assert_eq!(s.wants_load(), Some(Load::Retained(vec!["t/2".into()])));
+        s.retained_loaded(vec![("t/2".into(), Some(m("r2")))]);
+        let Some(Outgoing::Unacked(x)) = s.next_outgoing(10, now) else { panic!("granted QoS 0") };
+        assert_eq!(&x.msg.payload[..], b"r2");
+        let Some(Outgoing::Unacked(x)) = s.next_outgoing(10, now) else { panic!() };
+        assert_eq!(&x.msg.payload[..], b"after");
+    }
+
+    #[test]
+    fn memory_budget_makes_queues_full_then_drops() {
+        let budget = Arc::new(MemoryBudget::new(64 * 1024));
+        let limits = QueueLimits { max_messages: 1_000_000, max_bytes: 0, budget: Some(Arc::clone(&budget)) };
+        let mut s = SessionState::new(limits);
+        let big = || {
+            let mut x = d(QoS::AtMostOnce, "");
+            Arc::get_mut(&mut x.msg).unwrap().payload = Bytes::from(vec![0u8; 32 * 1024]);
+            x
+        };
+        let mut outcomes = Vec::new();
+        while let Ok(q) = s.enqueue(big(), true) {
+            outcomes.push(q);
+            assert!(outcomes.len() < 100, "the budget never stopped the queue");
+        }
+        assert_eq!(outcomes.first(), Some(&Queued::Fits));
+        assert!(outcomes.contains(&Queued::Full), "soft bound at the budget");
+        assert!(budget.exhausted());
+        assert!(s.own_room() && !s.has_room());
+        drop(s);
+        assert_eq!(budget.used(), 0, "a dropped session gives its share back");
     }
 }

@@ -8,7 +8,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::memory::decode_all;
 use super::records::*;
-use super::{Backend, Op, Recovered, RetainedReader, StoreError};
+use super::{Backend, Op, QueueReader, QueuedEntry, Recovered, RetainedReader, StoreError};
 use crate::message::Message;
 
 /// Retained messages read straight from their keyspace (fjall is safe to read from any
@@ -21,6 +21,41 @@ impl RetainedReader for FjallRetained {
             Some(v) => Ok(Some(Arc::new(decode_message(&v)?))),
             None => Ok(None),
         }
+    }
+}
+
+/// Sessions' durable queues read back by key range (fjall reads are safe from any thread
+/// while the commit thread writes).
+struct FjallQueue {
+    queue: Keyspace,
+    inflight: Keyspace,
+}
+
+impl QueueReader for FjallQueue {
+    fn read(
+        &self,
+        client: &str,
+        from: u64,
+        to: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<QueuedEntry>, u64), StoreError> {
+        let lo = client_key(client, &from.to_be_bytes());
+        let hi = client_key(client, &to.to_be_bytes());
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for g in self.queue.range(lo..=hi) {
+            let (k, v) = g.into_inner().map_err(engine)?;
+            let Some((_, suffix)) = split_client_key(&k) else { continue };
+            let Ok(seq) = <[u8; 8]>::try_from(suffix).map(u64::from_be_bytes) else { continue };
+            let state = self.inflight.get(&k).map_err(engine)?.map(|s| decode_inflight(&s)).transpose()?;
+            bytes += v.len();
+            out.push((seq, decode_queued(&v)?, state));
+            if out.len() >= max || bytes >= max_bytes {
+                return Ok((out, seq));
+            }
+        }
+        Ok((out, to))
     }
 }
 
@@ -179,6 +214,10 @@ impl Backend for FjallBackend {
 
     fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
         Some(Arc::new(FjallRetained(self.retained.clone())))
+    }
+
+    fn queue_reader(&self) -> Option<Arc<dyn QueueReader>> {
+        Some(Arc::new(FjallQueue { queue: self.queue.clone(), inflight: self.inflight.clone() }))
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::records::*;
-use super::{Backend, Op, Recovered, RecoveredRetained, StoreError};
+use super::{Backend, Op, QueueSummary, Recovered, RecoveredRetained, StoreError};
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -102,7 +102,7 @@ pub(super) fn decode_all(
     inflight: impl Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
     inbound: impl Iterator<Item = Kv>,
     retained: impl Iterator<Item = Kv>,
-    retained_index_only: bool,
+    lazy: bool,
 ) -> Result<Recovered, StoreError> {
     let bad_key = |what: &str| StoreError::Corrupt(format!("{what} key"));
     let mut r = Recovered::default();
@@ -123,7 +123,22 @@ pub(super) fn decode_all(
         let (client, seq) = split_client_key(&k).ok_or_else(|| bad_key("queue"))?;
         let seq = u64::from_be_bytes(seq.try_into().map_err(|_| bad_key("queue"))?);
         let state = inflight(&k)?.map(|s| decode_inflight(&s)).transpose()?;
-        r.queued.push((client, seq, decode_queued(&v)?, state));
+        let rec = decode_queued(&v)?;
+        if lazy && state.is_none() {
+            // Read back when its client returns (`QueueReader`): only counted here, so a
+            // large offline queue does not have to fit in memory at start-up.
+            let size = rec.message.held_bytes();
+            match r.backlogs.last_mut() {
+                Some((c, b)) if *c == client => {
+                    b.count += 1;
+                    b.bytes += size;
+                    b.last = seq;
+                }
+                _ => r.backlogs.push((client, QueueSummary { count: 1, bytes: size, first: seq, last: seq })),
+            }
+            continue;
+        }
+        r.queued.push((client, seq, rec, state));
     }
     for kv in inbound {
         let (k, _) = kv?;
@@ -133,7 +148,7 @@ pub(super) fn decode_all(
     }
     for kv in retained {
         let (k, v) = kv?;
-        if retained_index_only {
+        if lazy {
             let topic = String::from_utf8(k).map_err(|_| bad_key("retained"))?;
             r.retained.push(RecoveredRetained::Indexed { topic: topic.into(), expires_at_ms: message_deadline(&v)? });
         } else {

@@ -161,8 +161,12 @@ pub enum Op {
 pub struct Recovered {
     pub sessions: Vec<(ByteString, SessionRecord)>,
     pub subscriptions: Vec<(ByteString, ByteString, SubscriptionOptions, Option<u32>)>,
-    /// In (client, seq) order.
+    /// In (client, seq) order. With a backend that has a `QueueReader`, only the messages
+    /// in flight: the others are in `backlogs`.
     pub queued: Vec<(ByteString, u64, QueuedRecord, Option<InflightState>)>,
+    /// Per client, the queued messages left in the store (not in flight), to be read with
+    /// the `QueueReader` when the client returns.
+    pub backlogs: Vec<(ByteString, QueueSummary)>,
     pub inbound: Vec<(ByteString, u16)>,
     pub retained: Vec<RecoveredRetained>,
 }
@@ -173,6 +177,35 @@ pub struct Recovered {
 pub enum RecoveredRetained {
     Loaded(Arc<Message>),
     Indexed { topic: ByteString, expires_at_ms: Option<u64> },
+}
+
+/// Messages of one session's durable queue that stay in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSummary {
+    pub count: usize,
+    /// Bytes their messages hold once in memory (`Message::held_bytes`).
+    pub bytes: usize,
+    pub first: u64,
+    pub last: u64,
+}
+
+/// One entry of a session's durable queue as read back: key, record, in-flight state.
+pub type QueuedEntry = (u64, QueuedRecord, Option<InflightState>);
+
+/// Reads sessions' durable queues on demand, from any thread.
+pub trait QueueReader: Send + Sync {
+    /// `client`'s queue entries with keys from `from` to `to`, in key order, until `max`
+    /// entries or `max_bytes` bytes of records are read (at least one entry). Also returns
+    /// the key read through: `to` when the range was read to its end, else the last key
+    /// returned.
+    fn read(
+        &self,
+        client: &str,
+        from: u64,
+        to: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<QueuedEntry>, u64), StoreError>;
 }
 
 /// Reads retained messages on demand, from any thread.
@@ -190,6 +223,12 @@ pub trait Backend: Send + 'static {
     /// A reader for retained messages recovered as `Indexed`; None when `load` returns them
     /// all `Loaded`.
     fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
+        None
+    }
+    /// A reader for the queued messages recovered into `Recovered::backlogs`, and for
+    /// backlogs made later (offline sessions); None when `load` returns every queued
+    /// message (sessions then keep their queues in memory).
+    fn queue_reader(&self) -> Option<Arc<dyn QueueReader>> {
         None
     }
 }
@@ -256,6 +295,7 @@ pub struct Store {
     /// Taken at `close`: the reader keeps the engine open (and its directory locked), and a
     /// closed store must let a new one open the directory.
     reader: RwLock<Option<Arc<dyn RetainedReader>>>,
+    queue_reader: RwLock<Option<Arc<dyn QueueReader>>>,
     thread: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
     durability: Durability,
 }
@@ -272,6 +312,7 @@ impl Store {
     ) -> Result<(Store, Recovered), StoreError> {
         let recovered = backend.load()?;
         let reader = backend.retained_reader();
+        let queue_reader = backend.queue_reader();
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending { ops: Vec::new(), last_seq: 0, fatal: false }),
             wake: Condvar::new(),
@@ -304,12 +345,32 @@ impl Store {
                 }
             })
             .map_err(StoreError::Io)?;
-        Ok((Store { shared, reader: RwLock::new(reader), thread: Mutex::new(Some(thread)), durability }, recovered))
+        Ok((
+            Store {
+                shared,
+                reader: RwLock::new(reader),
+                queue_reader: RwLock::new(queue_reader),
+                thread: Mutex::new(Some(thread)),
+                durability,
+            },
+            recovered,
+        ))
     }
 
     /// A reader for retained messages recovered as `Indexed`, to use off the caller's thread.
     pub fn retained_reader(&self) -> Option<Arc<dyn RetainedReader>> {
         self.reader.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A reader for sessions' durable queues, to use off the caller's thread; None when
+    /// sessions keep their queues in memory.
+    pub fn queue_reader(&self) -> Option<Arc<dyn QueueReader>> {
+        self.queue_reader.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The sequence number of the latest submission.
+    pub fn last_submitted(&self) -> u64 {
+        lock(&self.shared.pending).last_seq
     }
 
     /// True when acknowledgements must wait for `outcome` (durability "sync").
@@ -384,6 +445,7 @@ impl Store {
             None => Ok(()),
         };
         self.reader.write().unwrap_or_else(|e| e.into_inner()).take();
+        self.queue_reader.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(e) = self.fatal() {
             return Err(e);
         }
