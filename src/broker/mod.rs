@@ -449,7 +449,7 @@ impl Broker {
         let moved = from.lock().state.take_shared(|k| receivers.contains_key(k));
         let mut ops = Vec::new();
         let mut handover = Vec::new();
-        let gate = self.store_gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut gate = None;
         for mut d in moved {
             let Some(member) = d.shared.as_ref().and_then(|k| receivers.get(k)) else { continue };
             if let Some(seq) = d.store_seq.take() {
@@ -460,7 +460,7 @@ impl Broker {
             let target = Arc::clone(&member.target);
             let place = if d.qos != QoS::AtMostOnce {
                 let mut encoded = None;
-                self.assign_store_seq(&target, &mut d, &mut encoded, &mut ops)
+                self.assign_store_seq(&target, &mut d, &mut encoded, &mut ops, &mut gate)
             } else {
                 Placement::Memory
             };
@@ -687,12 +687,12 @@ impl Broker {
         // Overlapping subscriptions of one client give one delivery at the highest QoS, with
         // every matching subscription identifier [MQTT-3.3.4-2, 3.3.4-3]. Shared
         // subscriptions are separate subscriptions: each delivers on its own.
-        let mut deliveries: Vec<(Arc<SessionHandle>, Delivery)> = Vec::new();
+        let mut deliveries: Vec<(Arc<SessionHandle>, Delivery, Placement)> = Vec::new();
         matches.retain(|e| {
             let Some(share) = &e.share else { return true };
             if let Some(mut d) = merge(&msg, std::slice::from_ref(e)) {
                 d.shared = Some(share.clone());
-                deliveries.push((Arc::clone(&e.target), d));
+                deliveries.push((Arc::clone(&e.target), d, Placement::Memory));
             }
             false
         });
@@ -704,29 +704,26 @@ impl Broker {
                 j += 1;
             }
             if let Some(d) = merge(&msg, &matches[i..j]) {
-                deliveries.push((Arc::clone(&matches[i].target), d));
+                deliveries.push((Arc::clone(&matches[i].target), d, Placement::Memory));
             }
             i = j;
         }
         let matched = deliveries.len();
         if !self.config.priority.is_empty() {
             let level = self.priority_of(&msg.topic);
-            for (_, d) in &mut deliveries {
+            for (_, d, _) in &mut deliveries {
                 d.priority = level;
             }
         }
         // Copies for persistent sessions reach the store before any subscriber can see (and
         // acknowledge) them, so the store never sees an ack before its message.
         let mut encoded: Option<Bytes> = None;
-        let mut placed = Vec::with_capacity(deliveries.len());
         let (seq, ticket) = {
-            let _gate = (msg.qos != QoS::AtMostOnce).then(|| self.store_gate.read().unwrap_or_else(|e| e.into_inner()));
-            for (target, d) in &mut deliveries {
-                placed.push(if d.qos == QoS::AtMostOnce {
-                    Placement::Memory
-                } else {
-                    self.assign_store_seq(target, d, &mut encoded, &mut ops)
-                });
+            let mut gate = None;
+            for (target, d, place) in &mut deliveries {
+                if d.qos != QoS::AtMostOnce {
+                    *place = self.assign_store_seq(target, d, &mut encoded, &mut ops, &mut gate);
+                }
             }
             self.submit(ops)
         };
@@ -735,7 +732,7 @@ impl Broker {
             self.shed_retained();
         }
         let mut cleanup = Vec::new();
-        for ((target, d), place) in deliveries.into_iter().zip(placed) {
+        for (target, d, place) in deliveries {
             let seq = d.store_seq;
             let delivered = match place {
                 Placement::Memory => target.deliver(d),
@@ -760,19 +757,29 @@ impl Broker {
     /// Gives a persistent session's copy its durable-queue key and the store op writing it,
     /// and says where the copy waits: in the session's queue in memory (the caller delivers
     /// it), already counted in its backlog in the store, or nowhere (the backlog is at its
-    /// limit: dropped, counted, nothing written). Callers hold `store_gate` shared until the
-    /// op is submitted.
-    fn assign_store_seq(
-        &self,
+    /// limit: dropped, counted, nothing written). For a persistent session it takes
+    /// `store_gate` shared into `gate` (before the session's lock: the gate is always taken
+    /// first); callers keep it until the op is submitted.
+    fn assign_store_seq<'a>(
+        &'a self,
         target: &SessionHandle,
         d: &mut Delivery,
         encoded: &mut Option<Bytes>,
         ops: &mut Vec<Op>,
+        gate: &mut Option<std::sync::RwLockReadGuard<'a, ()>>,
     ) -> Placement {
         let (seq, place) = {
             let mut cell = target.lock();
             if !cell.persistent() {
                 return Placement::Memory;
+            }
+            if gate.is_none() {
+                drop(cell);
+                *gate = Some(self.store_gate.read().unwrap_or_else(|e| e.into_inner()));
+                cell = target.lock();
+                if !cell.persistent() {
+                    return Placement::Memory;
+                }
             }
             let seq = cell.next_store_seq;
             // A client that is away, or one still catching up on its backlog, gets its copy
