@@ -272,3 +272,91 @@ async fn a_cycle_of_stalled_clients_is_resolved_by_the_timeout() {
     let mut c = connect_v311(b.addr, "after").await;
     c.assert_alive("after/t").await;
 }
+
+/// Reads `dead`'s stream to its end: the broker must close it within `limit`.
+async fn cut_off_within(dead: &mut TcpStream, limit: Duration) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(limit, dead.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the stalled subscriber is still connected");
+}
+
+/// Large messages to a subscriber that never reads: what the broker holds for it stays within
+/// its byte bound (soft at `max_queued_bytes`, hard at twice it) until it is cut off, and the
+/// publisher gets every acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_to_a_reader_that_never_reads_stay_within_its_byte_bound() {
+    const BOUND: usize = 2 * 1024 * 1024;
+    let b = start_with(|c| {
+        c.limits.max_queued_bytes = BOUND;
+        c.limits.slow_consumer_secs = 1;
+    })
+    .await;
+    let mut dead = TcpStream::connect(b.addr).await.unwrap();
+    dead.write_all(&Connect::v5("dead-big").bytes()).await.unwrap();
+    dead.write_all(&subscribe_pkt(true, 1, &[("big", 1)])).await.unwrap();
+    let mut sub = connect_v311(b.addr, "sub-check").await;
+    sub.subscribe(1, "big", 0).await;
+    drop(sub);
+    // 200 messages of 256 KiB: 50 MiB, 25 times the bound.
+    let addr = b.addr;
+    let publisher = tokio::spawn(async move { flood(addr, 0, "big", 1, 200, 256 * 1024).await });
+    let mut peak = 0;
+    while !publisher.is_finished() {
+        peak = peak.max(b.handle.queued_memory());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(publisher.await.unwrap(), 200, "every QoS 1 publish acknowledged");
+    // Counted beyond the queue's free 64 KiB, in 64 KiB steps.
+    assert!(peak <= 2 * BOUND, "held {peak} bytes for one subscriber, bound {BOUND} (hard {})", 2 * BOUND);
+    cut_off_within(&mut dead, Duration::from_secs(20)).await;
+}
+
+/// Several subscribers that never read, each without a byte bound of its own: together they
+/// hold no more than twice the broker's memory budget, they are cut off once stalled, and a
+/// subscriber that reads loses nothing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_bounds_many_stalled_readers_and_spares_a_reading_one() {
+    const BUDGET: usize = 2 * 1024 * 1024;
+    let b = start_with(|c| {
+        c.limits.max_queued_bytes = 0;
+        c.limits.max_queued_messages = 1_000_000;
+        c.limits.max_queued_memory = BUDGET;
+        c.limits.slow_consumer_secs = 1;
+    })
+    .await;
+    let mut dead = Vec::new();
+    for i in 0..4 {
+        let mut s = TcpStream::connect(b.addr).await.unwrap();
+        s.write_all(&Connect::v5(&format!("stalled-{i}")).bytes()).await.unwrap();
+        s.write_all(&subscribe_pkt(true, 1, &[("feed", 0)])).await.unwrap();
+        dead.push(s);
+    }
+    let mut live = connect_v311(b.addr, "reader").await;
+    live.subscribe(1, "feed", 0).await;
+    const COUNT: u32 = 600; // 600 × 32 KiB = 19 MiB per subscriber
+    let addr = b.addr;
+    let publisher = tokio::spawn(async move { flood(addr, 0, "feed", 0, COUNT, 32 * 1024).await });
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sample = async {
+        let mut peak = 0;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(b.handle.queued_memory());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        peak
+    };
+    let receive = async {
+        let r = collect(&mut live, 1, COUNT, Duration::from_secs(60)).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    };
+    let ((missing, dups), peak) = tokio::join!(receive, sample);
+    assert_eq!((missing, dups), (0, 0), "the reading subscriber lost or repeated messages");
+    publisher.await.unwrap();
+    // Hard at twice the budget, plus at most one 64 KiB step per queue.
+    assert!(peak <= 2 * BUDGET + 4 * 64 * 1024, "queues held {peak} bytes, budget {BUDGET}");
+    for s in &mut dead {
+        cut_off_within(s, Duration::from_secs(20)).await;
+    }
+    assert_eq!(b.handle.queued_memory(), 0, "memory of the cut-off readers given back");
+}

@@ -119,14 +119,9 @@ impl Conn {
             if now.duration_since(w.since) < limit {
                 return true;
             }
+            // Stalled: its queue is full (its own bound, or big while the broker is at its
+            // memory budget) and nothing has left it for the whole limit.
             let cell = w.handle.lock();
-            if cell.state.own_room() {
-                // Waiting for the broker-wide memory budget, not for this subscriber: it is
-                // not to blame. Past the limit the publisher goes on; the budget's hard
-                // bound (twice it) drops, and counts, what does not fit.
-                return false;
-            }
-            // Stalled: its queue is full and nothing has left it for the whole limit.
             if let Some(c) = &cell.control {
                 tracing::warn!(
                     client_id = %w.handle.client_id,

@@ -32,12 +32,13 @@ impl MemoryBudget {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// At or over the budget: queues stop taking new work without waiting (flow control).
+    /// At or over the budget: queues beyond their free part make their publishers wait (flow
+    /// control).
     pub fn full(&self) -> bool {
         self.limit != 0 && self.used() >= self.limit
     }
 
-    /// Twice over: messages are dropped (and counted) instead of queued.
+    /// Twice over: messages for queues beyond their free part are dropped (and counted).
     pub fn exhausted(&self) -> bool {
         self.limit != 0 && self.used() >= self.limit.saturating_mul(2)
     }

@@ -185,7 +185,10 @@ impl SessionState {
         let factor = if slack { 2 } else { 1 };
         let (count, bytes) = self.waiting();
         let over_bytes = self.limits.max_bytes != 0 && bytes + size > self.limits.max_bytes.saturating_mul(factor);
-        let over_memory = self.limits.budget.as_ref().is_some_and(|b| b.exhausted());
+        // The budget bounds the big queues: one that stays small (its client reads) never
+        // loses a message to memory that others hold.
+        let over_memory =
+            self.queued_bytes + size > budget::FREE && self.limits.budget.as_ref().is_some_and(|b| b.exhausted());
         if count >= self.limits.max_messages.saturating_mul(factor) || over_bytes || over_memory {
             self.dropped += 1;
             return Err(Dropped::QueueFull);
@@ -199,16 +202,13 @@ impl SessionState {
         (self.queue.len() + c, self.queued_bytes + b)
     }
 
-    /// Whether the queue is below its bound in messages and bytes, and the broker below its
-    /// memory budget.
+    /// Whether the queue is below its bound in messages and bytes, and, if it holds more
+    /// than its free part, the broker below its memory budget.
     pub fn has_room(&self) -> bool {
-        self.own_room() && !self.limits.budget.as_ref().is_some_and(|b| b.full())
-    }
-
-    /// Whether the queue is below its own bound (whatever the broker-wide budget says).
-    pub fn own_room(&self) -> bool {
         let (count, bytes) = self.waiting();
-        count < self.limits.max_messages && (self.limits.max_bytes == 0 || bytes < self.limits.max_bytes)
+        count < self.limits.max_messages
+            && (self.limits.max_bytes == 0 || bytes < self.limits.max_bytes)
+            && !(self.queued_bytes > budget::FREE && self.limits.budget.as_ref().is_some_and(|b| b.full()))
     }
 
     fn held_changed(&mut self) {
@@ -872,7 +872,11 @@ mod tests {
         assert_eq!(outcomes.first(), Some(&Queued::Fits));
         assert!(outcomes.contains(&Queued::Full), "soft bound at the budget");
         assert!(budget.exhausted());
-        assert!(s.own_room() && !s.has_room());
+        assert!(!s.has_room());
+        // A small queue beside it (a client that reads) still takes messages.
+        let mut small =
+            SessionState::new(QueueLimits { max_messages: 1_000_000, max_bytes: 0, budget: Some(Arc::clone(&budget)) });
+        assert_eq!(small.enqueue(d(QoS::AtMostOnce, "x"), true), Ok(Queued::Fits));
         drop(s);
         assert_eq!(budget.used(), 0, "a dropped session gives its share back");
     }
