@@ -38,10 +38,12 @@ async fn publish_n(addr: std::net::SocketAddr, topic: &str, n: u32, size: usize)
 }
 
 /// Receives `n` PUBLISHes, acknowledging each, and returns their numbers in arrival order.
-async fn receive_n(c: &mut Raw, n: usize) -> Vec<u32> {
+/// With `first_attempt`, none may carry DUP: they were never sent before [MQTT-3.3.1-1].
+async fn receive_n(c: &mut Raw, n: usize, first_attempt: bool) -> Vec<u32> {
     let mut got = Vec::with_capacity(n);
     for _ in 0..n {
         let m = c.recv_publish_ack().await;
+        assert!(!(first_attempt && m.dup), "DUP set on a first delivery");
         got.push(u32::from_be_bytes(m.payload[..4].try_into().expect("numbered payload")));
     }
     got
@@ -64,7 +66,7 @@ async fn an_away_session_queues_on_disk_and_gets_everything_back_in_order() {
 
     let (mut s, ack) = connect_with(b.addr, &Connect::v311("away-dev").clean(false)).await;
     assert!(ack.session_present);
-    let got = receive_n(&mut s, N as usize).await;
+    let got = receive_n(&mut s, N as usize, true).await;
     assert_eq!(got, (0..N).collect::<Vec<_>>(), "every message, in order");
     s.expect_silence(QUIET).await;
 }
@@ -89,7 +91,7 @@ async fn the_backlog_survives_a_restart() {
     assert_eq!(h.queued_memory(), 0, "recovery read the backlog into memory");
     let (mut s, ack) = connect_with(addr, &Connect::v311("restart-dev").clean(false)).await;
     assert!(ack.session_present);
-    let got = receive_n(&mut s, N as usize).await;
+    let got = receive_n(&mut s, N as usize, false).await;
     assert_eq!(got, (0..N).collect::<Vec<_>>(), "every message, in order, after the restart");
     s.expect_silence(QUIET).await;
     drop(s);
@@ -103,7 +105,7 @@ async fn an_away_session_drops_what_is_over_its_byte_limit() {
     publish_n(b.addr, "big/data", 10, BIG).await;
     let (mut s, _) = connect_with(b.addr, &Connect::v311("small-dev").clean(false)).await;
     // 1 MiB holds three messages of 256 KiB and their bookkeeping, not four.
-    let got = receive_n(&mut s, 3).await;
+    let got = receive_n(&mut s, 3, true).await;
     assert_eq!(got, [0, 1, 2], "the oldest are kept");
     s.expect_silence(QUIET).await;
 }

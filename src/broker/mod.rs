@@ -836,8 +836,8 @@ impl Broker {
                     let read = broker.read_retained_topics(topics).await;
                     handle.retained_loaded(read);
                 }
-                Load::Backlog { from, to, max, max_bytes } => {
-                    broker.load_backlog(&handle, from, to, max, max_bytes).await
+                Load::Backlog { from, to, max, max_bytes, recovered_through } => {
+                    broker.load_backlog(&handle, (from, to), (max, max_bytes), recovered_through).await
                 }
             }
         });
@@ -847,10 +847,9 @@ impl Broker {
     async fn load_backlog(
         self: &Arc<Self>,
         handle: &Arc<SessionHandle>,
-        from: u64,
-        to: u64,
-        max: usize,
-        max_bytes: usize,
+        (from, to): (u64, u64),
+        (max, max_bytes): (usize, usize),
+        recovered_through: u64,
     ) {
         let Some(reader) = self.store.queue_reader() else {
             handle.lock().state.load_failed();
@@ -901,9 +900,10 @@ impl Broker {
                 subscription_ids: rec.subscription_ids,
                 store_seq: Some(seq),
                 shared: None,
-                // It may have gone out before a crash (QoS 1 sends are not recorded); a
-                // duplicate is allowed if flagged.
-                maybe_sent: rec.qos == QoS::AtLeastOnce,
+                // Found at start-up, it may have gone out before a crash (QoS 1 sends are not
+                // recorded): a duplicate is allowed if flagged. Messages that went to the
+                // backlog since were never sent (those sent stay in flight, in memory).
+                maybe_sent: rec.qos == QoS::AtLeastOnce && seq <= recovered_through,
                 priority,
             });
         }

@@ -23,6 +23,9 @@ pub(super) struct Backlog {
     pub(super) bytes: usize,
     pub(super) next: u64,
     pub(super) last: u64,
+    /// Keys up to this one were found in the store at start-up: they may have been sent
+    /// before a crash (QoS 1 sends are not recorded), so they go out flagged DUP.
+    pub(super) recovered_through: u64,
 }
 
 /// A retained message still to be sent for a SUBSCRIBE.
@@ -55,8 +58,9 @@ pub(super) struct RetainedCursor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Load {
     /// Backlog messages with keys from `from` to `to`, in key order, until `max` messages
-    /// or `max_bytes` bytes of records are read (at least one).
-    Backlog { from: u64, to: u64, max: usize, max_bytes: usize },
+    /// or `max_bytes` bytes of records are read (at least one). Those with keys up to
+    /// `recovered_through` may have been sent before a restart.
+    Backlog { from: u64, to: u64, max: usize, max_bytes: usize, recovered_through: u64 },
     /// These retained messages, by topic.
     Retained(Vec<ByteString>),
 }

@@ -234,7 +234,7 @@ impl SessionState {
     /// within the session's limits (see `enqueue` for `slack`).
     pub fn backlog_push(&mut self, seq: u64, size: usize, slack: bool) -> Result<Queued, Dropped> {
         self.admit(size, slack)?;
-        let b = self.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq });
+        let b = self.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq, recovered_through: 0 });
         b.count += 1;
         b.bytes += size;
         b.next = b.next.min(seq);
@@ -251,7 +251,8 @@ impl SessionState {
             let size = d.msg.held_bytes();
             self.queued_bytes = self.queued_bytes.saturating_sub(size);
             let Some(seq) = d.store_seq else { continue };
-            let b = self.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq });
+            let b =
+                self.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq, recovered_through: 0 });
             b.count += 1;
             b.bytes += size;
             b.next = b.next.min(seq);
@@ -267,7 +268,7 @@ impl SessionState {
     /// with keys from `first` to `last`.
     pub fn restore_backlog(&mut self, count: usize, bytes: usize, first: u64, last: u64) {
         if count > 0 {
-            self.backlog = Some(Backlog { count, bytes, next: first, last });
+            self.backlog = Some(Backlog { count, bytes, next: first, last, recovered_through: last });
         }
     }
 
@@ -318,7 +319,13 @@ impl SessionState {
             if self.queue.len() > LOW_WATER || self.queued_bytes > LOAD_BYTES {
                 return None;
             }
-            Load::Backlog { from: b.next, to: b.last, max: LOAD_CHUNK, max_bytes: LOAD_BYTES }
+            Load::Backlog {
+                from: b.next,
+                to: b.last,
+                max: LOAD_CHUNK,
+                max_bytes: LOAD_BYTES,
+                recovered_through: b.recovered_through,
+            }
         };
         self.loading = true;
         Some(load)
