@@ -892,23 +892,28 @@ impl Broker {
                 expired.push(Op::DeleteQueued { client: handle.client_id.clone(), seq });
                 continue;
             }
-            let priority = self.priority_of(&rec.message.topic);
-            ds.push(Delivery {
-                msg: rec.message,
-                qos: rec.qos,
-                retain: rec.retain,
-                subscription_ids: rec.subscription_ids,
-                store_seq: Some(seq),
-                shared: None,
-                // Found at start-up, it may have gone out before a crash (QoS 1 sends are not
-                // recorded): a duplicate is allowed if flagged. Messages that went to the
-                // backlog since were never sent (those sent stay in flight, in memory).
-                maybe_sent: rec.qos == QoS::AtLeastOnce && seq <= recovered_through,
-                priority,
-            });
+            // Found at start-up, it may have gone out before a crash (QoS 1 sends are not
+            // recorded): a duplicate is allowed if flagged. Messages that went to the backlog
+            // since were never sent (those sent stay in flight, in memory).
+            let maybe_sent = rec.qos == QoS::AtLeastOnce && seq <= recovered_through;
+            ds.push(self.stored_delivery(seq, rec, maybe_sent));
         }
         self.persist(expired);
         handle.backlog_loaded(ds, through);
+    }
+
+    /// A delivery read back from the session's durable queue (key `seq`).
+    fn stored_delivery(&self, seq: u64, rec: crate::store::QueuedRecord, maybe_sent: bool) -> Delivery {
+        Delivery {
+            priority: self.priority_of(&rec.message.topic),
+            msg: rec.message,
+            qos: rec.qos,
+            retain: rec.retain,
+            subscription_ids: rec.subscription_ids,
+            store_seq: Some(seq),
+            shared: None,
+            maybe_sent,
+        }
     }
 
     /// Reads retained messages held only in the store, by topic: None for a topic whose

@@ -9,7 +9,7 @@ use tracing::info;
 
 use super::{split_shared, Broker, Retained, SessionHandle, EXPIRY_NEVER};
 use crate::protocol::QoS;
-use crate::session::{Delivery, OutState};
+use crate::session::OutState;
 use crate::store::records::{decode_message, now_unix_ms};
 use crate::store::{InflightState, Op, Recovered, RecoveredRetained};
 use crate::topics::Entry;
@@ -91,19 +91,10 @@ impl Broker {
                 ops.push(Op::DeleteQueued { client: client.clone(), seq });
                 continue;
             }
-            let priority = self.priority_of(&rec.message.topic);
-            let d = Delivery {
-                msg: rec.message,
-                qos: rec.qos,
-                retain: rec.retain,
-                subscription_ids: rec.subscription_ids,
-                store_seq: Some(seq),
-                shared: None,
-                // QoS 1 sends are not recorded (a duplicate is allowed, if flagged), so any
-                // QoS 1 message may have gone out before the crash.
-                maybe_sent: state.is_none() && rec.qos == QoS::AtLeastOnce,
-                priority,
-            };
+            // QoS 1 sends are not recorded (a duplicate is allowed, if flagged), so any QoS 1
+            // message may have gone out before the crash.
+            let maybe_sent = state.is_none() && rec.qos == QoS::AtLeastOnce;
+            let d = self.stored_delivery(seq, rec, maybe_sent);
             match state {
                 Some(InflightState::Sent(pid)) => cell.state.restore_inflight(pid, d, OutState::AwaitingAck),
                 Some(InflightState::Released(pid)) => cell.state.restore_inflight(pid, d, OutState::AwaitingComp),
