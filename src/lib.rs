@@ -18,6 +18,7 @@ pub mod transport;
 
 pub(crate) mod broker;
 pub(crate) mod connection;
+pub(crate) mod link;
 pub(crate) mod message;
 pub(crate) mod protocol;
 pub(crate) mod session;

@@ -64,10 +64,10 @@ impl Conn {
         for handle in full {
             // A client feeding its own queue is not held up by it: it could not read the acks
             // that would let its queue drain.
-            if Arc::ptr_eq(&handle, &self.handle) {
+            if Arc::ptr_eq(&handle, &self.link.handle) {
                 continue;
             }
-            let Some(progress) = handle.wait_for_room(&self.control) else { continue };
+            let Some(progress) = handle.wait_for_room(&self.link.control) else { continue };
             let flow = self.flow.get_or_insert_with(|| {
                 Box::new(Flow {
                     targets: Vec::new(),
@@ -78,7 +78,7 @@ impl Conn {
                 })
             });
             if !flow.targets.iter().any(|w| Arc::ptr_eq(&w.handle, &handle)) {
-                debug!(client_id = %self.client_id, subscriber = %handle.client_id, "publishes wait for room");
+                debug!(client_id = %self.link.client_id, subscriber = %handle.client_id, "publishes wait for room");
                 flow.targets.push(Waited { handle, progress, since: now });
             }
         }
@@ -90,8 +90,8 @@ impl Conn {
     /// unread, it counts the client as heard from (its silence is ours), so the keep-alive
     /// sweep must see that at least every second.
     fn arm_deadline(&mut self) {
-        let limit = Duration::from_secs(self.broker.config.limits.slow_consumer_secs);
-        self.control.seen(self.broker.tick());
+        let limit = Duration::from_secs(self.link.broker.config.limits.slow_consumer_secs);
+        self.link.control.seen(self.link.broker.tick());
         if let Some(flow) = self.flow.as_mut() {
             if let Some(first) = flow.targets.iter().map(|w| w.since).min() {
                 let at = (first + limit).min(Instant::now() + Duration::from_secs(1));
@@ -106,9 +106,9 @@ impl Conn {
     pub(super) fn check_flow(&mut self) -> Result<(), Close> {
         let Some(flow) = self.flow.as_mut() else { return Ok(()) };
         let now = Instant::now();
-        let limit = Duration::from_secs(self.broker.config.limits.slow_consumer_secs);
-        let control = &self.control;
-        let broker = &self.broker;
+        let limit = Duration::from_secs(self.link.broker.config.limits.slow_consumer_secs);
+        let control = &self.link.control;
+        let broker = &self.link.broker;
         flow.targets.retain_mut(|w| {
             let Some(progress) = w.handle.wait_for_room(control) else { return false };
             if progress != w.progress {
@@ -140,7 +140,7 @@ impl Conn {
         // Room everywhere: handle what was put aside, in order. A publish among it may fill a
         // queue again; the rest then waits again.
         let Some(flow) = self.flow.take() else { return Ok(()) };
-        debug!(client_id = %self.client_id, put_aside = flow.stash.len(), "publishes go on");
+        debug!(client_id = %self.link.client_id, put_aside = flow.stash.len(), "publishes go on");
         let (mut stash, closed) = (flow.stash, flow.closed);
         while let Some((p, size)) = stash.pop_front() {
             if let Some(f) = self.flow.as_mut() {

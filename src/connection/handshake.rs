@@ -191,8 +191,9 @@ impl Conn {
             }
             _ => None,
         };
-        let Attached { handle, session_present, connection_id, control } =
+        let attached =
             broker.attach(&client_id, c.clean_start, session_expiry, v, stored_will.as_ref().map(|(m, d)| (&**m, *d)));
+        let session_present = attached.session_present;
 
         let mut keep_alive = c.keep_alive;
         let mut props = Properties::default();
@@ -247,14 +248,10 @@ impl Conn {
             "client connected"
         );
 
+        let link = Link::new(Arc::clone(broker), attached, client_id, principal, window);
         let mut conn = Conn {
-            broker: Arc::clone(broker),
-            handle,
-            connection_id,
-            control,
+            link,
             version: v,
-            client_id,
-            principal,
             peer,
             keep_alive,
             auth,
@@ -268,7 +265,6 @@ impl Conn {
             }),
             session_expiry,
             connect_expiry_zero: session_expiry == 0,
-            window,
             client_max_packet,
             out_aliases: match c.properties.topic_alias_maximum {
                 Some(max) if v5 && max > 0 => Some(Box::new(aliases::OutboundAliases::new(max))),
@@ -278,7 +274,6 @@ impl Conn {
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             held: VecDeque::new(),
-            write_ticket: 0,
             durable_wait: 0,
             signals: 0,
             flow: None,
@@ -299,43 +294,6 @@ impl Conn {
         }
         conn.resend_inflight();
         Some(conn)
-    }
-
-    /// On resuming a session, unacknowledged messages go out again first, in their original
-    /// order: PUBLISH with DUP, or PUBREL [MQTT-4.4.0-1].
-    pub(super) fn resend_inflight(&mut self) {
-        let handle = Arc::clone(&self.handle);
-        let mut cell = handle.lock();
-        let now = Instant::now();
-        // Messages the client may no longer read are not sent again; they end here.
-        let revoked: Vec<u16> = cell
-            .state
-            .inflight()
-            .filter(|f| {
-                f.state == OutState::AwaitingAck
-                    && !self.broker.policy.may_receive(&self.principal, &f.delivery.msg.topic)
-            })
-            .map(|f| f.packet_id)
-            .collect();
-        let mut ops = Vec::new();
-        for pid in revoked {
-            if let Some(seq) = cell.state.discard(pid) {
-                ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
-            }
-        }
-        for f in cell.state.inflight() {
-            match f.state {
-                OutState::AwaitingAck => {
-                    // A message too large for the client stays in flight until it goes away.
-                    let _ = self.write_publish(&f.delivery, Some(f.packet_id), true, now);
-                }
-                OutState::AwaitingComp => {
-                    protocol::encode(&Packet::PubRel(PubResp::new(f.packet_id)), self.version, &mut self.wbuf);
-                }
-            }
-        }
-        drop(cell);
-        self.broker.persist(ops);
     }
 }
 

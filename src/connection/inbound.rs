@@ -6,7 +6,7 @@ use super::*;
 
 impl Conn {
     pub(super) fn process_input(&mut self) -> Result<(), Close> {
-        let max = self.broker.config.limits.max_packet_size as usize;
+        let max = self.link.broker.config.limits.max_packet_size as usize;
         loop {
             let Some(&first) = self.rbuf.first() else { return Ok(()) };
             if let Some(close) = self.unexpected_packet_type(first) {
@@ -73,26 +73,9 @@ impl Conn {
     pub(super) fn handle_packet(&mut self, p: Packet) -> Result<(), Close> {
         match p {
             Packet::Publish(p) => self.on_publish(p),
-            Packet::PubAck(r) => {
-                let ack = self.handle.lock().state.puback(r.packet_id);
-                self.forget_stored(ack);
-                Self::check_ack(ack, "PUBACK")
-            }
+            Packet::PubAck(r) => Self::check_ack(self.link.puback(r.packet_id), "PUBACK"),
             Packet::PubRec(r) => {
-                let ack = self.handle.lock().state.pubrec(r.packet_id, r.reason < 0x80);
-                let mut ticket = 0;
-                if let Ack::Done(Some(seq)) = ack {
-                    let op = if r.reason < 0x80 {
-                        Op::SetInflight {
-                            client: self.client_id.clone(),
-                            seq,
-                            state: InflightState::Released(r.packet_id),
-                        }
-                    } else {
-                        Op::DeleteQueued { client: self.client_id.clone(), seq }
-                    };
-                    ticket = self.broker.persist(vec![op]);
-                }
+                let (ack, ticket) = self.link.pubrec(r.packet_id, r.reason < 0x80);
                 Self::check_ack(ack, "PUBREC")?;
                 // PUBREL lets the receiver forget the id; after a crash we must then resend
                 // PUBREL, never the PUBLISH, so it waits until "released" is durable.
@@ -106,27 +89,11 @@ impl Conn {
             Packet::PubRel(r) => {
                 // PUBCOMP even for an unknown id (success, as mosquitto): the client may be
                 // retrying after our PUBCOMP was lost.
-                let (known, persistent) = {
-                    let mut cell = self.handle.lock();
-                    (cell.state.inbound_qos2_release(r.packet_id), cell.persistent())
-                };
-                // PUBCOMP lets the publisher reuse the id; were the id still stored after a
-                // crash, its next message with that id would be taken for a duplicate and
-                // lost. So PUBCOMP waits for the delete to be durable.
-                let mut ticket = 0;
-                if known && persistent {
-                    ticket = self
-                        .broker
-                        .persist(vec![Op::DeleteInbound { client: self.client_id.clone(), packet_id: r.packet_id }]);
-                }
+                let ticket = self.link.qos2_released(r.packet_id);
                 self.respond(ticket, Packet::PubComp(PubResp::new(r.packet_id)), None);
                 Ok(())
             }
-            Packet::PubComp(r) => {
-                let ack = self.handle.lock().state.pubcomp(r.packet_id);
-                self.forget_stored(ack);
-                Self::check_ack(ack, "PUBCOMP")
-            }
+            Packet::PubComp(r) => Self::check_ack(self.link.pubcomp(r.packet_id), "PUBCOMP"),
             Packet::Subscribe(s) => self.on_subscribe(s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
             Packet::PingReq => {
@@ -156,15 +123,8 @@ impl Conn {
         }
     }
 
-    /// A delivery that ended deletes its stored copy.
-    pub(super) fn forget_stored(&self, ack: Ack) {
-        if let Ack::Done(Some(seq)) = ack {
-            self.broker.persist(vec![Op::DeleteQueued { client: self.client_id.clone(), seq }]);
-        }
-    }
-
     pub(super) fn on_publish(&mut self, mut p: Publish) -> Result<(), Close> {
-        let cfg = Arc::clone(&self.broker.config);
+        let cfg = Arc::clone(&self.link.broker.config);
         let v5 = self.version.is_v5();
         if v5 {
             if !p.properties.subscription_identifiers.is_empty() {
@@ -213,10 +173,10 @@ impl Conn {
             // Each property costs far more held than on the wire; refuse rather than queue.
             ack_reason = reason::QUOTA_EXCEEDED;
         }
-        if !self.broker.may_publish(&self.principal, &p.topic) {
+        if !self.link.may_publish(&p.topic) {
             // v5 hears why (0x87); a 3.1.1 client has no way to, so its message is
             // acknowledged and dropped, as mosquitto does.
-            debug!(client_id = %self.client_id, topic = %p.topic, "publish not authorised");
+            debug!(client_id = %self.link.client_id, topic = %p.topic, "publish not authorised");
             if v5 {
                 ack_reason = reason::NOT_AUTHORIZED;
             } else {
@@ -245,11 +205,7 @@ impl Conn {
             QoS::ExactlyOnce => {
                 let mut ticket = 0;
                 if ack_reason == reason::SUCCESS {
-                    let (first, pending, persistent) = {
-                        let mut cell = self.handle.lock();
-                        let first = cell.state.inbound_qos2_begin(pid);
-                        (first, cell.state.inbound_qos2_len(), cell.persistent())
-                    };
+                    let Qos2Received { first, pending, record } = self.link.qos2_received(pid);
                     if first {
                         if v5 && pending > usize::from(cfg.mqtt.receive_maximum) {
                             return Err(Close::Error {
@@ -264,12 +220,9 @@ impl Conn {
                             });
                         }
                         // The id is stored with the message's effects, so after a crash a
-                        // resent PUBLISH is still recognised as a duplicate.
-                        let extra =
-                            persistent.then(|| Op::PutInbound { client: self.client_id.clone(), packet_id: pid });
-                        // PUBREC stays 0x00 without subscribers (mosquitto sends 0x10 only
-                        // in PUBACK).
-                        ticket = self.route(p, extra).1;
+                        // resent PUBLISH is still recognised as a duplicate. PUBREC stays 0x00
+                        // without subscribers (mosquitto sends 0x10 only in PUBACK).
+                        ticket = self.route(p, record).1;
                     }
                     // A duplicate (same id before PUBREL) is acknowledged again but not
                     // delivered again [MQTT-4.3.3-9].
@@ -297,9 +250,9 @@ impl Conn {
     pub(super) fn route(&mut self, p: Publish, extra: Option<Op>) -> (usize, u64) {
         let mut props = p.properties;
         props.topic_alias = None;
-        let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.client_id.clone());
+        let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id.clone());
         let mut full = Vec::new();
-        let routed = self.broker.publish_flow(Arc::new(msg), extra, &mut full);
+        let routed = self.link.publish(msg, extra, &mut full);
         if !full.is_empty() {
             self.wait_for_room(full);
         }
@@ -307,7 +260,7 @@ impl Conn {
     }
 
     pub(super) fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
-        let cfg = Arc::clone(&self.broker.config);
+        let cfg = Arc::clone(&self.link.broker.config);
         let v5 = self.version.is_v5();
         let sub_id = s.properties.subscription_identifiers.first().copied();
         if sub_id.is_some() && !cfg.mqtt.subscription_identifiers {
@@ -317,22 +270,16 @@ impl Conn {
             });
         }
         let mut codes = Vec::with_capacity(s.filters.len());
-        // One entry per retained message however many filters of this SUBSCRIBE match it: a
-        // SUBSCRIBE of many overlapping filters must not multiply the retained store.
-        let mut retained = RetainedBatch { subscription_id: sub_id, ..RetainedBatch::default() };
-        let mut seen: HashMap<ByteString, usize> = HashMap::new();
-        // Retained messages held only on disk: topic -> index in `retained.stored`.
-        let mut stored: HashMap<ByteString, usize> = HashMap::new();
-        let mut matched: HashMap<ByteString, QoS> = HashMap::new();
+        let mut retained = RetainedCollector::new(sub_id);
         let mut ticket = 0;
-        for (filter, mut opts) in s.filters {
+        for (filter, opts) in s.filters {
             let shared = topic::is_shared(&filter);
             if shared && opts.no_local && v5 {
                 // [MQTT-3.8.3-4]
                 return Err(Self::protocol_error("No Local on a shared subscription"));
             }
             let plain = topic::parse_shared(&filter).map_or(&*filter, |(_, f)| f);
-            let failure = if shared && topic::parse_shared(&filter).is_none() {
+            let invalid = if shared && topic::parse_shared(&filter).is_none() {
                 Some(reason::TOPIC_FILTER_INVALID)
             } else if shared && !cfg.mqtt.shared_subscriptions {
                 Some(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED)
@@ -340,88 +287,32 @@ impl Conn {
                 Some(reason::WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED)
             } else if !topic_within_limits(plain, &cfg) {
                 Some(reason::TOPIC_FILTER_INVALID)
-            } else if self.over_subscription_limit(&filter, cfg.limits.max_subscriptions) {
-                Some(reason::QUOTA_EXCEEDED)
-            } else if !self.broker.policy.may_subscribe(&self.principal, plain) {
-                // Unlike mosquitto 2.0, which grants every SUBSCRIBE and filters deliveries,
-                // the client learns at once that it will receive nothing here.
-                debug!(client_id = %self.client_id, filter = %filter, "subscription not authorised");
-                Some(reason::NOT_AUTHORIZED)
             } else {
                 None
             };
-            if let Some(code) = failure {
-                codes.push(if v5 { code } else { reason::v3::SUBACK_FAILURE });
-                continue;
-            }
-            opts.qos = opts.qos.min(QoS::from_u8(cfg.mqtt.maximum_qos).unwrap_or(QoS::ExactlyOnce));
-            let result = self.broker.subscribe(&self.handle, &filter, opts, sub_id);
-            ticket = ticket.max(result.ticket);
-            codes.push(opts.qos as u8);
-            // Retain Handling [MQTT-3.3.1-9..11]; never for shared subscriptions [MQTT-3.8.4-?].
-            let send = !result.shared
-                && match opts.retain_handling {
-                    0 => true,
-                    1 => !result.existed,
-                    _ => false,
-                };
-            // A filter this SUBSCRIBE has matched already adds at most a higher QoS, so it is
-            // not matched again: repeating one filter many times costs one match (and at most
-            // two passes more, as its QoS can rise only twice).
-            let before = if send { matched.get(plain).copied() } else { None };
-            if let Some(q) = before {
-                if opts.qos > q {
-                    matched.insert(ByteString::from(plain), opts.qos);
-                    let raise = |e: &mut QoS| *e = (*e).max(opts.qos);
-                    retained
-                        .loaded
-                        .iter_mut()
-                        .filter(|(m, _)| topic::matches(plain, &m.topic))
-                        .for_each(|e| raise(&mut e.1));
-                    retained.stored.iter_mut().filter(|(t, _)| topic::matches(plain, t)).for_each(|e| raise(&mut e.1));
+            let result = match invalid {
+                Some(code) => Err(code),
+                None => self.link.subscribe(&filter, opts, sub_id, &mut retained),
+            };
+            match result {
+                Ok(sub) => {
+                    ticket = ticket.max(sub.ticket);
+                    codes.push(sub.qos as u8);
                 }
-            } else if send {
-                matched.insert(ByteString::from(plain), opts.qos);
-                let matches = self.broker.retained_matches(plain);
-                for m in matches.loaded {
-                    match seen.get(&m.topic) {
-                        Some(&i) => retained.loaded[i].1 = retained.loaded[i].1.max(opts.qos),
-                        None => {
-                            seen.insert(m.topic.clone(), retained.loaded.len());
-                            retained.loaded.push((m, opts.qos));
-                        }
-                    }
-                }
-                for topic in matches.stored {
-                    match stored.get(&topic) {
-                        Some(&i) => retained.stored[i].1 = retained.stored[i].1.max(opts.qos),
-                        None => {
-                            stored.insert(topic.clone(), retained.stored.len());
-                            retained.stored.push((topic, opts.qos));
-                        }
-                    }
-                }
+                Err(code) => codes.push(if v5 { code } else { reason::v3::SUBACK_FAILURE }),
             }
         }
         let ack = SubAck { packet_id: s.packet_id, return_codes: codes, properties: Properties::default() };
         // The retained messages are queued once the SUBACK goes out; those only on disk are
         // read as the queue drains (off this task).
-        let then = (!retained.loaded.is_empty() || !retained.stored.is_empty()).then(|| Box::new(retained));
-        self.respond(ticket, Packet::SubAck(ack), then);
+        self.respond(ticket, Packet::SubAck(ack), retained.finish());
         Ok(())
-    }
-
-    /// Whether subscribing to `filter` would take the session over its subscription limit
-    /// (replacing one it holds never does).
-    fn over_subscription_limit(&self, filter: &ByteString, max: usize) -> bool {
-        let cell = self.handle.lock();
-        cell.subscriptions.len() >= max && !cell.subscriptions.contains_key(filter)
     }
 
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let existed = self.broker.unsubscribe(&self.handle, f);
+            let existed = self.link.unsubscribe(f);
             codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
         }
         if !self.version.is_v5() {
@@ -448,8 +339,8 @@ impl Conn {
             (reason::REAUTHENTICATE, None) => {
                 // The user name is the one already authorised: re-authentication may renew
                 // the proof, never change who the connection is.
-                let user = self.principal.username.as_deref();
-                let (exchange, step) = auth.method.start(&self.client_id, user, data);
+                let user = self.link.principal.username.as_deref();
+                let (exchange, step) = auth.method.start(&self.link.client_id, user, data);
                 auth.exchange = Some(exchange);
                 step
             }
@@ -462,7 +353,7 @@ impl Conn {
             AuthStep::Success(d) => {
                 let exchange = auth.exchange.take();
                 let proved = exchange.and_then(|e| e.identity());
-                if proved.is_some_and(|name| Some(name.as_str()) != self.principal.username.as_deref()) {
+                if proved.is_some_and(|name| Some(name.as_str()) != self.link.principal.username.as_deref()) {
                     return Err(Close::Error {
                         reason: reason::NOT_AUTHORIZED,
                         what: "re-authenticated as another user".into(),

@@ -32,14 +32,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 
 use crate::auth::{AuthExchange, AuthMethod, AuthStep, Login, Principal, Refusal};
-use crate::broker::{signal, Attached, Broker, RetainedBatch, SessionHandle, EXPIRY_NEVER};
+use crate::broker::{signal, Broker, RetainedBatch, SessionHandle, EXPIRY_NEVER};
+use crate::link::{Link, Outbox, Qos2Received, RetainedCollector};
 use crate::message::Message;
 use crate::protocol::{
     self, reason, topic, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties,
     ProtocolVersion, PubResp, Publish, PublishOut, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::session::{Ack, Delivery, OutState, Outgoing};
-use crate::store::{InflightState, Op};
+use crate::session::{Ack, Delivery};
+use crate::store::Op;
 use crate::topics::level_count;
 use crate::transport::ConnInfo;
 
@@ -181,14 +182,9 @@ async fn refuse_version<S: AsyncWrite + Unpin>(stream: &mut S, peer: SocketAddr,
 }
 
 struct Conn {
-    broker: Arc<Broker>,
-    handle: Arc<SessionHandle>,
-    connection_id: u64,
-    control: Arc<crate::broker::ConnControl>,
+    /// The session this connection serves, and everything about it that is not MQTT bytes.
+    link: Link,
     version: ProtocolVersion,
-    client_id: ByteString,
-    /// Who the client is, for every authorisation check (publish, subscribe, delivery, will).
-    principal: Arc<Principal>,
     peer: SocketAddr,
     /// Seconds granted; 0 = no keep-alive.
     keep_alive: u16,
@@ -200,8 +196,6 @@ struct Conn {
     session_expiry: u32,
     /// Expiry asked for in CONNECT was 0: a DISCONNECT may not raise it [MQTT-3.14.2-2].
     connect_expiry_zero: bool,
-    /// min(limits.max_inflight, client's Receive Maximum).
-    window: usize,
     /// Largest packet the client accepts (v5 Maximum Packet Size).
     client_max_packet: usize,
     /// Topic aliases towards the client (v5, when it accepts some).
@@ -215,9 +209,6 @@ struct Conn {
     /// Acknowledgements held until the store has made their effects durable, in the order
     /// they must go out [MQTT-4.6.0-2..4].
     held: VecDeque<HeldAck>,
-    /// Store ticket the write buffer waits for: QoS 2 PUBLISHes of persistent sessions go out
-    /// only once their packet id is durable. 0 = nothing to wait for.
-    write_ticket: u64,
     /// The store ticket this connection asked to be woken for (`Broker::wait_durable`).
     durable_wait: u64,
     /// Signals taken from `control` while writing, for the main loop to act on.
@@ -243,12 +234,12 @@ impl Conn {
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Close {
         // Server shutdown sets the flag, then kicks every attached connection; one that
         // attached after the kicks went out sees the flag here, once.
-        if self.broker.shutting_down() {
+        if self.link.broker.shutting_down() {
             return Close::Kicked(reason::SERVER_SHUTTING_DOWN);
         }
         if self.keep_alive > 0 {
             // [MQTT-3.1.2-24]: the broker's keep-alive sweep kicks a silent connection.
-            self.broker.watch_keep_alive(&self.control, self.keep_alive);
+            self.link.broker.watch_keep_alive(&self.link.control, self.keep_alive);
         }
         // Packets that came in the same read as CONNECT: nothing would wake the loop for them.
         if !self.rbuf.is_empty() {
@@ -280,9 +271,9 @@ impl Conn {
             if let Some(ticket) = self.durable_needed(can_write) {
                 if ticket != self.durable_wait {
                     self.durable_wait = ticket;
-                    self.broker.wait_durable(ticket, &self.control);
+                    self.link.broker.wait_durable(ticket, &self.link.control);
                     // Done before the wait was registered: go round again.
-                    if self.broker.outcome(ticket).is_some() {
+                    if self.link.broker.outcome(ticket).is_some() {
                         continue;
                     }
                 }
@@ -295,7 +286,7 @@ impl Conn {
             // Whatever comes first: a signal or bytes from the client.
             // Polled by hand rather than with `select!`, whose branch futures every waiting
             // connection would carry.
-            let control = &self.control;
+            let control = &self.link.control;
             let signals = &mut self.signals;
             let rbuf = &mut self.rbuf;
             let wbuf = &mut self.wbuf;
@@ -343,7 +334,7 @@ impl Conn {
             match woke {
                 Woke::Signals(bits) => {
                     if bits & signal::KICK != 0 {
-                        return Close::Kicked(self.control.reason());
+                        return Close::Kicked(self.link.control.reason());
                     }
                     if bits & signal::DELIVERY != 0 {
                         more = true;
@@ -363,7 +354,7 @@ impl Conn {
                 },
                 Woke::Read(Err(_), _) => return Close::Lost("socket error"),
                 Woke::Read(Ok(n), offered) => {
-                    self.control.seen(self.broker.tick());
+                    self.link.control.seen(self.link.broker.tick());
                     if n == offered && read_hint < READ_MAX {
                         read_hint *= 2;
                     } else if n < offered / 4 && read_hint > READ_MIN {
@@ -384,7 +375,7 @@ impl Conn {
     /// the write buffer's when it may not be written yet.
     fn durable_needed(&self, can_write: bool) -> Option<u64> {
         let held = self.held.front().map(|h| h.ticket).filter(|&t| t > 0);
-        let write = (!can_write).then_some(self.write_ticket);
+        let write = (!can_write).then_some(self.link.write_ticket());
         held.into_iter().chain(write).min()
     }
 
@@ -396,7 +387,7 @@ impl Conn {
             return Ok(());
         }
         let mut written = 0;
-        let control = &self.control;
+        let control = &self.link.control;
         let signals = &mut self.signals;
         let wbuf = &self.wbuf;
         let result = std::future::poll_fn(|cx| {
@@ -460,23 +451,22 @@ impl Conn {
             let _ = tokio::time::timeout(Duration::from_secs(1), send(stream, &self.wbuf)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-        info!(client_id = %self.client_id, peer = %self.peer, reason = %why, "client disconnected");
+        info!(client_id = %self.link.client_id, peer = %self.peer, reason = %why, "client disconnected");
         let will = if publish_will { self.will.take() } else { None };
-        self.broker.forget_keep_alive(&self.control);
-        self.broker.detach(&self.handle, self.connection_id, self.session_expiry);
+        self.link.detach(self.session_expiry);
         let Some(w) = will else { return };
         let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
         let msg = self.will_message(*w);
         // v5 Will Delay: published when the delay or the session ends, whichever is first,
         // unless the client has come back to the same session by then; with its owner's
         // rights at that moment.
-        self.broker.publish_will(&self.handle, msg, delay, Some(Arc::clone(&self.principal)));
+        self.link.broker.publish_will(&self.link.handle, msg, delay, Some(Arc::clone(&self.link.principal)));
     }
 
     pub(super) fn will_message(&self, w: LastWill) -> Arc<Message> {
         let mut props = w.properties;
         props.will_delay_interval = None;
-        Arc::new(Message::received(w.topic, w.payload, w.qos, w.retain, props, self.client_id.clone()))
+        Arc::new(Message::received(w.topic, w.payload, w.qos, w.retain, props, self.link.client_id.clone()))
     }
 }
 

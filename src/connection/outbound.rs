@@ -11,7 +11,7 @@ impl Conn {
         if ticket == 0 && self.held.is_empty() && self.flow.is_none() {
             self.encode(packet);
             if let Some(batch) = then {
-                self.broker.deliver_retained(&self.handle, *batch);
+                self.link.queue_retained(*batch);
             }
         } else {
             self.held.push_back(HeldAck { ticket, packet, then });
@@ -26,7 +26,7 @@ impl Conn {
             return Ok(());
         }
         while let Some(front) = self.held.front() {
-            let Some(ok) = self.broker.outcome(front.ticket) else { break };
+            let Some(ok) = self.link.broker.outcome(front.ticket) else { break };
             let Some(HeldAck { mut packet, then, .. }) = self.held.pop_front() else { break };
             if !ok {
                 match &mut packet {
@@ -45,7 +45,7 @@ impl Conn {
             }
             self.encode(packet);
             if let Some(batch) = then {
-                self.broker.deliver_retained(&self.handle, *batch);
+                self.link.queue_retained(*batch);
             }
         }
         Ok(())
@@ -58,81 +58,50 @@ impl Conn {
     /// Moves queued deliveries into the write buffer while the in-flight window allows.
     /// Returns true if it stopped because the buffer is full (more may be waiting).
     pub(super) fn drain(&mut self) -> bool {
-        let handle = Arc::clone(&self.handle);
-        let mut cell = handle.lock();
-        if cell.owner != self.connection_id {
-            return false; // taken over; the kick will end this connection
-        }
-        let now = Instant::now();
-        let mut sent = 0u64;
-        let mut ops = Vec::new();
-        let full = loop {
-            if self.wbuf.len() >= WRITE_BATCH {
-                break true;
-            }
-            let Some(out) = cell.state.next_outgoing(self.window, now) else { break false };
-            cell.progress += 1;
-            let (Outgoing::Unacked(d) | Outgoing::Tracked(_, d)) = &out;
-            if !self.broker.policy.may_receive(&self.principal, &d.msg.topic) {
-                // The right to read was revoked after the message was queued (or retained,
-                // or subscribed): it is dropped as if delivered, and counted.
-                if let Outgoing::Tracked(pid, _) = out {
-                    if let Some(seq) = cell.state.discard(pid) {
-                        ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
-                    }
-                }
-                cell.state.dropped += 1;
-                self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let (d, pid) = match out {
-                Outgoing::Unacked(d) => (d, None),
-                Outgoing::Tracked(pid, d) => {
-                    if let (Some(seq), QoS::ExactlyOnce) = (d.store_seq, d.qos) {
-                        // A QoS 2 message must go out again with the same id after a crash,
-                        // or the receiver would take it for a new one [MQTT-4.3.3]: its id is
-                        // durable before the PUBLISH is written (see `write_ticket`).
-                        ops.push(Op::SetInflight {
-                            client: self.client_id.clone(),
-                            seq,
-                            state: InflightState::Sent(pid),
-                        });
-                    }
-                    (d, Some(pid))
-                }
-            };
-            if !self.write_publish(&d, pid, d.maybe_sent, now) {
-                // [MQTT-3.1.2-25]: too large for this client; discard as if delivered.
-                if let Some(seq) = pid.and_then(|pid| cell.state.discard(pid)) {
-                    ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
-                }
-                cell.state.dropped += 1;
-                self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            sent += 1;
+        let mut out = NetOut {
+            version: self.version,
+            wbuf: &mut self.wbuf,
+            aliases: &mut self.out_aliases,
+            max_packet: self.client_max_packet,
         };
-        for seq in cell.state.take_discarded() {
-            ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
-        }
-        cell.wake_publishers();
-        let load = cell.state.wants_load();
-        drop(cell);
-        if let Some(load) = load {
-            self.broker.start_load(&handle, load);
-        }
-        let ticket = self.broker.persist(ops);
-        self.write_ticket = self.write_ticket.max(ticket);
-        if sent > 0 {
-            self.broker.metrics.messages_sent.fetch_add(sent, Ordering::Relaxed);
-        }
-        full
+        self.link.drain(&mut out)
     }
 
-    /// Encodes one delivery into the write buffer, unless it exceeds the client's Maximum
-    /// Packet Size (then false). Topic aliases are applied only to packets really written, or
-    /// the client would miss a definition.
-    pub(super) fn write_publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> bool {
+    /// On resuming a session, unacknowledged messages go out again first, in their original
+    /// order: PUBLISH with DUP, or PUBREL [MQTT-4.4.0-1].
+    pub(super) fn resend_inflight(&mut self) {
+        let mut out = NetOut {
+            version: self.version,
+            wbuf: &mut self.wbuf,
+            aliases: &mut self.out_aliases,
+            max_packet: self.client_max_packet,
+        };
+        self.link.resend_inflight(&mut out);
+    }
+
+    /// False while the write buffer holds QoS 2 PUBLISHes whose packet ids are not durable.
+    pub(super) fn write_ready(&mut self) -> bool {
+        self.link.write_ready()
+    }
+}
+
+/// The link's deliveries encoded into the write buffer, as the client accepts them.
+struct NetOut<'a> {
+    version: ProtocolVersion,
+    wbuf: &'a mut BytesMut,
+    aliases: &'a mut Option<Box<aliases::OutboundAliases>>,
+    /// Largest packet the client accepts (v5 Maximum Packet Size).
+    max_packet: usize,
+}
+
+impl Outbox for NetOut<'_> {
+    fn has_room(&self) -> bool {
+        self.wbuf.len() < WRITE_BATCH
+    }
+
+    /// Encodes one delivery, unless it exceeds the client's Maximum Packet Size. Topic aliases
+    /// are applied only to packets really written, or the client would miss a definition.
+    fn publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> bool {
         let v5 = self.version.is_v5();
         let m = &d.msg;
         let mut out = PublishOut {
@@ -147,10 +116,10 @@ impl Conn {
             subscription_ids: if v5 { &d.subscription_ids[..] } else { &[] },
             topic_alias: None,
         };
-        if self.client_max_packet != usize::MAX && out.encoded_len(self.version) > self.client_max_packet {
+        if self.max_packet != usize::MAX && out.encoded_len(self.version) > self.max_packet {
             return false;
         }
-        match self.out_aliases.as_mut().map_or(aliases::AliasUse::None, |a| a.apply(&m.topic)) {
+        match self.aliases.as_mut().map_or(aliases::AliasUse::None, |a| a.apply(&m.topic)) {
             aliases::AliasUse::None => {}
             aliases::AliasUse::Define(a) => out.topic_alias = Some(a),
             aliases::AliasUse::Reuse(a) => {
@@ -158,19 +127,11 @@ impl Conn {
                 out.topic = b"";
             }
         }
-        out.encode(self.version, &mut self.wbuf);
+        out.encode(self.version, self.wbuf);
         true
     }
 
-    /// False while the write buffer holds QoS 2 PUBLISHes whose packet ids are not durable.
-    pub(super) fn write_ready(&mut self) -> bool {
-        if self.write_ticket == 0 {
-            return true;
-        }
-        if self.broker.outcome(self.write_ticket).is_some() {
-            self.write_ticket = 0;
-            return true;
-        }
-        false
+    fn pubrel(&mut self, packet_id: u16) {
+        protocol::encode(&Packet::PubRel(PubResp::new(packet_id)), self.version, self.wbuf);
     }
 }
