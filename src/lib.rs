@@ -1,8 +1,9 @@
 //! tern: an MQTT 3.1, 3.1.1 and 5.0 broker.
 //!
 //! Layers (a module uses only those below it): `protocol`, `config`, `message` (L0);
-//! `session`, `topics`, `store` (L1); `broker`, `transport` (L2); `connection` (L3); `server` (L4).
-//! Tests start a broker in-process with [`start`] on port 0.
+//! `session`, `topics`, `store` (L1); `broker`, `link`, `transport` (L2); `connection` (L3);
+//! `server` (L4). Tests start a broker in-process with [`start`] on port 0; a program that
+//! embeds tern publishes and subscribes in-process with [`BrokerHandle::connect_local`].
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -30,4 +31,6 @@ pub(crate) mod topics;
 pub mod fuzzing;
 
 pub use config::Config;
+pub use link::local::{LocalClient, LocalError, LocalOptions, Received};
+pub use protocol::QoS;
 pub use server::{start, start_with, BrokerHandle, Extensions, StartError};

@@ -63,6 +63,13 @@ pub struct BrokerHandle {
 }
 
 impl BrokerHandle {
+    /// Connects an in-process client: it publishes and subscribes without a socket, with the
+    /// session, QoS, retained-message and ACL rules of a network client (see
+    /// `examples/embedded.rs`).
+    pub fn connect_local(&self, opts: crate::LocalOptions) -> Result<crate::LocalClient, crate::LocalError> {
+        crate::LocalClient::connect(&self.broker, opts)
+    }
+
     /// Retained messages held (in memory or only indexed).
     pub fn retained_count(&self) -> usize {
         self.broker.retained_count()
