@@ -33,6 +33,94 @@ pub struct Config {
     pub mqtt: Mqtt,
     /// Topics whose messages jump the queue: each session sends higher levels first.
     pub priority: Vec<Priority>,
+    /// Connections to peer brokers (`[[bridge]]`), with mosquitto's meaning.
+    pub bridge: Vec<Bridge>,
+}
+
+/// `[[bridge]]`: tern connects to a peer broker as a client and forwards messages between
+/// them per its `topics`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bridge {
+    /// Names the bridge: its local session (`$bridge/<name>`), its state topic
+    /// (`$SYS/broker/connection/<name>/state`), its log lines.
+    pub name: String,
+    /// `host:port` of the peer; several for fail-over, tried in order, the first again once
+    /// it is back.
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub protocol: BridgeProtocol,
+    /// Client id at the peer; default `tern-bridge-<name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Start a new session at the peer on each connection (messages for tern queued there
+    /// while the bridge was down are then lost).
+    #[serde(default)]
+    pub clean_start: bool,
+    #[serde(default = "default_bridge_keepalive")]
+    pub keepalive: u16,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// 3.1.1 bridges: announce themselves as a bridge (protocol level | 0x80, mosquitto's
+    /// `try_private`) so a mosquitto peer does not send back what they publish; without it
+    /// if the peer refuses.
+    #[serde(default = "default_true")]
+    pub try_private: bool,
+    pub topics: Vec<BridgeTopic>,
+}
+
+fn default_bridge_keepalive() -> u16 {
+    60
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BridgeProtocol {
+    #[default]
+    V5,
+    V311,
+}
+
+/// One `topic` line of a mosquitto bridge: `pattern` is subscribed as `local_prefix +
+/// pattern` here (direction `out`) and/or as `remote_prefix + pattern` at the peer (`in`);
+/// a message's topic keeps its part after the prefix, which is swapped.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeTopic {
+    pub pattern: String,
+    #[serde(default)]
+    pub direction: BridgeDirection,
+    #[serde(default)]
+    pub qos: u8,
+    #[serde(default)]
+    pub local_prefix: String,
+    #[serde(default)]
+    pub remote_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BridgeDirection {
+    #[default]
+    Out,
+    In,
+    Both,
+}
+
+impl BridgeDirection {
+    pub fn outward(self) -> bool {
+        matches!(self, BridgeDirection::Out | BridgeDirection::Both)
+    }
+
+    pub fn inward(self) -> bool {
+        matches!(self, BridgeDirection::In | BridgeDirection::Both)
+    }
 }
 
 /// `[[priority]] filter = "alarms/#", level = 9`: messages on topics the filter matches are
@@ -230,6 +318,7 @@ impl Default for Config {
             limits: Limits::default(),
             mqtt: Mqtt::default(),
             priority: Vec::new(),
+            bridge: Vec::new(),
         }
     }
 }
@@ -442,6 +531,33 @@ impl Config {
         }
         if self.storage.sync_interval_ms == 0 {
             return bad("storage.sync_interval_ms", "must be at least 1".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, b) in self.bridge.iter().enumerate() {
+            if b.name.is_empty() || b.name.contains(['/', '+', '#']) || !names.insert(&b.name) {
+                return bad(&format!("bridge[{i}].name"), "a unique name without '/', '+' or '#' is required".into());
+            }
+            if b.addresses.is_empty() {
+                return bad(&format!("bridge[{i}].addresses"), "at least one \"host:port\" is required".into());
+            }
+            if b.topics.is_empty() {
+                return bad(&format!("bridge[{i}].topics"), "at least one topic entry is required".into());
+            }
+            for (j, t) in b.topics.iter().enumerate() {
+                let key = format!("bridge[{i}].topics[{j}]");
+                let filters = [format!("{}{}", t.local_prefix, t.pattern), format!("{}{}", t.remote_prefix, t.pattern)];
+                if filters.iter().any(|f| !crate::protocol::topic::valid_topic_filter(f))
+                    || t.pattern.starts_with("$share/")
+                {
+                    return bad(
+                        &format!("{key}.pattern"),
+                        format!("`{}` with its prefixes is not a topic filter", t.pattern),
+                    );
+                }
+                if t.qos > 2 {
+                    return bad(&format!("{key}.qos"), "must be 0, 1 or 2".into());
+                }
+            }
         }
         Ok(())
     }

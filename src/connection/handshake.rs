@@ -264,6 +264,7 @@ impl Conn {
                 })
             }),
             session_expiry,
+            bridge_peer: c.bridge,
             connect_expiry_zero: session_expiry == 0,
             client_max_packet,
             out_aliases: match c.properties.topic_alias_maximum {

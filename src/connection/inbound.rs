@@ -272,8 +272,9 @@ impl Conn {
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = RetainedCollector::new(sub_id);
         let mut ticket = 0;
-        for (filter, opts) in s.filters {
+        for (filter, mut opts) in s.filters {
             let shared = topic::is_shared(&filter);
+            opts.no_local |= self.bridge_peer && !shared;
             if shared && opts.no_local && v5 {
                 // [MQTT-3.8.3-4]
                 return Err(Self::protocol_error("No Local on a shared subscription"));

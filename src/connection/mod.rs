@@ -194,6 +194,10 @@ struct Conn {
     /// Boxed: a will with its properties is large, and most clients have none.
     will: Option<Box<LastWill>>,
     session_expiry: u32,
+    /// The client said it is a bridge (3.x protocol level | 0x80): it never gets back its own
+    /// publishes, as if every subscription had No Local, so two brokers bridged both ways do
+    /// not echo messages.
+    bridge_peer: bool,
     /// Expiry asked for in CONNECT was 0: a DISCONNECT may not raise it [MQTT-3.14.2-2].
     connect_expiry_zero: bool,
     /// Largest packet the client accepts (v5 Maximum Packet Size).

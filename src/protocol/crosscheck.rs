@@ -62,6 +62,7 @@ fn theirs_decode(bytes: &[u8], v: ProtocolVersion) -> Packet {
     match tp {
         TPacket::Connect(c) => Packet::Connect(Box::new(Connect {
             protocol: v,
+            bridge: false,
             clean_start: c.clean_start,
             keep_alive: c.keep_alive,
             client_id: s(&c.client_id),

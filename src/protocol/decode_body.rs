@@ -14,7 +14,9 @@ use ProtocolVersion::*;
 pub(crate) fn connect(mut r: Reader, flags: u8) -> Result<Packet, DecodeError> {
     let name = r.binary()?;
     let level = r.u8()?;
-    let protocol = match (&name[..], level) {
+    // A bridge sets the level's top bit (mosquitto's `try_private`); 3.x only.
+    let bridge = level & 0x80 != 0 && matches!(level & 0x7F, 3 | 4);
+    let protocol = match (&name[..], level & if bridge { 0x7F } else { 0xFF }) {
         (b"MQTT", 4) => V311,
         (b"MQTT", 5) => V5,
         (b"MQIsdp", 3) => V31,
@@ -70,6 +72,7 @@ pub(crate) fn connect(mut r: Reader, flags: u8) -> Result<Packet, DecodeError> {
     r.expect_end()?;
     Ok(Packet::Connect(Box::new(Connect {
         protocol,
+        bridge,
         clean_start: cflags & 0x02 != 0,
         keep_alive,
         client_id,

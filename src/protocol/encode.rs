@@ -256,7 +256,7 @@ fn encode_connect(c: &Connect, version: ProtocolVersion, buf: &mut BytesMut) {
     let (rl, pl, will_pl) = connect_len(c, version);
     header(buf, 0x10, rl);
     put_bin(buf, protocol_name(version));
-    buf.put_u8(version.level());
+    buf.put_u8(version.level() | if c.bridge && !v5 { 0x80 } else { 0 });
     let mut flags = u8::from(c.clean_start) << 1;
     if let Some(w) = &c.will {
         flags |= 0x04 | (w.qos as u8) << 3 | u8::from(w.retain) << 5;

@@ -143,6 +143,9 @@ pub struct LastWill {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
     pub protocol: ProtocolVersion,
+    /// The client says it is a bridge (protocol level | 0x80, mosquitto's `try_private`):
+    /// it must not get back what it publishes.
+    pub bridge: bool,
     /// Clean Session (3.1.1) / Clean Start (5.0).
     pub clean_start: bool,
     pub keep_alive: u16,

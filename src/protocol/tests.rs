@@ -89,6 +89,7 @@ pub(crate) fn corpus(v: ProtocolVersion) -> Vec<Packet> {
     };
     out.push(Packet::Connect(Box::new(Connect {
         protocol: v,
+        bridge: false,
         clean_start: true,
         keep_alive: 60,
         client_id: s("client-1"),
@@ -110,6 +111,7 @@ pub(crate) fn corpus(v: ProtocolVersion) -> Vec<Packet> {
     })));
     out.push(Packet::Connect(Box::new(Connect {
         protocol: v,
+        bridge: false,
         clean_start: false,
         keep_alive: 0,
         client_id: s(""),
@@ -651,5 +653,27 @@ fn never_panics_on_mutations() {
         for ver in [None, Some(V31), Some(V311), Some(V5)] {
             let _ = decode(&mut BytesMut::from(&m[..]), ver, 1 << 20);
         }
+    }
+}
+
+#[test]
+fn a_bridge_connect_sets_the_top_bit_of_the_level_and_decodes_back() {
+    let c = Connect {
+        protocol: ProtocolVersion::V311,
+        bridge: true,
+        clean_start: true,
+        keep_alive: 60,
+        client_id: "b".into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    };
+    let mut buf = BytesMut::new();
+    encode(&Packet::Connect(Box::new(c.clone())), ProtocolVersion::V311, &mut buf);
+    assert_eq!(buf[8], 0x84, "protocol level with the bridge bit");
+    match decode(&mut buf, None, 1 << 20) {
+        Ok(Some(Packet::Connect(d))) => assert_eq!(*d, c),
+        other => panic!("{other:?}"),
     }
 }
