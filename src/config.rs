@@ -129,7 +129,14 @@ pub struct Storage {
     /// `sync`, `periodic` or `none`.
     pub durability: Durability,
     pub sync_interval_ms: u64,
+    /// Bytes of store writes (approximate: keys, values and a small overhead per write)
+    /// allowed to wait for the disk; past this, tern stops reading from clients until the
+    /// store has caught up, so a slow disk slows publishers down instead of growing memory.
+    pub max_pending_bytes: usize,
 }
+
+/// Smallest `storage.max_pending_bytes` accepted.
+pub const MIN_PENDING_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -198,6 +205,9 @@ pub struct Limits {
     /// QoS 2 messages a 3.1.1 client may leave unreleased (no PUBREL yet) before it is
     /// disconnected; v5 clients are held to `mqtt.receive_maximum` instead.
     pub max_awaiting_pubrel: usize,
+    /// Acknowledgements one connection may hold while the store makes their effects durable;
+    /// at this many, tern stops reading from the client until some are sent.
+    pub max_held_acks: usize,
 }
 
 /// MQTT 5 capabilities announced in CONNACK.
@@ -231,7 +241,12 @@ impl Default for Config {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { dir: PathBuf::from("./data"), durability: Durability::Sync, sync_interval_ms: 100 }
+        Storage {
+            dir: PathBuf::from("./data"),
+            durability: Durability::Sync,
+            sync_interval_ms: 100,
+            max_pending_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -253,6 +268,7 @@ impl Default for Limits {
             max_subscriptions: 10_000,
             max_user_properties: 128,
             max_awaiting_pubrel: 1_000,
+            max_held_acks: 1_000,
         }
     }
 }
@@ -411,6 +427,9 @@ impl Config {
         if l.max_awaiting_pubrel == 0 {
             return bad("limits.max_awaiting_pubrel", "must be at least 1".into());
         }
+        if l.max_held_acks == 0 {
+            return bad("limits.max_held_acks", "must be at least 1".into());
+        }
         if l.slow_consumer_secs == 0 {
             return bad("limits.slow_consumer_secs", "must be at least 1 second".into());
         }
@@ -436,6 +455,10 @@ impl Config {
         }
         if self.storage.sync_interval_ms == 0 {
             return bad("storage.sync_interval_ms", "must be at least 1".into());
+        }
+        if self.storage.max_pending_bytes < MIN_PENDING_BYTES {
+            // Below one read buffer's worth, nearly every read would wait for a commit.
+            return bad("storage.max_pending_bytes", format!("must be at least {MIN_PENDING_BYTES} (64 KiB)"));
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ impl Conn {
             self.broker.deliver_retained(&self.handle, then);
         } else {
             self.held.push_back(HeldAck { ticket, packet, then });
+            self.broker.metrics.acks_held.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -26,6 +27,7 @@ impl Conn {
         while let Some(front) = self.held.front() {
             let Some(ok) = self.broker.outcome(front.ticket) else { break };
             let Some(HeldAck { mut packet, then, .. }) = self.held.pop_front() else { break };
+            self.broker.metrics.acks_held.fetch_sub(1, Ordering::Relaxed);
             if !ok {
                 match &mut packet {
                     Packet::PubAck(r) | Packet::PubRec(r) => {
