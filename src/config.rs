@@ -514,6 +514,16 @@ mod tests {
     }
 
     #[test]
+    fn backpressure_bounds_are_checked() {
+        let err = Config::from_toml("[storage]\nmax_pending_bytes = 1000\n", "s.toml").unwrap_err().to_string();
+        assert!(err.contains("storage.max_pending_bytes") && err.contains("65536"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_held_acks = 0\n", "s.toml").unwrap_err().to_string();
+        assert!(err.contains("limits.max_held_acks"), "{err}");
+        let c = Config::from_toml("[storage]\nmax_pending_bytes = 65536\n", "s.toml").unwrap();
+        assert_eq!(c.storage.max_pending_bytes, MIN_PENDING_BYTES);
+    }
+
+    #[test]
     fn tls_listener_needs_certificates() {
         let err = Config::from_toml("[[listener]]\nbind = \"127.0.0.1:8883\"\nkind = \"tls\"\n", "t.toml")
             .unwrap_err()

@@ -168,14 +168,26 @@ fn flood(
     })
 }
 
-/// Checks `cond` every 20 ms for `dur`, failing at the first time it does not hold: for what
-/// must stay true over a while (a bound, a client left unread), not for what should happen.
-async fn holds_for(dur: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+/// Checks `cond` every 20 ms for `dur`, failing with its error the first time it does not
+/// hold: for what must stay true over a while (a bound, a client left unread), not for what
+/// should happen.
+async fn holds_for(dur: Duration, mut cond: impl FnMut() -> Result<(), String>) {
     let t0 = Instant::now();
     while t0.elapsed() < dur {
-        assert!(cond(), "{what} no longer holds after {:?}", t0.elapsed());
+        if let Err(e) = cond() {
+            panic!("after {:?}: {e}", t0.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Err when `task` ended although `done` says its work is not finished (its connection was
+/// closed; awaiting it shows why).
+fn running<T>(task: &tokio::task::JoinHandle<T>, done: bool, what: &str) -> Result<(), String> {
+    if task.is_finished() && !done {
+        return Err(format!("{what} ended early (its connection closed?)"));
+    }
+    Ok(())
 }
 
 /// A 3.1.1 client pipelining QoS 1 publishes without waiting for PUBACKs, to a persistent
@@ -214,10 +226,18 @@ async fn a_311_qos1_flood_is_held_at_max_held_acks_while_the_disk_stalls() {
 
     poll_until(Duration::from_secs(30), "held acknowledgements to reach the bound", || broker.acks_held() >= max_held)
         .await;
+    // 2.5 s: past the publisher's keep-alive allowance (1.5 s) while it is left unread.
     let mut most_held = 0;
-    holds_for(Duration::from_millis(2_500), "the held-ack bound and the publisher left unread", || {
-        most_held = most_held.max(broker.acks_held());
-        broker.acks_held() <= max_held && sent.load(Ordering::SeqCst) < N && acked.load(Ordering::SeqCst) == 0
+    holds_for(Duration::from_millis(2_500), || {
+        let held = broker.acks_held();
+        most_held = most_held.max(held);
+        if held > max_held {
+            return Err(format!("{held} acks held, bound {max_held}"));
+        }
+        if sent.load(Ordering::SeqCst) == N || acked.load(Ordering::SeqCst) > 0 {
+            return Err("the publisher was read on although the disk is stalled".into());
+        }
+        running(&acks, false, "the publisher's PUBACK reader")
     })
     .await;
     let sent_while_stalled = sent.load(Ordering::SeqCst);
@@ -236,7 +256,10 @@ async fn a_311_qos1_flood_is_held_at_max_held_acks_while_the_disk_stalls() {
     let t0 = Instant::now();
     poll_until(DRAIN, "every publish acknowledged and delivered", || {
         most_held = most_held.max(broker.acks_held());
-        acked.load(Ordering::SeqCst) == N && got.load(Ordering::SeqCst) == N
+        let (acked, got) = (acked.load(Ordering::SeqCst), got.load(Ordering::SeqCst));
+        running(&acks, acked == N, "the publisher's PUBACK reader").unwrap();
+        running(&sub_task, got == N, "the subscriber").unwrap();
+        acked == N && got == N
     })
     .await;
     eprintln!(
@@ -284,9 +307,16 @@ async fn a_retained_qos0_flood_stops_at_max_pending_bytes_while_the_disk_stalls(
     // The backlog is checked before each packet: one publish's write may pass it.
     let op = 1024;
     let mut most = 0;
-    holds_for(Duration::from_millis(1_000), "the store backlog bound and the publisher left unread", || {
-        most = most.max(broker.store_pending_bytes());
-        broker.store_pending_bytes() <= BOUND + op && sent.load(Ordering::SeqCst) < N
+    holds_for(Duration::from_millis(1_000), || {
+        let pending = broker.store_pending_bytes();
+        most = most.max(pending);
+        if pending > BOUND + op {
+            return Err(format!("{pending} store bytes pending, bound {BOUND}"));
+        }
+        if sent.load(Ordering::SeqCst) == N {
+            return Err("the publisher was read on although the disk is stalled".into());
+        }
+        running(&sub_task, false, "the subscriber")
     })
     .await;
     poll_until(Duration::from_secs(10), "messages taken before the stall to be delivered", || {
@@ -304,7 +334,9 @@ async fn a_retained_qos0_flood_stops_at_max_pending_bytes_while_the_disk_stalls(
     let t0 = Instant::now();
     poll_until(DRAIN, "every publish delivered", || {
         most = most.max(broker.store_pending_bytes());
-        got.load(Ordering::SeqCst) == N
+        let got = got.load(Ordering::SeqCst);
+        running(&sub_task, got == N, "the subscriber").unwrap();
+        got == N
     })
     .await;
     eprintln!("after the disk came back: all {N} delivered in {:?}; at most {most} store bytes pending", t0.elapsed());
