@@ -217,7 +217,14 @@ pub struct Storage {
     /// `sync`, `periodic` or `none`.
     pub durability: Durability,
     pub sync_interval_ms: u64,
+    /// Bytes of store writes (approximate: keys, values and a small overhead per write)
+    /// allowed to wait for the disk; past this, tern stops reading from clients until the
+    /// store has caught up, so a slow disk slows publishers down instead of growing memory.
+    pub max_pending_bytes: usize,
 }
+
+/// Smallest `storage.max_pending_bytes` accepted.
+pub const MIN_PENDING_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -291,6 +298,9 @@ pub struct Limits {
     /// QoS 2 messages a 3.1.1 client may leave unreleased (no PUBREL yet) before it is
     /// disconnected; v5 clients are held to `mqtt.receive_maximum` instead.
     pub max_awaiting_pubrel: usize,
+    /// Acknowledgements one connection may hold while the store makes their effects durable;
+    /// at this many, tern stops reading from the client until some are sent.
+    pub max_held_acks: usize,
 }
 
 /// MQTT 5 capabilities announced in CONNACK.
@@ -325,7 +335,12 @@ impl Default for Config {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { dir: PathBuf::from("./data"), durability: Durability::Sync, sync_interval_ms: 100 }
+        Storage {
+            dir: PathBuf::from("./data"),
+            durability: Durability::Sync,
+            sync_interval_ms: 100,
+            max_pending_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -348,6 +363,7 @@ impl Default for Limits {
             max_subscriptions: 10_000,
             max_user_properties: 128,
             max_awaiting_pubrel: 1_000,
+            max_held_acks: 1_000,
         }
     }
 }
@@ -506,6 +522,9 @@ impl Config {
         if l.max_awaiting_pubrel == 0 {
             return bad("limits.max_awaiting_pubrel", "must be at least 1".into());
         }
+        if l.max_held_acks == 0 {
+            return bad("limits.max_held_acks", "must be at least 1".into());
+        }
         if l.slow_consumer_secs == 0 {
             return bad("limits.slow_consumer_secs", "must be at least 1 second".into());
         }
@@ -531,6 +550,10 @@ impl Config {
         }
         if self.storage.sync_interval_ms == 0 {
             return bad("storage.sync_interval_ms", "must be at least 1".into());
+        }
+        if self.storage.max_pending_bytes < MIN_PENDING_BYTES {
+            // Below one read buffer's worth, nearly every read would wait for a commit.
+            return bad("storage.max_pending_bytes", format!("must be at least {MIN_PENDING_BYTES} (64 KiB)"));
         }
         let mut names = std::collections::HashSet::new();
         for (i, b) in self.bridge.iter().enumerate() {
@@ -610,6 +633,16 @@ mod tests {
         c.auth.allow_anonymous = Some(true);
         assert!(c.anonymous_allowed());
         c.validate("z.toml").unwrap();
+    }
+
+    #[test]
+    fn backpressure_bounds_are_checked() {
+        let err = Config::from_toml("[storage]\nmax_pending_bytes = 1000\n", "s.toml").unwrap_err().to_string();
+        assert!(err.contains("storage.max_pending_bytes") && err.contains("65536"), "{err}");
+        let err = Config::from_toml("[limits]\nmax_held_acks = 0\n", "s.toml").unwrap_err().to_string();
+        assert!(err.contains("limits.max_held_acks"), "{err}");
+        let c = Config::from_toml("[storage]\nmax_pending_bytes = 65536\n", "s.toml").unwrap();
+        assert_eq!(c.storage.max_pending_bytes, MIN_PENDING_BYTES);
     }
 
     #[test]

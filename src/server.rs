@@ -91,6 +91,18 @@ impl BrokerHandle {
         self.broker.session_count()
     }
 
+    /// Approximate bytes of store writes waiting for the disk; while over
+    /// `storage.max_pending_bytes`, connections stop reading their clients.
+    pub fn store_pending_bytes(&self) -> usize {
+        self.broker.store_pending_bytes()
+    }
+
+    /// Acknowledgements all connections hold until the store has made their effects durable
+    /// (each connection at most `limits.max_held_acks`).
+    pub fn acks_held(&self) -> u64 {
+        self.broker.metrics.acks_held.load(Ordering::Relaxed)
+    }
+
     /// The error that made the store fatal, if it is: nothing is acknowledged as stored any
     /// more, and the broker should be shut down and restarted.
     pub fn store_failure(&self) -> Option<Arc<StoreError>> {

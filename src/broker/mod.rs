@@ -53,6 +53,9 @@ pub struct Metrics {
     /// Subscribers disconnected because their full queue made no progress
     /// (`limits.slow_consumer_secs`).
     pub slow_consumers: AtomicU64,
+    /// Acknowledgements connections hold until the store has made their effects durable
+    /// (a gauge; each connection holds at most `limits.max_held_acks`).
+    pub acks_held: AtomicU64,
 }
 
 pub struct Broker {
@@ -235,6 +238,17 @@ impl Broker {
 
     pub fn shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// While the store's backlog is over `storage.max_pending_bytes`: the ticket (store
+    /// sequence number) to wait for before looking again. Connections stop reading meanwhile.
+    pub fn store_backlog(&self) -> Option<u64> {
+        self.store.backlog_over(self.config.storage.max_pending_bytes)
+    }
+
+    /// Approximate bytes of store work waiting for the commit thread.
+    pub fn store_pending_bytes(&self) -> usize {
+        self.store.pending_bytes()
     }
 
     /// Whether the store work of `ticket` is done: None = not yet, Some(false) = it failed.

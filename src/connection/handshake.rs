@@ -279,6 +279,7 @@ impl Conn {
             signals: 0,
             flow: None,
             broken_stream: false,
+            paused: false,
         };
         // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
         let session_present = session_present && v != ProtocolVersion::V31;

@@ -9,6 +9,11 @@ impl Conn {
         let max = self.link.broker.config.limits.max_packet_size as usize;
         loop {
             let Some(&first) = self.rbuf.first() else { return Ok(()) };
+            if self.input_blocked() {
+                // The rest stays in the read buffer until the bound clears (`resume_input`).
+                self.pause_input();
+                return Ok(());
+            }
             if let Some(close) = self.unexpected_packet_type(first) {
                 return Err(close);
             }

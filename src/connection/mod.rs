@@ -223,6 +223,10 @@ struct Conn {
     /// A write was cut off mid-packet (kicked while the client was not reading): no DISCONNECT
     /// may follow, the stream just ends.
     broken_stream: bool,
+    /// Input waits for a bound to clear (`input_blocked`): the socket is not read, whole
+    /// packets may wait in `rbuf`, and the keep-alive is not watched (the client's silence
+    /// is ours).
+    paused: bool,
 }
 
 /// An acknowledgement waiting for a store ticket, and retained messages to queue after it
@@ -272,7 +276,20 @@ impl Conn {
                 }
             }
             let can_write = self.write_ready();
-            if let Some(ticket) = self.durable_needed(can_write) {
+            // A bound reached stops the reading; once it clears, what waits in the read buffer
+            // is handled before anything more is read.
+            let backlog = self.link.broker.store_backlog();
+            if backlog.is_some() || self.held_full() {
+                self.pause_input();
+            } else if self.paused {
+                if let Err(close) = self.resume_input() {
+                    let _ = self.flush(stream).await;
+                    return close;
+                }
+                more = true;
+                continue;
+            }
+            if let Some(ticket) = self.durable_needed(can_write, backlog) {
                 if ticket != self.durable_wait {
                     self.durable_wait = ticket;
                     self.link.broker.wait_durable(ticket, &self.link.control);
@@ -295,6 +312,7 @@ impl Conn {
             let rbuf = &mut self.rbuf;
             let wbuf = &mut self.wbuf;
             let flow = &mut self.flow;
+            let paused = self.paused;
             let woke = std::future::poll_fn(|cx| {
                 let mut bits = std::mem::take(signals);
                 if let Poll::Ready(b) = control.poll_signals(cx) {
@@ -312,6 +330,11 @@ impl Conn {
                     // The last drain stopped at a full batch: come straight back for the rest
                     // (the signal that announced those messages has been used).
                     return Poll::Ready(Woke::Signals(0));
+                }
+                if paused {
+                    // Deliveries still go out (a signal ends this wait); the client's input
+                    // waits for the store (DURABLE), so TCP slows the client down.
+                    return Poll::Pending;
                 }
                 if flow.as_ref().is_some_and(|f| f.stop_reading()) {
                     // Waiting for room with as much input put aside as allowed: the client
@@ -375,12 +398,59 @@ impl Conn {
         }
     }
 
-    /// The store ticket the loop must be woken for: the oldest held acknowledgement's, or
-    /// the write buffer's when it may not be written yet.
-    fn durable_needed(&self, can_write: bool) -> Option<u64> {
+    /// The store ticket the loop must be woken for: the oldest held acknowledgement's, the
+    /// write buffer's when it may not be written yet, or the store backlog's.
+    fn durable_needed(&self, can_write: bool, backlog: Option<u64>) -> Option<u64> {
         let held = self.held.front().map(|h| h.ticket).filter(|&t| t > 0);
         let write = (!can_write).then_some(self.link.write_ticket());
-        held.into_iter().chain(write).min()
+        held.into_iter().chain(write).chain(backlog).min()
+    }
+
+    /// This connection holds `limits.max_held_acks` acknowledgements. Counted during flow
+    /// control too, which holds every acknowledgement back: a subscriber that is always a
+    /// little slower than its publisher keeps flow control on nearly all the time, and the
+    /// held acknowledgements would grow without bound.
+    fn held_full(&self) -> bool {
+        self.held.len() >= self.link.broker.config.limits.max_held_acks
+    }
+
+    /// Whether the client's input must wait: this connection holds as many acknowledgements
+    /// as allowed, or the store's backlog is over `storage.max_pending_bytes` (a slow disk
+    /// then slows publishers down, through TCP, instead of growing memory). Checked before
+    /// every packet, so one read cannot go past either bound by more than a packet; what flow
+    /// control put aside (at most 128 KiB of input) is still handled when it ends.
+    ///
+    /// Nothing the loop does while paused waits for the client: the commit thread drains the
+    /// store by itself, held acknowledgements go out as it does (or once flow control ends),
+    /// and deliveries are still written. Like a full flow-control stash, a pause leaves the
+    /// acknowledgements of the client's own deliveries unread too; two clients publishing
+    /// into each other's full queues while both are paused are untangled by
+    /// `limits.slow_consumer_secs`, as with flow control.
+    pub(super) fn input_blocked(&self) -> bool {
+        self.held_full() || self.link.broker.store_backlog().is_some()
+    }
+
+    /// Stops taking input until `resume_input`.
+    pub(super) fn pause_input(&mut self) {
+        if self.paused {
+            return;
+        }
+        self.paused = true;
+        if self.keep_alive > 0 {
+            // Unread by our choice, the client must not be cut off for its silence; watched
+            // again from the moment reading resumes.
+            self.link.broker.forget_keep_alive(&self.link.control);
+        }
+    }
+
+    /// The bound has cleared: the keep-alive is watched again (from now), and the packets
+    /// left in the read buffer are handled (they may pause the input again).
+    fn resume_input(&mut self) -> Result<(), Close> {
+        self.paused = false;
+        if self.keep_alive > 0 {
+            self.link.broker.watch_keep_alive(&self.link.control, self.keep_alive);
+        }
+        self.process_input()
     }
 
     /// Writes the buffer, giving up if the connection is kicked meanwhile (a client that stops
@@ -471,6 +541,16 @@ impl Conn {
         let mut props = w.properties;
         props.will_delay_interval = None;
         Arc::new(Message::received(w.topic, w.payload, w.qos, w.retain, props, self.link.client_id.clone()))
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Acknowledgements still held die with the connection; the gauge must forget them.
+        if !self.held.is_empty() {
+            let n = u64::try_from(self.held.len()).unwrap_or(u64::MAX);
+            self.link.broker.metrics.acks_held.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 }
 

@@ -15,6 +15,7 @@ impl Conn {
             }
         } else {
             self.held.push_back(HeldAck { ticket, packet, then });
+            self.link.broker.metrics.acks_held.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -28,6 +29,7 @@ impl Conn {
         while let Some(front) = self.held.front() {
             let Some(ok) = self.link.broker.outcome(front.ticket) else { break };
             let Some(HeldAck { mut packet, then, .. }) = self.held.pop_front() else { break };
+            self.link.broker.metrics.acks_held.fetch_sub(1, Ordering::Relaxed);
             if !ok {
                 match &mut packet {
                     Packet::PubAck(r) | Packet::PubRec(r) => {

@@ -9,6 +9,13 @@
 //!
 //! Backends: `fjall` (the real one) and `MemoryBackend` (tests of the machinery).
 //!
+//! ## When the disk is slow
+//! Submitting never blocks (callers run on async workers), so work waiting for the commit
+//! thread is counted instead (`pending_bytes`, approximate): while it is over
+//! `storage.max_pending_bytes`, connections stop reading their sockets (`backlog_over` gives
+//! the number to wait for) and TCP slows the publishers down. Memory held for the store is
+//! then about that bound plus the batch being written.
+//!
 //! ## When writes fail
 //! - A failed batch is reported failed to everyone holding one of its numbers (`outcome`),
 //!   however many batches fail (`failures` proves it never forgets). Its acknowledgements go
@@ -35,7 +42,7 @@ mod memory;
 pub mod records;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -156,6 +163,33 @@ pub enum Op {
     },
 }
 
+/// What every operation costs while it waits for the commit thread besides its keys and
+/// values: its slot in the pending list, the headers of its strings and buffers.
+const OP_OVERHEAD: usize = std::mem::size_of::<Op>() + 32;
+
+impl Op {
+    /// Approximate memory the operation holds while pending: keys and values, plus a fixed
+    /// overhead. Counts what grows with the client's input (payloads, topics, client ids),
+    /// which is what a bound on pending work must see; exact allocator sizes do not matter.
+    pub fn approx_size(&self) -> usize {
+        let heap = match self {
+            Op::PutSession { client, record } => client.len() + record.will.as_ref().map_or(0, |w| w.message.len()),
+            Op::DeleteSession { client } => client.len(),
+            Op::PutSubscription { client, filter, .. } | Op::DeleteSubscription { client, filter } => {
+                client.len() + filter.len()
+            }
+            Op::PutQueued { client, value, .. } => client.len() + value.len(),
+            Op::SetInflight { client, .. }
+            | Op::DeleteQueued { client, .. }
+            | Op::PutInbound { client, .. }
+            | Op::DeleteInbound { client, .. } => client.len(),
+            Op::PutRetained { topic, value } => topic.len() + value.len(),
+            Op::DeleteRetained { topic } => topic.len(),
+        };
+        OP_OVERHEAD + heap
+    }
+}
+
 /// Everything loaded at start-up.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -246,6 +280,9 @@ pub type FatalHook = Box<dyn FnOnce(Arc<StoreError>) + Send>;
 
 struct Shared {
     pending: Mutex<Pending>,
+    /// `approx_size` of `pending.ops`, written under the `pending` lock and read without it
+    /// (every connection looks at it before reading its socket).
+    pending_bytes: AtomicUsize,
     wake: Condvar,
     processed: AtomicU64,
     /// What must never be reported durable; see `failures` for why it never forgets.
@@ -268,6 +305,7 @@ impl Shared {
             let mut p = lock(&self.pending);
             p.fatal = true;
             p.ops = Vec::new();
+            self.pending_bytes.store(0, Ordering::Release);
         }
         let err = Arc::new(err);
         if self.fatal.set(Arc::clone(&err)).is_ok() {
@@ -315,6 +353,7 @@ impl Store {
         let queue_reader = backend.queue_reader();
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending { ops: Vec::new(), last_seq: 0, fatal: false }),
+            pending_bytes: AtomicUsize::new(0),
             wake: Condvar::new(),
             processed: AtomicU64::new(0),
             failures: Mutex::new(Failures::default()),
@@ -393,9 +432,32 @@ impl Store {
             p.ops.clear();
             return seq;
         }
+        let added: usize = p.ops.iter().skip(before).map(Op::approx_size).sum();
+        let total = self.shared.pending_bytes.load(Ordering::Relaxed).saturating_add(added);
+        self.shared.pending_bytes.store(total, Ordering::Release);
         drop(p);
         self.shared.wake.notify_one();
         seq
+    }
+
+    /// Approximate bytes of the operations submitted and not yet taken by the commit thread
+    /// (`Op::approx_size`). Grows while the disk is slower than the work coming in.
+    pub fn pending_bytes(&self) -> usize {
+        self.shared.pending_bytes.load(Ordering::Acquire)
+    }
+
+    /// While more than `max` bytes of operations wait for the commit thread: the sequence
+    /// number of the last one submitted, once processed the commit thread has taken (and
+    /// written) all of them. None while the backlog is within `max`. Callers stop taking new
+    /// work (connections stop reading their sockets) and wait for that number.
+    pub fn backlog_over(&self, max: usize) -> Option<u64> {
+        if self.pending_bytes() <= max {
+            return None; // the common case, without the lock
+        }
+        let p = lock(&self.shared.pending);
+        // Under the lock: bytes are only counted for operations still in `ops`, so a
+        // backlog over `max` always has a last number not processed yet.
+        (self.shared.pending_bytes.load(Ordering::Acquire) > max).then_some(p.last_seq)
     }
 
     /// Highest sequence number processed so far.
@@ -505,6 +567,7 @@ fn commit_loop(
                     p = shared.wake.wait(p).unwrap_or_else(|e| e.into_inner());
                 }
             }
+            shared.pending_bytes.store(0, Ordering::Release);
             (std::mem::take(&mut p.ops), p.last_seq)
         };
         let mut result = backend.apply(&ops);
@@ -735,6 +798,91 @@ mod tests {
         store.on_fatal(Box::new(move |_| l2.store(true, Ordering::SeqCst)));
         assert!(late.load(Ordering::SeqCst));
         assert!(store.close().is_err());
+    }
+
+    /// Blocks every `apply` while the gate is closed, as a disk that stopped answering.
+    #[derive(Default, Clone)]
+    struct Gated {
+        inner: Arc<Mutex<MemoryBackend>>,
+        closed: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    impl Gated {
+        fn set(&self, closed: bool) {
+            *lock(&self.closed.0) = closed;
+            self.closed.1.notify_all();
+        }
+    }
+
+    struct OpenAtEnd(Gated);
+
+    impl Drop for OpenAtEnd {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+
+    impl Backend for Gated {
+        fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+            let mut closed = lock(&self.closed.0);
+            while *closed {
+                closed = self.closed.1.wait(closed).unwrap_or_else(|e| e.into_inner());
+            }
+            lock(&self.inner).apply(ops)
+        }
+        fn sync(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load(&mut self) -> Result<Recovered, StoreError> {
+            lock(&self.inner).load()
+        }
+    }
+
+    #[test]
+    fn pending_bytes_count_what_waits_for_the_commit_thread() {
+        let backend = Gated::default();
+        let (store, _) =
+            Store::open(Box::new(backend.clone()), Durability::Sync, Duration::from_millis(10), Box::new(|_| {}))
+                .unwrap();
+        backend.set(true);
+        // Declared after the store, so dropped before it: a failed assertion must not leave
+        // the store's close waiting for the gate.
+        let _open_at_end = OpenAtEnd(backend.clone());
+        // The first batch is taken (and blocks in `apply`); what follows waits.
+        let first = store.submit([session("first")]);
+        let t0 = std::time::Instant::now();
+        while store.pending_bytes() > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the commit thread never took the first batch");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let retained =
+            |i: usize| Op::PutRetained { topic: format!("t/{i:02}").into(), value: Bytes::from(vec![0u8; 1000]) };
+        let mut last = 0;
+        for i in 0..100 {
+            last = store.submit([retained(i)]);
+        }
+        let one = retained(0).approx_size();
+        assert!(one > 1003 && one < 1200, "size of a 1000-byte retained message: {one}");
+        assert_eq!(store.pending_bytes(), 100 * one);
+        assert_eq!(store.backlog_over(100 * one), None, "at the bound is not over it");
+        assert_eq!(store.backlog_over(50 * one), Some(last), "over: wait for the last submitted");
+        assert_eq!(store.outcome(first), None);
+        backend.set(false);
+        assert!(wait_for(&store, last));
+        assert_eq!(store.pending_bytes(), 0);
+        assert_eq!(store.backlog_over(0), None);
+    }
+
+    #[test]
+    fn a_fatal_store_keeps_no_backlog() {
+        let backend = Scripted::default();
+        let store = open(&backend, Durability::Sync);
+        backend.panic.store(true, Ordering::SeqCst);
+        let a = store.submit([session("a")]);
+        assert!(!wait_for(&store, a));
+        store.submit([session("b")]);
+        assert_eq!(store.pending_bytes(), 0, "nothing waits behind a store that will never write");
+        assert_eq!(store.backlog_over(0), None);
     }
 
     #[test]
