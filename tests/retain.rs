@@ -161,3 +161,17 @@ async fn retained_beyond_the_memory_limit_are_served_from_the_store() {
         "every retained message, whether in memory or only on disk"
     );
 }
+
+/// Republishing one retained topic keeps one message in memory, not every version of it
+/// (each 64 KiB here: 200 versions pinned would be 12.5 MiB).
+#[tokio::test]
+async fn republishing_a_retained_topic_keeps_only_the_latest_in_memory() {
+    let b = start().await;
+    let mut p = connect_v311(b.addr, "republisher").await;
+    let payload = vec![7u8; 64 * 1024];
+    for i in 0..200u16 {
+        p.publish_retain("state/big", &payload, 1, i + 1, true).await;
+    }
+    assert_eq!(b.handle.retained_count(), 1);
+    assert_eq!(b.handle.retained_in_memory(), 1, "replaced retained messages still held");
+}

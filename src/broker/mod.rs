@@ -69,8 +69,10 @@ pub struct Broker {
     retained: RwLock<RetainedTrie<Retained>>,
     /// Retained messages held whole in memory, oldest first, with the store sequence number
     /// that writes them: past `limits.max_retained_in_memory`, the front ones whose write is
-    /// done are reduced to their topic (`Retained::Stored`).
-    retained_loaded: std::sync::Mutex<std::collections::VecDeque<(Arc<Message>, u64)>>,
+    /// done are reduced to their topic (`Retained::Stored`). Weak: a message replaced or
+    /// cleared in the index must be freed then, not pinned here (republishing one topic
+    /// would otherwise keep up to that many payloads).
+    retained_loaded: std::sync::Mutex<std::collections::VecDeque<(std::sync::Weak<Message>, u64)>>,
     store: Store,
     /// Publishers hold it shared from giving persistent sessions' copies their store keys
     /// until the copies are submitted; a backlog read takes it alone for a moment, so that
@@ -273,7 +275,7 @@ impl Broker {
 
     /// Retained messages currently held whole in memory.
     pub fn retained_in_memory(&self) -> usize {
-        self.retained_loaded.lock().map(|q| q.len()).unwrap_or(0)
+        self.retained_loaded.lock().map(|q| q.iter().filter(|(m, _)| m.strong_count() > 0).count()).unwrap_or(0)
     }
 
     /// Reduces the oldest in-memory retained messages to their topic while there are more
@@ -287,6 +289,11 @@ impl Broker {
         let mut trie = self.retained.write().unwrap_or_else(|e| e.into_inner());
         while loaded.len() > max {
             let Some((msg, seq)) = loaded.front() else { break };
+            let Some(msg) = msg.upgrade() else {
+                // Replaced or cleared since, and freed.
+                loaded.pop_front();
+                continue;
+            };
             match self.store.outcome(*seq) {
                 None => break, // not on disk yet; try again later
                 Some(false) => {
@@ -298,7 +305,7 @@ impl Broker {
             }
             // Only if the index still holds this very message (not a newer one or none).
             if let Some(Retained::Loaded(current)) = trie.get(&msg.topic) {
-                if Arc::ptr_eq(current, msg) {
+                if Arc::ptr_eq(current, &msg) {
                     let expires_at_ms = msg
                         .expiry_interval
                         .map(|e| records::instant_to_unix_ms(msg.received_at).saturating_add(u64::from(e) * 1000));
@@ -742,7 +749,7 @@ impl Broker {
             self.submit(ops)
         };
         if msg.retain && !msg.payload.is_empty() {
-            self.retained_loaded.lock().unwrap_or_else(|e| e.into_inner()).push_back((Arc::clone(&msg), seq));
+            self.retained_loaded.lock().unwrap_or_else(|e| e.into_inner()).push_back((Arc::downgrade(&msg), seq));
             self.shed_retained();
         }
         let mut cleanup = Vec::new();
