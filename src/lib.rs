@@ -17,6 +17,7 @@ pub mod server;
 pub mod store;
 pub mod transport;
 
+pub(crate) mod bridge;
 pub(crate) mod broker;
 pub(crate) mod connection;
 pub(crate) mod link;

@@ -325,6 +325,8 @@ async fn run(
         let spot = Spot { index, tls: tls.clone() };
         tasks.push(tokio::spawn(accept_loop(listener, spot, Arc::clone(&broker), rx.clone(), Arc::clone(&live))));
     }
+    // Bridges once the listeners are up: a bridge to this very broker must find it.
+    crate::bridge::start_all(&broker);
     let tls = acceptors.into_iter().flatten().collect();
     Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls, failed })
 }

@@ -33,7 +33,7 @@ use tracing::{debug, info};
 
 use crate::auth::{AuthExchange, AuthMethod, AuthStep, Login, Principal, Refusal};
 use crate::broker::{signal, Broker, RetainedBatch, SessionHandle, EXPIRY_NEVER};
-use crate::link::{Link, Outbox, Qos2Received, RetainedCollector};
+use crate::link::{Link, Outbox, Qos2Received, RetainedCollector, Written};
 use crate::message::Message;
 use crate::protocol::{
     self, reason, topic, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties,

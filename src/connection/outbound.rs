@@ -103,7 +103,7 @@ impl Outbox for NetOut<'_> {
 
     /// Encodes one delivery, unless it exceeds the client's Maximum Packet Size. Topic aliases
     /// are applied only to packets really written, or the client would miss a definition.
-    fn publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> bool {
+    fn publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> Written {
         let v5 = self.version.is_v5();
         let m = &d.msg;
         let mut out = PublishOut {
@@ -119,7 +119,7 @@ impl Outbox for NetOut<'_> {
             topic_alias: None,
         };
         if self.max_packet != usize::MAX && out.encoded_len(self.version) > self.max_packet {
-            return false;
+            return Written::TooLarge;
         }
         match self.aliases.as_mut().map_or(aliases::AliasUse::None, |a| a.apply(&m.topic)) {
             aliases::AliasUse::None => {}
@@ -130,7 +130,7 @@ impl Outbox for NetOut<'_> {
             }
         }
         out.encode(self.version, self.wbuf);
-        true
+        Written::Yes
     }
 
     fn pubrel(&mut self, packet_id: u16) {

@@ -9,14 +9,14 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use bytestring::ByteString;
 
-use super::{Link, Outbox, RetainedCollector};
+use super::{Link, Outbox, RetainedCollector, Written};
 use crate::auth::Principal;
-use crate::broker::{signal, Broker, SessionHandle};
+use crate::broker::{signal, Broker};
 use crate::message::Message;
 use crate::protocol::{topic, Properties, ProtocolVersion, QoS, SubscriptionOptions};
 use crate::session::Delivery;
@@ -109,9 +109,9 @@ impl Outbox for Inbox<'_> {
         self.0.len() < INBOX
     }
 
-    fn publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, _now: Instant) -> bool {
+    fn publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, _now: Instant) -> Written {
         self.0.push_back((d.clone(), packet_id, dup));
-        true
+        Written::Yes
     }
 
     fn pubrel(&mut self, packet_id: u16) {
@@ -226,35 +226,11 @@ impl LocalClient {
         );
         let mut full = Vec::new();
         let (_, ticket) = link.publish(msg, None, &mut full);
-        Self::wait_for_room(link, full).await;
+        link.wait_for_room(full).await;
         if qos == QoS::AtMostOnce {
             return Ok(());
         }
         Self::durable(link, ticket).await
-    }
-
-    /// Waits until the subscribers whose queues a publish filled have room, each for at most
-    /// `limits.slow_consumer_secs` (their own publishers' flow control cuts off stalled ones).
-    async fn wait_for_room(link: &Link, full: Vec<Arc<SessionHandle>>) {
-        let limit = Duration::from_secs(link.broker.config.limits.slow_consumer_secs);
-        let until = tokio::time::Instant::now() + limit;
-        for target in full {
-            if Arc::ptr_eq(&target, &link.handle) {
-                continue;
-            }
-            while target.wait_for_room(&link.control).is_some() {
-                // Re-checked at least every 100 ms: a wake-up meant for `recv` may have
-                // been taken here.
-                let tick = tokio::time::Instant::now() + Duration::from_millis(100);
-                let woke = tokio::time::timeout_at(tick.min(until), Self::signals(link)).await;
-                if let Ok(bits) = woke {
-                    link.control.signal(bits & !signal::FLOW);
-                }
-                if tokio::time::Instant::now() >= until {
-                    return;
-                }
-            }
-        }
     }
 
     /// Subscribes to `filter` (`$share/group/filter` for a shared subscription). Returns the

@@ -32,11 +32,21 @@ pub trait Outbox {
     /// batch; more is taken after it is written).
     fn has_room(&self) -> bool;
     /// Writes one delivery (`packet_id` for QoS 1/2; `dup` when it may have been sent
-    /// before). False when the endpoint cannot take it at all (larger than the peer
-    /// accepts): it is then dropped as if delivered [MQTT-3.1.2-25].
-    fn publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> bool;
+    /// before).
+    fn publish(&mut self, d: &Delivery, packet_id: Option<u16>, dup: bool, now: Instant) -> Written;
     /// Writes a PUBREL for a QoS 2 delivery the peer has received (resent on resumption).
     fn pubrel(&mut self, packet_id: u16);
+}
+
+/// What an `Outbox` did with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Yes,
+    /// Larger than the peer accepts: dropped as if delivered, and counted [MQTT-3.1.2-25].
+    TooLarge,
+    /// Not for this peer (a bridge does not pass on what came over a bridge): ends as if
+    /// delivered, not counted as dropped.
+    Skipped,
 }
 
 /// One attachment of a session.
@@ -198,12 +208,15 @@ impl Link {
                     (d, Some(pid))
                 }
             };
-            if !out.publish(&d, pid, d.maybe_sent, now) {
+            let written = out.publish(&d, pid, d.maybe_sent, now);
+            if written != Written::Yes {
                 if let Some(seq) = pid.and_then(|pid| cell.state.discard(pid)) {
                     ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
                 }
-                cell.state.dropped += 1;
-                self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                if written == Written::TooLarge {
+                    cell.state.dropped += 1;
+                    self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                }
                 continue;
             }
             sent += 1;
@@ -347,6 +360,34 @@ impl Link {
     /// subscribers whose queues it filled (the endpoint should wait for them: flow control).
     pub fn publish(&self, msg: Message, extra: Option<Op>, full: &mut Vec<Arc<SessionHandle>>) -> (usize, u64) {
         self.broker.publish_flow(Arc::new(msg), extra, full)
+    }
+
+    /// Waits until the subscribers whose queues a publish filled have room, each for at most
+    /// `limits.slow_consumer_secs` (their stalled readers are cut off by the flow control of
+    /// network publishers). For endpoints without a socket to stop reading (in-process
+    /// clients, bridges, which stop reading their peer meanwhile). Signals other than FLOW
+    /// that arrive meanwhile are raised again for the caller's loop.
+    pub async fn wait_for_room(&self, full: Vec<Arc<SessionHandle>>) {
+        let limit = std::time::Duration::from_secs(self.broker.config.limits.slow_consumer_secs);
+        let until = tokio::time::Instant::now() + limit;
+        for target in full {
+            if Arc::ptr_eq(&target, &self.handle) {
+                continue;
+            }
+            while target.wait_for_room(&self.control).is_some() {
+                // Re-checked at least every 100 ms, in case a FLOW wake-up went elsewhere.
+                let tick = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+                let woke =
+                    tokio::time::timeout_at(tick.min(until), std::future::poll_fn(|cx| self.control.poll_signals(cx)))
+                        .await;
+                if let Ok(bits) = woke {
+                    self.control.signal(bits & !crate::broker::signal::FLOW);
+                }
+                if tokio::time::Instant::now() >= until {
+                    return;
+                }
+            }
+        }
     }
 
     /// Subscribes to `filter` (with any `$share/group/` prefix; already checked against the
