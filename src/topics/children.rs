@@ -5,11 +5,14 @@
 //! node keeps one pointer (8 bytes, null when it has no child) to the smallest form that
 //! fits: one child inline, a short list scanned by name, or, past `FEW_MAX` children, a hash
 //! map, so a node with 100,000 children is still one lookup: a client subscribing to
-//! `a/<its id>` must not make every publish under `a/` scan the others.
+//! `a/<its id>` must not make every publish under `a/` scan the others. Short level names
+//! are kept in place rather than in an allocation of their own (`Level`).
 //!
 //! Owns only the container; what a node is and when it may go is the trie's business.
 
+use std::borrow::Borrow;
 use std::collections::{hash_map, HashMap};
+use std::hash::{Hash, Hasher};
 
 /// Largest number of children kept in a list; one more turns it into a map. A scan of up to
 /// this many short names is as fast as hashing the level once.
@@ -20,14 +23,79 @@ const FEW_BACK: usize = FEW_MAX / 2;
 
 pub(crate) struct Children<N>(Option<Box<Kids<N>>>);
 
+/// Longest level name kept in place.
+const SHORT: usize = 7;
+
+/// The name a child is filed under. Most level names are short (`cmd`, `state`, a device
+/// number): up to `SHORT` bytes are kept in place, which saves each of them an allocation,
+/// and the type is still 16 bytes (the short form fits beside the long form's pointer,
+/// whose null value tells them apart).
+pub(super) enum Level {
+    Short { len: u8, bytes: [u8; SHORT] },
+    Long(Box<str>),
+}
+
+impl Level {
+    fn new(name: &str) -> Level {
+        let src = name.as_bytes();
+        if src.len() > SHORT {
+            return Level::Long(name.into());
+        }
+        let mut bytes = [0; SHORT];
+        bytes[..src.len()].copy_from_slice(src);
+        Level::Short { len: src.len() as u8, bytes }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Level::Short { len, bytes } => &bytes[..usize::from(*len)],
+            Level::Long(s) => s.as_bytes(),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // The bytes are a whole `str` copied in `new`, so this always succeeds.
+            Level::Short { .. } => std::str::from_utf8(self.as_bytes()).unwrap_or_default(),
+            Level::Long(s) => s,
+        }
+    }
+
+    fn is(&self, name: &str) -> bool {
+        self.as_bytes() == name.as_bytes()
+    }
+}
+
+/// Equal, hashed and borrowed as the `str` it holds, so a map of children is looked up by
+/// `&str`.
+impl PartialEq for Level {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Level {}
+
+impl Hash for Level {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl Borrow<str> for Level {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
 /// `pub(super)` for the subscription trie's size test only.
 pub(super) enum Kids<N> {
-    One(Box<str>, N),
-    Few(Vec<(Box<str>, N)>),
+    One(Level, N),
+    Few(Vec<(Level, N)>),
     /// Boxed: inline, the map's 48 bytes would make every single child's allocation 64
     /// bytes instead of 48.
     #[allow(clippy::box_collection)]
-    Many(Box<HashMap<Box<str>, N>>),
+    Many(Box<HashMap<Level, N>>),
 }
 
 impl<N> Default for Children<N> {
@@ -52,16 +120,16 @@ impl<N> Children<N> {
 
     pub(crate) fn get(&self, level: &str) -> Option<&N> {
         match self.0.as_deref()? {
-            Kids::One(k, n) => (**k == *level).then_some(n),
-            Kids::Few(v) => v.iter().find(|(k, _)| **k == *level).map(|(_, n)| n),
+            Kids::One(k, n) => k.is(level).then_some(n),
+            Kids::Few(v) => v.iter().find(|(k, _)| k.is(level)).map(|(_, n)| n),
             Kids::Many(m) => m.get(level),
         }
     }
 
     pub(crate) fn get_mut(&mut self, level: &str) -> Option<&mut N> {
         match self.0.as_deref_mut()? {
-            Kids::One(k, n) => (**k == *level).then_some(n),
-            Kids::Few(v) => v.iter_mut().find(|(k, _)| **k == *level).map(|(_, n)| n),
+            Kids::One(k, n) => k.is(level).then_some(n),
+            Kids::Few(v) => v.iter_mut().find(|(k, _)| k.is(level)).map(|(_, n)| n),
             Kids::Many(m) => m.get_mut(level),
         }
     }
@@ -71,7 +139,7 @@ impl<N> Children<N> {
     where
         N: Default,
     {
-        let kids = self.0.get_or_insert_with(|| Box::new(Kids::One(level.into(), N::default())));
+        let kids = self.0.get_or_insert_with(|| Box::new(Kids::One(Level::new(level), N::default())));
         if kids.find(level).is_none() {
             kids.make_room();
         }
@@ -80,16 +148,16 @@ impl<N> Children<N> {
             // a list.
             Kids::One(_, n) => n,
             Kids::Few(v) => {
-                let i = match v.iter().position(|(k, _)| **k == *level) {
+                let i = match v.iter().position(|(k, _)| k.is(level)) {
                     Some(i) => i,
                     None => {
-                        v.push((level.into(), N::default()));
+                        v.push((Level::new(level), N::default()));
                         v.len() - 1
                     }
                 };
                 &mut v[i].1
             }
-            Kids::Many(m) => m.entry(level.into()).or_default(),
+            Kids::Many(m) => m.entry(Level::new(level)).or_default(),
         }
     }
 
@@ -97,7 +165,7 @@ impl<N> Children<N> {
     pub(crate) fn remove(&mut self, level: &str) -> Option<N> {
         let kids = self.0.as_deref_mut()?;
         let removed = match kids {
-            Kids::One(k, _) if **k == *level => {
+            Kids::One(k, _) if k.is(level) => {
                 return match self.0.take().map(|b| *b) {
                     Some(Kids::One(_, n)) => Some(n),
                     _ => None,
@@ -105,7 +173,7 @@ impl<N> Children<N> {
             }
             Kids::One(..) => None,
             // Order does not matter: the list is scanned whole.
-            Kids::Few(v) => v.iter().position(|(k, _)| **k == *level).map(|i| v.swap_remove(i).1),
+            Kids::Few(v) => v.iter().position(|(k, _)| k.is(level)).map(|i| v.swap_remove(i).1),
             Kids::Many(m) => m.remove(level),
         };
         if removed.is_some() {
@@ -115,12 +183,12 @@ impl<N> Children<N> {
     }
 
     pub(crate) fn iter(&self) -> Iter<'_, N> {
-        match self.0.as_deref() {
-            None => Iter::Few([].iter()),
-            Some(Kids::One(k, n)) => Iter::One(Some((k, n))),
-            Some(Kids::Few(v)) => Iter::Few(v.iter()),
-            Some(Kids::Many(m)) => Iter::Many(m.iter()),
-        }
+        Iter(match self.0.as_deref() {
+            None => IterKids::Few([].iter()),
+            Some(Kids::One(k, n)) => IterKids::One(Some((k, n))),
+            Some(Kids::Few(v)) => IterKids::Few(v.iter()),
+            Some(Kids::Many(m)) => IterKids::Many(m.iter()),
+        })
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &N> {
@@ -165,8 +233,8 @@ impl<N> Children<N> {
 impl<N> Kids<N> {
     fn find(&self, level: &str) -> Option<&N> {
         match self {
-            Kids::One(k, n) => (**k == *level).then_some(n),
-            Kids::Few(v) => v.iter().find(|(k, _)| **k == *level).map(|(_, n)| n),
+            Kids::One(k, n) => k.is(level).then_some(n),
+            Kids::Few(v) => v.iter().find(|(k, _)| k.is(level)).map(|(_, n)| n),
             Kids::Many(m) => m.get(level),
         }
     }
@@ -199,20 +267,22 @@ impl<N> Kids<N> {
 }
 
 /// The children of a node as (level name, child), in no particular order.
-pub(crate) enum Iter<'a, N> {
-    One(Option<(&'a Box<str>, &'a N)>),
-    Few(std::slice::Iter<'a, (Box<str>, N)>),
-    Many(hash_map::Iter<'a, Box<str>, N>),
+pub(crate) struct Iter<'a, N>(IterKids<'a, N>);
+
+enum IterKids<'a, N> {
+    One(Option<(&'a Level, &'a N)>),
+    Few(std::slice::Iter<'a, (Level, N)>),
+    Many(hash_map::Iter<'a, Level, N>),
 }
 
 impl<'a, N> Iterator for Iter<'a, N> {
     type Item = (&'a str, &'a N);
 
     fn next(&mut self) -> Option<Self::Item> {
-        match self {
-            Iter::One(one) => one.take().map(|(k, n)| (&**k, n)),
-            Iter::Few(it) => it.next().map(|(k, n)| (&**k, n)),
-            Iter::Many(it) => it.next().map(|(k, n)| (&**k, n)),
+        match &mut self.0 {
+            IterKids::One(one) => one.take().map(|(k, n)| (k.as_str(), n)),
+            IterKids::Few(it) => it.next().map(|(k, n)| (k.as_str(), n)),
+            IterKids::Many(it) => it.next().map(|(k, n)| (k.as_str(), n)),
         }
     }
 }
@@ -234,6 +304,21 @@ mod tests {
             Some(Kids::Few(_)) => "few",
             Some(Kids::Many(_)) => "many",
         }
+    }
+
+    #[test]
+    fn level_names_short_in_place_long_on_the_heap() {
+        assert_eq!(std::mem::size_of::<Level>(), 16);
+        for name in ["", "a", "cmd", "1234567", "12345678", "sensors/x", "é", "ééé", "ééééé"] {
+            let l = Level::new(name);
+            assert_eq!(l.as_str(), name);
+            assert!(l.is(name));
+            assert_eq!(matches!(l, Level::Short { .. }), name.len() <= SHORT, "{name}");
+        }
+        assert!(!Level::new("abc").is("abd") && !Level::new("abc").is("ab"));
+        // Found by `&str` in a map: the same hash and equality as the name itself.
+        let m: HashMap<Level, u8> = [("cmd", 1), ("a-long-name", 2)].map(|(k, v)| (Level::new(k), v)).into();
+        assert_eq!((m.get("cmd"), m.get("a-long-name"), m.get("cm")), (Some(&1), Some(&2), None));
     }
 
     #[test]
