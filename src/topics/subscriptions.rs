@@ -290,7 +290,12 @@ impl<T: Subscriber> SubscriptionTrie<T> {
                 let idx = match crowd.shared.iter().position(|sg| &*sg.name == g) {
                     Some(i) => i,
                     None => {
-                        let share = entry.share.clone().unwrap_or_else(|| format!("$share/{g}/{filter}").into());
+                        // Copied: the caller's string may be a slice of a client's read
+                        // buffer, which the group would keep alive.
+                        let share = match entry.share.as_deref() {
+                            Some(s) => ByteString::from(s),
+                            None => format!("$share/{g}/{filter}").into(),
+                        };
                         crowd.shared.push(SharedGroup {
                             name: g.into(),
                             share,
