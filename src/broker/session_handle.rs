@@ -300,6 +300,7 @@ pub struct SessionHandle {
 
 /// The subscription index finds a session's subscriptions by its client id.
 impl crate::topics::Subscriber for Arc<SessionHandle> {
+    #[inline]
     fn client(&self) -> &ByteString {
         &self.client_id
     }

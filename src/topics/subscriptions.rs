@@ -47,11 +47,14 @@ struct Stored<T> {
     subscription_id: Option<NonZeroU32>,
 }
 
+// Inline: both run for every subscriber a publish reaches.
 impl<T: Subscriber> Stored<T> {
+    #[inline]
     fn client(&self) -> &ByteString {
         self.target.client()
     }
 
+    #[inline]
     fn entry(&self, share: Option<&ByteString>) -> Entry<T> {
         Entry {
             client: self.client().clone(),
