@@ -364,7 +364,7 @@ impl Broker {
                     }
                     cell.ended = true;
                     cell.owner = 0;
-                    stale_filters = cell.subscriptions.drain().map(|(f, _)| f).collect();
+                    stale_filters = cell.subscriptions.take_filters();
                     drop(cell);
                     let h = fresh();
                     e.insert(h.clone());
@@ -576,7 +576,7 @@ impl Broker {
             cell.ended = true;
             let _ = cell.state.drain_all();
             cell.wake_publishers();
-            (cell.subscriptions.drain().map(|(f, _)| f).collect::<Vec<_>>(), cell.persisted)
+            (cell.subscriptions.take_filters(), cell.persisted)
         };
         self.remove_from_index(&handle.client_id, &filters);
         self.sessions.remove_if(&handle.client_id, |_, h| Arc::ptr_eq(h, handle));
@@ -585,7 +585,7 @@ impl Broker {
         }
     }
 
-    fn remove_from_index(&self, client_id: &str, filters: &[ByteString]) {
+    fn remove_from_index(&self, client_id: &str, filters: &[Box<str>]) {
         let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
         for f in filters {
             let (group, filter) = split_shared(f);
@@ -604,7 +604,7 @@ impl Broker {
         let (group, trie_filter) = split_shared(filter);
         let persistent = {
             let mut cell = handle.lock();
-            cell.subscriptions.insert(filter.clone(), (options, subscription_id));
+            cell.subscriptions.insert(filter, options, subscription_id);
             cell.persistent()
         };
         let ticket = if persistent {

@@ -74,7 +74,7 @@ impl Broker {
                         share: group.map(|_| filter.clone()),
                     },
                 );
-                h.lock().subscriptions.insert(filter.clone(), (options, id));
+                h.lock().subscriptions.insert(&filter, options, id);
                 subscriptions += 1;
             }
         }

@@ -139,7 +139,7 @@ pub struct SessionCell {
     pub expiry_interval: u32,
     pub protocol: ProtocolVersion,
     /// Full filter (with any `$share/group/` prefix) -> options and subscription id.
-    pub subscriptions: HashMap<ByteString, (SubscriptionOptions, Option<u32>)>,
+    pub subscriptions: Subscriptions,
     /// The session was discarded; nothing may be queued to it any more.
     pub ended: bool,
     /// Something of this session is in the store (so ending it must delete it there).
@@ -182,6 +182,113 @@ impl SessionCell {
     }
 }
 
+/// A session's subscriptions by full filter (with any `$share/group/` prefix): options and
+/// subscription id. One pointer in every session, null without subscriptions; one
+/// subscription (a device's) is held in a single small allocation, a few in a list scanned
+/// by filter, more (`limits.max_subscriptions` allows 10,000) in a hash map. A hash map for
+/// everyone cost an idle device 224 bytes, and keeping the filter as received pinned the
+/// client's whole read buffer: filters are copied into their own allocation.
+#[derive(Debug, Default)]
+pub struct Subscriptions(Option<Box<SubscriptionSet>>);
+
+type SubscriptionValue = (SubscriptionOptions, Option<u32>);
+
+#[derive(Debug)]
+enum SubscriptionSet {
+    One(Box<str>, SubscriptionValue),
+    Few(Vec<(Box<str>, SubscriptionValue)>),
+    /// Boxed so that the other forms, the usual ones, take a 48-byte allocation, not 64.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<Box<str>, SubscriptionValue>>),
+}
+
+/// Largest number of subscriptions kept in a list: a SUBSCRIBE checks whether each of its
+/// filters is already held, and a scan of a few is as fast as hashing.
+const FEW_SUBSCRIPTIONS: usize = 8;
+
+impl Subscriptions {
+    pub fn len(&self) -> usize {
+        match self.0.as_deref() {
+            None => 0,
+            Some(SubscriptionSet::One(..)) => 1,
+            Some(SubscriptionSet::Few(v)) => v.len(),
+            Some(SubscriptionSet::Many(m)) => m.len(),
+        }
+    }
+
+    pub fn contains_key(&self, filter: &str) -> bool {
+        match self.0.as_deref() {
+            None => false,
+            Some(SubscriptionSet::One(f, _)) => **f == *filter,
+            Some(SubscriptionSet::Few(v)) => v.iter().any(|(f, _)| **f == *filter),
+            Some(SubscriptionSet::Many(m)) => m.contains_key(filter),
+        }
+    }
+
+    /// Adds or replaces the subscription to `filter`.
+    pub fn insert(&mut self, filter: &str, options: SubscriptionOptions, id: Option<u32>) {
+        let value = (options, id);
+        let Some(set) = self.0.as_deref_mut() else {
+            self.0 = Some(Box::new(SubscriptionSet::One(filter.into(), value)));
+            return;
+        };
+        match set {
+            SubscriptionSet::One(f, v) if **f == *filter => *v = value,
+            SubscriptionSet::Few(list) => match list.iter().position(|(f, _)| **f == *filter) {
+                Some(i) => list[i].1 = value,
+                None if list.len() < FEW_SUBSCRIPTIONS => list.push((filter.into(), value)),
+                None => {
+                    let mut map: HashMap<_, _> = std::mem::take(list).into_iter().collect();
+                    map.insert(filter.into(), value);
+                    *set = SubscriptionSet::Many(Box::new(map));
+                }
+            },
+            SubscriptionSet::Many(map) => {
+                if let Some(v) = map.get_mut(filter) {
+                    *v = value;
+                } else {
+                    map.insert(filter.into(), value);
+                }
+            }
+            SubscriptionSet::One(..) => {
+                if let SubscriptionSet::One(f, v) = std::mem::replace(set, SubscriptionSet::Few(Vec::new())) {
+                    *set = SubscriptionSet::Few(vec![(f, v), (filter.into(), value)]);
+                }
+            }
+        }
+    }
+
+    /// Removes the subscription to `filter`; true when there was one.
+    pub fn remove(&mut self, filter: &str) -> bool {
+        let Some(set) = self.0.as_deref_mut() else { return false };
+        let (removed, left) = match set {
+            SubscriptionSet::One(f, _) => (**f == *filter, 0),
+            SubscriptionSet::Few(list) => {
+                let at = list.iter().position(|(f, _)| **f == *filter);
+                if let Some(i) = at {
+                    list.swap_remove(i);
+                }
+                (at.is_some(), list.len())
+            }
+            SubscriptionSet::Many(map) => (map.remove(filter).is_some(), map.len()),
+        };
+        if removed && left == 0 {
+            self.0 = None;
+        }
+        removed
+    }
+
+    /// Takes every subscription out, leaving none; returns their filters.
+    pub fn take_filters(&mut self) -> Vec<Box<str>> {
+        match self.0.take().map(|b| *b) {
+            None => Vec::new(),
+            Some(SubscriptionSet::One(f, _)) => vec![f],
+            Some(SubscriptionSet::Few(list)) => list.into_iter().map(|(f, _)| f).collect(),
+            Some(SubscriptionSet::Many(map)) => map.into_keys().collect(),
+        }
+    }
+}
+
 /// What became of a delivery handed to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivered {
@@ -196,6 +303,14 @@ pub enum Delivered {
 pub struct SessionHandle {
     pub client_id: ByteString,
     cell: Mutex<SessionCell>,
+}
+
+/// The subscription index finds a session's subscriptions by its client id.
+impl crate::topics::Subscriber for Arc<SessionHandle> {
+    #[inline]
+    fn client(&self) -> &ByteString {
+        &self.client_id
+    }
 }
 
 impl SessionHandle {
@@ -216,7 +331,7 @@ impl SessionHandle {
                 control,
                 expiry_interval,
                 protocol,
-                subscriptions: HashMap::new(),
+                subscriptions: Subscriptions::default(),
                 ended: false,
                 persisted: false,
                 next_store_seq: 1,
@@ -313,5 +428,70 @@ impl SessionHandle {
             cell.state.spill();
         }
         cell.signal(signal::DELIVERY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(qos: QoS) -> SubscriptionOptions {
+        SubscriptionOptions { qos, ..Default::default() }
+    }
+
+    fn form(s: &Subscriptions) -> &'static str {
+        match s.0.as_deref() {
+            None => "none",
+            Some(SubscriptionSet::One(..)) => "one",
+            Some(SubscriptionSet::Few(_)) => "few",
+            Some(SubscriptionSet::Many(_)) => "many",
+        }
+    }
+
+    #[test]
+    fn one_subscription_then_a_list_then_a_map() {
+        let mut s = Subscriptions::default();
+        assert!(!s.remove("a"));
+        s.insert("dev/1/cmd", opts(QoS::AtLeastOnce), None);
+        s.insert("dev/1/cmd", opts(QoS::AtMostOnce), Some(3));
+        assert_eq!((form(&s), s.len()), ("one", 1));
+        assert!(s.contains_key("dev/1/cmd") && !s.contains_key("dev/1"));
+        let filters: Vec<String> = (0..100).map(|i| format!("f/{i}")).collect();
+        for (i, f) in filters.iter().enumerate() {
+            s.insert(f, opts(QoS::AtMostOnce), None);
+            let want = if i + 2 <= FEW_SUBSCRIPTIONS { "few" } else { "many" };
+            assert_eq!((form(&s), s.len()), (want, i + 2), "{f}");
+        }
+        s.insert("f/7", opts(QoS::ExactlyOnce), None);
+        assert_eq!(s.len(), 101);
+        assert!(filters.iter().all(|f| s.contains_key(f)));
+        assert!(s.remove("f/7") && !s.remove("f/7") && !s.contains_key("f/7"));
+        let mut left = s.take_filters();
+        left.sort();
+        assert_eq!(left.len(), 100);
+        assert!(left.iter().any(|f| &**f == "dev/1/cmd"));
+        assert_eq!((form(&s), s.len()), ("none", 0));
+    }
+
+    #[test]
+    fn removing_the_last_one_frees_the_set() {
+        let mut s = Subscriptions::default();
+        s.insert("a", opts(QoS::AtMostOnce), None);
+        s.insert("b", opts(QoS::AtMostOnce), None);
+        assert!(s.remove("a"));
+        assert_eq!((form(&s), s.len()), ("few", 1));
+        assert!(s.remove("b"));
+        assert_eq!(form(&s), "none");
+        s.insert("c", opts(QoS::AtMostOnce), None);
+        assert!(s.remove("c"));
+        assert_eq!(form(&s), "none");
+        assert!(s.take_filters().is_empty());
+    }
+
+    /// Every session carries this: one pointer.
+    #[test]
+    fn an_empty_set_is_one_pointer() {
+        assert_eq!(std::mem::size_of::<Subscriptions>(), std::mem::size_of::<usize>());
+        assert!(std::mem::size_of::<SubscriptionSet>() <= 48);
     }
 }

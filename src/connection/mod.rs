@@ -124,13 +124,17 @@ where
     async move {
         // The handshake and goodbye phases are boxed too: a future is as large as its
         // largest phase.
-        let _on_end = on_end;
+        // (A `match`, not `if let`: the temporary `Option<Conn>` of an `if let` would stay in
+        // the future next to `conn`.)
         let mut conn = match Box::pin(handshake(&mut stream, start)).await {
             Some(conn) => conn,
-            None => return,
+            None => return drop(on_end),
         };
         let close = conn.run(&mut stream).await;
         Box::pin(conn.finish(close, &mut stream)).await;
+        // Named here so the future owns it (until now, or until it is dropped unfinished);
+        // moving it into a local first would store it twice.
+        drop(on_end);
     }
 }
 
@@ -252,7 +256,10 @@ impl Conn {
         // Packets that came in the same read as CONNECT: nothing would wake the loop for them.
         if !self.rbuf.is_empty() {
             if let Err(close) = self.process_input() {
-                let _ = self.flush(stream).await;
+                // The flushes on the way out are boxed: this future is part of every idle
+                // connection's task, and the state of an inline flush held next to a
+                // `Close` made it 64 bytes larger, past tokio's next task size.
+                let _ = Box::pin(self.flush(stream)).await;
                 return close;
             }
         }
@@ -260,7 +267,7 @@ impl Conn {
         let mut more = true;
         loop {
             if let Err(close) = self.release_held() {
-                let _ = self.flush(stream).await;
+                let _ = Box::pin(self.flush(stream)).await;
                 return close;
             }
             if (more || !self.wbuf.is_empty()) && self.write_ready() {
@@ -368,7 +375,7 @@ impl Conn {
                     }
                     if bits & signal::FLOW != 0 {
                         if let Err(close) = self.check_flow() {
-                            let _ = self.flush(stream).await;
+                            let _ = Box::pin(self.flush(stream)).await;
                             return close;
                         }
                         more = true;
@@ -389,7 +396,7 @@ impl Conn {
                     }
                     if let Err(close) = self.process_input() {
                         // Flush acks produced before the failure, then close.
-                        let _ = self.flush(stream).await;
+                        let _ = Box::pin(self.flush(stream)).await;
                         return close;
                     }
                     more = true;

@@ -6,16 +6,18 @@
 //!
 //! Walks are loops, never recursion: a topic or filter may have as many levels as
 //! `limits.max_topic_levels` allows (up to 65,535), deeper than a task's stack can recurse,
-//! and that includes dropping a deep branch. Children are found by hashing their level, so a
-//! node with 100,000 children costs a publish one lookup, not a scan.
+//! and that includes dropping a deep branch. A node's children are found by hashing their
+//! level once there are more than a few (`children`), so a node with 100,000 children costs
+//! a publish one lookup, not a scan.
 
-use std::collections::HashMap;
-
+mod children;
 mod retained;
 mod subscriptions;
 
+use children::Children;
+
 pub use retained::RetainedTrie;
-pub use subscriptions::{Entry, SubscriptionTrie};
+pub use subscriptions::{Entry, Subscriber, SubscriptionTrie};
 
 /// Splits off the first level of a topic or filter: `a/b/c` -> (`a`, Some(`b/c`)),
 /// `a` -> (`a`, None), `a/` -> (`a`, Some(``)).
@@ -33,8 +35,8 @@ pub fn level_count(s: &str) -> usize {
 
 /// What the shared walks need of a trie node.
 pub(crate) trait TrieNode: Sized {
-    fn children(&self) -> &HashMap<Box<str>, Self>;
-    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self>;
+    fn children(&self) -> &Children<Self>;
+    fn children_mut(&mut self) -> &mut Children<Self>;
     /// Holds nothing of its own (subscriptions, a retained message), children aside.
     fn bare(&self) -> bool;
 }
@@ -81,8 +83,9 @@ pub(crate) fn dismantle<N: TrieNode>(node: &mut N) {
     if node.children().is_empty() {
         return;
     }
-    let mut pending: Vec<N> = node.children_mut().drain().map(|(_, n)| n).collect();
+    let mut pending: Vec<N> = Vec::new();
+    node.children_mut().drain_into(&mut pending);
     while let Some(mut n) = pending.pop() {
-        pending.extend(n.children_mut().drain().map(|(_, c)| c));
+        n.children_mut().drain_into(&mut pending);
     }
 }

@@ -1,28 +1,27 @@
 //! Retained messages by topic, in a trie so a wildcard subscribe walks only the branches its
 //! filter can reach.
 
-use std::collections::HashMap;
 use std::fmt;
 
-use super::{descend_mut, dismantle, prune, split_level, TrieNode};
+use super::{descend_mut, dismantle, prune, split_level, Children, TrieNode};
 
 struct Node<T> {
-    children: HashMap<Box<str>, Node<T>>,
+    children: Children<Node<T>>,
     value: Option<T>,
 }
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { children: HashMap::new(), value: None }
+        Node { children: Children::default(), value: None }
     }
 }
 
 impl<T> TrieNode for Node<T> {
-    fn children(&self) -> &HashMap<Box<str>, Self> {
+    fn children(&self) -> &Children<Self> {
         &self.children
     }
 
-    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+    fn children_mut(&mut self) -> &mut Children<Self> {
         &mut self.children
     }
 
@@ -70,7 +69,7 @@ impl<T: Clone> RetainedTrie<T> {
         let mut rest = Some(topic);
         while let Some(s) = rest {
             let (head, tail) = split_level(s);
-            node = node.children.entry(head.into()).or_default();
+            node = node.children.get_or_default(head);
             rest = tail;
         }
         let old = node.value.replace(value);

@@ -2,19 +2,32 @@
 //! names, so a PUBLISH visits only the branches its levels can match instead of scanning
 //! every filter. Subscribing and unsubscribing cost the filter's levels, not the number of
 //! clients on the same filter.
+//!
+//! Sized for fleets of devices, each subscribed to its own topic: a node is 24 bytes
+//! (children behind one pointer, see `children`), and the one subscription such a node holds
+//! is kept inline in it, without the client name or a list around it.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytestring::ByteString;
 
-use super::{descend_mut, dismantle, prune, split_level, TrieNode};
+use super::{descend_mut, dismantle, prune, split_level, Children, TrieNode};
 use crate::protocol::SubscriptionOptions;
 
-/// One subscription of one client.
+/// What the trie needs of whatever it delivers to: the client it stands for, which is what a
+/// subscription is looked up by (one per client and filter). Asked of the target rather than
+/// stored with each subscription, which would cost every one of them 32 bytes.
+pub trait Subscriber: Clone {
+    fn client(&self) -> &ByteString;
+}
+
+/// One subscription of one client, as given to `subscribe` and returned by `matches`.
 #[derive(Debug, Clone)]
 pub struct Entry<T> {
+    /// The target's client (`Subscriber::client`).
     pub client: ByteString,
     pub target: T,
     pub options: SubscriptionOptions,
@@ -23,8 +36,46 @@ pub struct Entry<T> {
     pub share: Option<ByteString>,
 }
 
+/// What a node keeps of one subscription: its client comes from the target, and a shared
+/// subscription's full filter from its group. 16 bytes with a pointer-sized target.
+#[derive(Clone)]
+struct Stored<T> {
+    target: T,
+    options: SubscriptionOptions,
+    /// Identifiers are never 0 (the decoder refuses one), which leaves `Option` a niche
+    /// instead of a 4-byte tag.
+    subscription_id: Option<NonZeroU32>,
+}
+
+// Inline: both run for every subscriber a publish reaches.
+impl<T: Subscriber> Stored<T> {
+    #[inline]
+    fn client(&self) -> &ByteString {
+        self.target.client()
+    }
+
+    #[inline]
+    fn entry(&self, share: Option<&ByteString>) -> Entry<T> {
+        Entry {
+            client: self.client().clone(),
+            target: self.target.clone(),
+            options: self.options,
+            subscription_id: self.subscription_id.map(NonZeroU32::get),
+            share: share.cloned(),
+        }
+    }
+}
+
+impl<T> From<Entry<T>> for Stored<T> {
+    fn from(e: Entry<T>) -> Self {
+        Stored { target: e.target, options: e.options, subscription_id: e.subscription_id.and_then(NonZeroU32::new) }
+    }
+}
+
 struct SharedGroup<T> {
     name: Box<str>,
+    /// `$share/<name>/<filter>`, which every delivery of the group carries.
+    share: ByteString,
     members: Members<T>,
     /// Round-robin cursor; atomic so matching can advance it under a read lock.
     next: AtomicUsize,
@@ -39,7 +90,7 @@ const INDEX_FROM: usize = 16;
 /// The subscriptions of one node, or the members of one shared group: a list to deliver to
 /// (shared groups pick from it by position) that can also be looked up by client.
 struct Members<T> {
-    list: Vec<Entry<T>>,
+    list: Vec<Stored<T>>,
     /// Client -> position in `list`; kept only while `list` holds `INDEX_FROM` or more.
     index: HashMap<ByteString, usize>,
 }
@@ -50,7 +101,7 @@ impl<T> Default for Members<T> {
     }
 }
 
-impl<T> Members<T> {
+impl<T: Subscriber> Members<T> {
     fn indexed(&self) -> bool {
         self.list.len() >= INDEX_FROM
     }
@@ -59,27 +110,22 @@ impl<T> Members<T> {
         if self.indexed() {
             self.index.get(client).copied()
         } else {
-            self.list.iter().position(|e| e.client == client)
+            self.list.iter().position(|e| e.client() == client)
         }
     }
 
     /// Adds or replaces the client's entry; true when it replaced one.
-    fn put(&mut self, entry: Entry<T>) -> bool {
-        if let Some(slot) = self.position(&entry.client).and_then(|i| self.list.get_mut(i)) {
+    fn put(&mut self, entry: Stored<T>) -> bool {
+        if let Some(slot) = self.position(entry.client()).and_then(|i| self.list.get_mut(i)) {
             *slot = entry;
             return true;
         }
         if self.indexed() {
-            self.index.insert(entry.client.clone(), self.list.len());
-        }
-        if self.list.is_empty() {
-            // Most filters have one subscriber (a device's own topic): room for one, not the
-            // four a first push would reserve, saves ~300 bytes per idle device.
-            self.list.reserve_exact(1);
+            self.index.insert(entry.client().clone(), self.list.len());
         }
         self.list.push(entry);
         if self.list.len() == INDEX_FROM {
-            self.index = self.list.iter().enumerate().map(|(i, e)| (e.client.clone(), i)).collect();
+            self.index = self.list.iter().enumerate().map(|(i, e)| (e.client().clone(), i)).collect();
         }
         false
     }
@@ -96,7 +142,7 @@ impl<T> Members<T> {
             } else {
                 self.index.remove(client);
                 if let Some(moved) = self.list.get(i) {
-                    self.index.insert(moved.client.clone(), i);
+                    self.index.insert(moved.client().clone(), i);
                 }
             }
         }
@@ -104,15 +150,60 @@ impl<T> Members<T> {
     }
 }
 
-struct Node<T> {
-    children: HashMap<Box<str>, Node<T>>,
-    subscribers: Members<T>,
+/// The subscriptions held by one node.
+enum Subscribers<T> {
+    None,
+    /// One plain subscription and no shared group, inline: the usual case (a device's own
+    /// command topic), which needs no list.
+    One(Stored<T>),
+    /// Anything more; boxed so that nodes without it stay small.
+    Many(Box<Crowd<T>>),
+}
+
+struct Crowd<T> {
+    plain: Members<T>,
     shared: Vec<SharedGroup<T>>,
+}
+
+impl<T: Subscriber> Subscribers<T> {
+    /// The node's subscriptions as a crowd, turning a single one into a list of one.
+    fn crowd(&mut self) -> &mut Crowd<T> {
+        if !matches!(self, Subscribers::Many(_)) {
+            let mut plain = Members::default();
+            if let Subscribers::One(s) = std::mem::replace(self, Subscribers::None) {
+                plain.list.push(s);
+            }
+            *self = Subscribers::Many(Box::new(Crowd { plain, shared: Vec::new() }));
+        }
+        match self {
+            Subscribers::Many(c) => c,
+            Subscribers::None | Subscribers::One(_) => unreachable!("made a crowd just above"),
+        }
+    }
+
+    /// Back to the smallest form after a removal: a crowd down to one plain subscription and
+    /// no group holds it inline again, an empty one nothing.
+    fn settle(&mut self) {
+        let Subscribers::Many(c) = self else { return };
+        c.shared.retain(|g| !g.members.list.is_empty());
+        if !c.shared.is_empty() || c.plain.list.len() > 1 {
+            return;
+        }
+        *self = match c.plain.list.pop() {
+            Some(s) => Subscribers::One(s),
+            None => Subscribers::None,
+        };
+    }
+}
+
+struct Node<T> {
+    children: Children<Node<T>>,
+    subscribers: Subscribers<T>,
 }
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { children: HashMap::new(), subscribers: Members::default(), shared: Vec::new() }
+        Node { children: Children::default(), subscribers: Subscribers::None }
     }
 }
 
@@ -123,16 +214,16 @@ impl<T> Node<T> {
 }
 
 impl<T> TrieNode for Node<T> {
-    fn children(&self) -> &HashMap<Box<str>, Self> {
+    fn children(&self) -> &Children<Self> {
         &self.children
     }
 
-    fn children_mut(&mut self) -> &mut HashMap<Box<str>, Self> {
+    fn children_mut(&mut self) -> &mut Children<Self> {
         &mut self.children
     }
 
     fn bare(&self) -> bool {
-        self.subscribers.list.is_empty() && self.shared.is_empty()
+        matches!(self.subscribers, Subscribers::None)
     }
 }
 
@@ -161,7 +252,7 @@ impl<T> fmt::Debug for SubscriptionTrie<T> {
     }
 }
 
-impl<T: Clone> SubscriptionTrie<T> {
+impl<T: Subscriber> SubscriptionTrie<T> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -173,33 +264,53 @@ impl<T: Clone> SubscriptionTrie<T> {
     }
 
     /// Adds or replaces the client's subscription to `filter` (in `group` when shared).
-    /// Returns true when it replaced an existing one.
+    /// Returns true when it replaced an existing one. `entry.client` must be its target's
+    /// client, and `entry.share` (when shared) `$share/<group>/<filter>`: the trie keeps
+    /// neither, it finds them again from the target and the group.
     pub fn subscribe(&mut self, filter: &str, group: Option<&str>, entry: Entry<T>) -> bool {
+        debug_assert_eq!(&entry.client, entry.target.client());
         let mut node = &mut self.root;
         let mut rest = Some(filter);
         while let Some(s) = rest {
             let (head, tail) = split_level(s);
-            node = node.children.entry(head.into()).or_default();
+            node = node.children.get_or_default(head);
             rest = tail;
         }
-        let list = match group {
-            None => &mut node.subscribers,
+        let replaced = match group {
+            None => match &mut node.subscribers {
+                slot @ Subscribers::None => {
+                    *slot = Subscribers::One(entry.into());
+                    false
+                }
+                Subscribers::One(one) if one.client() == &entry.client => {
+                    *one = entry.into();
+                    true
+                }
+                subscribers => subscribers.crowd().plain.put(entry.into()),
+            },
             Some(g) => {
-                let idx = match node.shared.iter().position(|sg| &*sg.name == g) {
+                let crowd = node.subscribers.crowd();
+                let idx = match crowd.shared.iter().position(|sg| &*sg.name == g) {
                     Some(i) => i,
                     None => {
-                        node.shared.push(SharedGroup {
+                        // Copied: the caller's string may be a slice of a client's read
+                        // buffer, which the group would keep alive.
+                        let share = match entry.share.as_deref() {
+                            Some(s) => ByteString::from(s),
+                            None => format!("$share/{g}/{filter}").into(),
+                        };
+                        crowd.shared.push(SharedGroup {
                             name: g.into(),
+                            share,
                             members: Members::default(),
                             next: AtomicUsize::new(0),
                         });
-                        node.shared.len() - 1
+                        crowd.shared.len() - 1
                     }
                 };
-                &mut node.shared[idx].members
+                crowd.shared[idx].members.put(entry.into())
             }
         };
-        let replaced = list.put(entry);
         if !replaced {
             self.count += 1;
         }
@@ -211,15 +322,23 @@ impl<T: Clone> SubscriptionTrie<T> {
         let Some(node) = descend_mut(&mut self.root, filter) else {
             return false;
         };
-        let list = match group {
-            None => &mut node.subscribers,
-            Some(g) => match node.shared.iter_mut().find(|sg| &*sg.name == g) {
-                Some(sg) => &mut sg.members,
-                None => return false,
+        let removed = match (&mut node.subscribers, group) {
+            (Subscribers::None, _) => false,
+            (subscribers @ Subscribers::One(_), None) => {
+                let mine = matches!(subscribers, Subscribers::One(one) if one.client() == client);
+                if mine {
+                    *subscribers = Subscribers::None;
+                }
+                mine
+            }
+            (Subscribers::One(_), Some(_)) => false,
+            (Subscribers::Many(crowd), None) => crowd.plain.remove(client),
+            (Subscribers::Many(crowd), Some(g)) => match crowd.shared.iter_mut().find(|sg| &*sg.name == g) {
+                Some(sg) => sg.members.remove(client),
+                None => false,
             },
         };
-        let removed = list.remove(client);
-        node.shared.retain(|sg| !sg.members.list.is_empty());
+        node.subscribers.settle();
         if node.is_empty() {
             prune(&mut self.root, filter);
         }
@@ -274,19 +393,31 @@ impl<T: Clone> SubscriptionTrie<T> {
             }
             rest = tail;
         }
-        node.shared.iter().find(|g| &*g.name == group).map(|g| g.members.list.clone()).unwrap_or_default()
+        let Subscribers::Many(crowd) = &node.subscribers else { return Vec::new() };
+        match crowd.shared.iter().find(|g| &*g.name == group) {
+            Some(g) => g.members.list.iter().map(|m| m.entry(Some(&g.share))).collect(),
+            None => Vec::new(),
+        }
     }
 }
 
-fn push_node<T: Clone>(node: &Node<T>, out: &mut Vec<Entry<T>>) {
-    out.extend(node.subscribers.list.iter().cloned());
-    for g in &node.shared {
+fn push_node<T: Subscriber>(node: &Node<T>, out: &mut Vec<Entry<T>>) {
+    let crowd = match &node.subscribers {
+        Subscribers::None => return,
+        Subscribers::One(one) => {
+            out.push(one.entry(None));
+            return;
+        }
+        Subscribers::Many(crowd) => crowd,
+    };
+    out.extend(crowd.plain.list.iter().map(|s| s.entry(None)));
+    for g in &crowd.shared {
         let members = &g.members.list;
         if members.is_empty() {
             continue;
         }
         let i = g.next.fetch_add(1, Ordering::Relaxed) % members.len();
-        out.extend(members.get(i).cloned());
+        out.extend(members.get(i).map(|m| m.entry(Some(&g.share))));
     }
 }
 
@@ -295,17 +426,41 @@ mod tests {
     use super::*;
     use crate::protocol::QoS;
 
-    fn entry(client: &str, qos: QoS) -> Entry<u32> {
+    /// A test subscriber is just its client's name.
+    impl Subscriber for ByteString {
+        fn client(&self) -> &ByteString {
+            self
+        }
+    }
+
+    /// A subscriber the size of the broker's (a pointer).
+    impl Subscriber for std::sync::Arc<ByteString> {
+        fn client(&self) -> &ByteString {
+            self
+        }
+    }
+
+    /// What a device's subscription costs depends on these: a node sits in its parent's
+    /// list or map, and the one subscription of a device's topic sits in its node.
+    #[test]
+    fn nodes_stay_small() {
+        type Target = std::sync::Arc<ByteString>;
+        assert!(std::mem::size_of::<Node<Target>>() <= 24);
+        // A single child is allocated with its name: 48 bytes, a jemalloc size class.
+        assert!(std::mem::size_of::<super::super::children::Kids<Node<Target>>>() <= 48);
+    }
+
+    fn entry(client: &str, qos: QoS) -> Entry<ByteString> {
         Entry {
             client: client.into(),
-            target: 0,
+            target: client.into(),
             options: SubscriptionOptions { qos, ..Default::default() },
             subscription_id: None,
             share: None,
         }
     }
 
-    fn matched(t: &SubscriptionTrie<u32>, topic: &str) -> Vec<String> {
+    fn matched(t: &SubscriptionTrie<ByteString>, topic: &str) -> Vec<String> {
         let mut out = Vec::new();
         t.matches(topic, &mut out);
         let mut v: Vec<String> = out.into_iter().map(|e| e.client.to_string()).collect();
@@ -340,6 +495,75 @@ mod tests {
         assert_eq!(out[0].options.qos, QoS::ExactlyOnce);
         assert!(t.unsubscribe("x/y", None, "a"));
         assert!(!t.unsubscribe("x/y", None, "a"));
+        assert!(t.root.is_empty());
+    }
+
+    fn form(t: &mut SubscriptionTrie<ByteString>, filter: &str) -> &'static str {
+        match descend_mut(&mut t.root, filter).map(|n| &n.subscribers) {
+            None => "no node",
+            Some(Subscribers::None) => "none",
+            Some(Subscribers::One(_)) => "one",
+            Some(Subscribers::Many(_)) => "many",
+        }
+    }
+
+    #[test]
+    fn one_subscription_is_inline_and_settles_back_after_growing() {
+        let mut t = SubscriptionTrie::new();
+        t.subscribe("dev/1/cmd", None, entry("a", QoS::AtLeastOnce));
+        assert_eq!(form(&mut t, "dev/1/cmd"), "one");
+        let with_id = Entry { subscription_id: Some(268_435_455), ..entry("a", QoS::AtMostOnce) };
+        assert!(t.subscribe("dev/1/cmd", None, with_id), "replaced in place");
+        assert_eq!(form(&mut t, "dev/1/cmd"), "one");
+        let mut out = Vec::new();
+        t.matches("dev/1/cmd", &mut out);
+        assert_eq!(out.iter().map(|e| e.subscription_id).collect::<Vec<_>>(), [Some(268_435_455)]);
+        t.subscribe("dev/1/cmd", None, entry("b", QoS::AtMostOnce));
+        assert_eq!(form(&mut t, "dev/1/cmd"), "many");
+        assert_eq!(matched(&t, "dev/1/cmd"), ["a", "b"]);
+        assert!(t.unsubscribe("dev/1/cmd", None, "a"));
+        assert_eq!(form(&mut t, "dev/1/cmd"), "one");
+        assert_eq!(matched(&t, "dev/1/cmd"), ["b"]);
+        // A shared group needs the crowd, even next to a single plain subscription.
+        t.subscribe("dev/1/cmd", Some("g"), entry("c", QoS::AtMostOnce));
+        assert_eq!(form(&mut t, "dev/1/cmd"), "many");
+        let mut out = Vec::new();
+        t.matches("dev/1/cmd", &mut out);
+        let shares: Vec<_> = out.iter().map(|e| (e.client.to_string(), e.share.clone())).collect();
+        assert!(shares.contains(&("b".into(), None)));
+        assert!(shares.contains(&("c".into(), Some("$share/g/dev/1/cmd".into()))));
+        assert!(!t.unsubscribe("dev/1/cmd", Some("g"), "b"));
+        assert!(!t.unsubscribe("dev/1/cmd", Some("h"), "c"));
+        assert!(t.unsubscribe("dev/1/cmd", Some("g"), "c"));
+        assert_eq!(form(&mut t, "dev/1/cmd"), "one");
+        assert!(!t.unsubscribe("dev/1/cmd", None, "a"));
+        assert!(t.unsubscribe("dev/1/cmd", None, "b"));
+        assert_eq!(form(&mut t, "dev/1/cmd"), "no node");
+        assert!(t.root.is_empty());
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn wildcards_next_to_many_device_topics() {
+        let mut t = SubscriptionTrie::new();
+        for i in 0..20 {
+            t.subscribe(&format!("dev/{i}/cmd"), None, entry(&format!("d{i}"), QoS::AtLeastOnce));
+        }
+        t.subscribe("dev/+/cmd", None, entry("ops", QoS::AtMostOnce));
+        t.subscribe("dev/#", None, entry("log", QoS::AtMostOnce));
+        t.subscribe("#", None, entry("all", QoS::AtMostOnce));
+        assert_eq!(matched(&t, "dev/7/cmd"), ["all", "d7", "log", "ops"]);
+        assert_eq!(matched(&t, "dev/77/cmd"), ["all", "log", "ops"]);
+        assert_eq!(matched(&t, "dev"), ["all", "log"]);
+        assert_eq!(matched(&t, "$dev/7/cmd"), Vec::<String>::new());
+        for i in 0..20 {
+            assert!(t.unsubscribe(&format!("dev/{i}/cmd"), None, &format!("d{i}")));
+        }
+        assert_eq!(matched(&t, "dev/7/cmd"), ["all", "log", "ops"]);
+        assert_eq!(t.root.children.get("dev").map(|n| n.children.len()), Some(2)); // `+` and `#`
+        for (f, c) in [("dev/+/cmd", "ops"), ("dev/#", "log"), ("#", "all")] {
+            assert!(t.unsubscribe(f, None, c));
+        }
         assert!(t.root.is_empty());
     }
 
