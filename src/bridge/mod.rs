@@ -329,7 +329,8 @@ impl<'a> Peer<'a> {
     }
 
     fn decode(&mut self) -> Result<Option<Packet>, String> {
-        protocol::decode(&mut self.rbuf, Some(self.version), MAX_PACKET).map_err(|e| format!("bad packet from peer: {e}"))
+        protocol::decode(&mut self.rbuf, Some(self.version), MAX_PACKET)
+            .map_err(|e| format!("bad packet from peer: {e}"))
     }
 
     /// Runs the connection: the peer's packets, the local queue, keep-alive.
@@ -441,7 +442,12 @@ impl<'a> Peer<'a> {
         }
     }
 
-    fn on_packet(&mut self, p: Packet, link: &Link, full: &mut Vec<Arc<crate::broker::SessionHandle>>) -> Result<(), String> {
+    fn on_packet(
+        &mut self,
+        p: Packet,
+        link: &Link,
+        full: &mut Vec<Arc<crate::broker::SessionHandle>>,
+    ) -> Result<(), String> {
         match p {
             Packet::Publish(p) => self.on_publish(p, link, full),
             Packet::PubAck(r) => check(link.puback(r.packet_id)),
