@@ -26,6 +26,26 @@ impl RetainedReader for FjallRetained {
 
 const VERSION_KEY: &str = "store_version";
 
+/// Memtable size (fjall's count: keys, values and ~60 bytes per entry; the memory is ~2.3×
+/// that) of the keyspaces written once or twice per session: sessions, subscriptions,
+/// in-flight states, inbound QoS 2 ids. Why not fjall's 64 MiB: a memtable keeps every write,
+/// deletes included, until it is full and flushed, so 64 MiB per keyspace is memory that
+/// sessions already discarded never give back (measured, tests/memory.rs: 10,000 persistent
+/// sessions created and discarded left ~5.5 MiB a round in memtables; 1 MiB memtables cut
+/// that to ~3 MiB of live heap, 256 KiB to ~1.2 MiB). The price is a small flush to disk every
+/// few thousand session changes, done by fjall's background workers.
+const SMALL_MEMTABLE: u64 = 256 << 10;
+/// Memtable size of the keyspaces that carry messages (queue, retained): written at message
+/// rate, where larger memtables mean fewer, larger flushes; 8 MiB (fjall recommends 8-64)
+/// bounds what they hold to 16 MiB instead of 128.
+const BULK_MEMTABLE: u64 = 8 << 20;
+/// fjall's block cache, shared by all keyspaces (fjall's default: 32 MiB). tern keeps its
+/// state in memory and reads the store at recovery (once, front to back: a cache does not
+/// help), to delete a session's records (recent writes, mostly still in memtables) and for
+/// retained messages past `limits.max_retained_in_memory`. Blocks read stay cached until
+/// evicted, deleted data included, so the cache is memory held after the data is gone.
+const BLOCK_CACHE: u64 = 8 << 20;
+
 pub struct FjallBackend {
     dir: PathBuf,
     db: Database,
@@ -56,11 +76,16 @@ impl FjallBackend {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| incompatible(format!("cannot make it private (mode 0700): {e}")))?;
         }
-        let db = Database::builder(dir).open().map_err(|e| match e {
+        let db = Database::builder(dir).cache_size(BLOCK_CACHE).open().map_err(|e| match e {
             fjall::Error::Locked => StoreError::Locked(shown.clone()),
             other => incompatible(format!("cannot open it: {other}")),
         })?;
-        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(engine);
+        // The memtable size is kept with a keyspace when it is created: a store created by an
+        // earlier tern keeps fjall's 64 MiB.
+        let ks = |name: &str| {
+            let memtable = if matches!(name, "queue" | "retained") { BULK_MEMTABLE } else { SMALL_MEMTABLE };
+            db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable)).map_err(engine)
+        };
         let meta = ks("meta")?;
         match meta.get(VERSION_KEY).map_err(engine)? {
             Some(v) => {
