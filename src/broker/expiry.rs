@@ -3,9 +3,11 @@
 //! sleeps until the earliest of them.
 //!
 //! Why not a task per session: a sleeping `tokio::spawn` costs its future, its task header
-//! and a timer-wheel entry (several hundred bytes) until it fires, an hour later for a
-//! session expiry of 3600 s, however soon the session itself was discarded. Here a timer
-//! costs one map entry (a key and a weak reference, ~60 bytes), and timers of discarded
+//! and a timer-wheel entry until it fires, an hour later for a session expiry of 3600 s,
+//! however soon the session itself was discarded (and its weak reference kept the session's
+//! 360-byte allocation too). Measured with tests/memory.rs, 10,000 persistent sessions
+//! discarded: +15.9 MiB with a task each, +8.6 MiB with this. Here a timer costs one map
+//! entry (a 24-byte key and a 32-byte timer, plus the tree's share), and timers of discarded
 //! sessions are taken out by a background sweep within seconds, so memory follows the
 //! sessions that are really away.
 //!
