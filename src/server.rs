@@ -313,13 +313,12 @@ async fn run(
     let mut addrs = Vec::new();
     let mut tasks = Vec::new();
     for ((index, l), tls) in config.listener.iter().enumerate().zip(acceptors.iter()) {
-        let listener = TcpListener::bind(&l.bind).await.map_err(|source| StartError::Bind {
+        let listener = crate::transport::tcp::listen(&l.bind).await.map_err(|source| StartError::Bind {
             bind: l.bind.clone(),
             index,
             source,
         })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { bind: l.bind.clone(), index, source })?;
-        crate::transport::tcp::defer_accept(&listener, config.limits.connect_timeout_secs);
         info!(%addr, kind = l.kind.name(), "listening");
         addrs.push(addr);
         let spot = Spot { index, tls: tls.clone() };
@@ -395,7 +394,7 @@ async fn accept_loop(
         let mut info = ConnInfo { peer, listener: spot.index, kind: ListenerKind::Tcp, cert_identity: None };
         match &spot.tls {
             None => {
-                // Plain MQTT: the CONNECT is usually waiting already (deferred accept). The
+                // Plain MQTT: the CONNECT is often waiting already (`early_read`). The
                 // connection's future is spawned as it is, with no wrapper: every byte of it
                 // is kept for the connection's life.
                 let first = crate::transport::tcp::early_read(&stream);

@@ -16,6 +16,7 @@
 //! happen. Calls that need an acknowledgement held back return a store ticket (0 = nothing
 //! to wait for).
 
+mod expiry;
 mod keep_alive;
 mod recovery;
 mod session_handle;
@@ -85,6 +86,8 @@ pub struct Broker {
     queue_memory: Arc<MemoryBudget>,
     durable: Arc<DurableWaiters>,
     keep_alive: keep_alive::KeepAlive,
+    /// Session expiries and delayed wills, all served by one task.
+    expiry: Arc<expiry::Expiry>,
     shutting_down: AtomicBool,
     next_connection: AtomicU64,
     pub metrics: Metrics,
@@ -166,6 +169,7 @@ impl Broker {
             store_gate: RwLock::new(()),
             durable,
             keep_alive: keep_alive::KeepAlive::default(),
+            expiry: Arc::default(),
             shutting_down: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             metrics: Metrics::default(),
@@ -526,44 +530,21 @@ impl Broker {
         delay: u32,
         owner: Option<Arc<Principal>>,
     ) {
-        let allowed =
-            move |broker: &Broker, will: &Message| owner.as_ref().is_none_or(|o| broker.may_publish(o, &will.topic));
         if delay == 0 {
-            if allowed(self, &will) {
+            if owner.as_ref().is_none_or(|o| self.may_publish(o, &will.topic)) {
                 self.publish(will, None);
             }
             return;
         }
-        let broker = Arc::clone(self);
-        let handle = Arc::clone(handle);
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-            let resumed = {
-                let cell = handle.lock();
-                cell.owner != 0 && !cell.ended
-            };
-            if !resumed && allowed(&broker, &will) {
-                broker.publish(will, None);
-            }
-        });
+        let handle = Arc::downgrade(handle);
+        self.add_timer(Duration::from_secs(u64::from(delay)), expiry::Timer::Will { handle, will, owner });
     }
 
     fn schedule_expiry(self: &Arc<Self>, handle: &Arc<SessionHandle>, connection_id: u64, after: Duration) {
         // Weak: a session discarded before it expires (clean start, takeover) must not be kept
         // in memory by its timer for the rest of the expiry interval.
-        let broker = Arc::downgrade(self);
         let handle = Arc::downgrade(handle);
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let (Some(broker), Some(handle)) = (broker.upgrade(), handle.upgrade()) else { return };
-            let still_away = {
-                let cell = handle.lock();
-                cell.owner == 0 && cell.last_owner == connection_id && !cell.ended
-            };
-            if still_away {
-                broker.end_session(&handle);
-            }
-        });
+        self.add_timer(after, expiry::Timer::Session { handle, connection_id });
     }
 
     /// Discards a session: its subscriptions, queued messages, registry entry and stored data.

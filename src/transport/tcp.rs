@@ -1,44 +1,60 @@
-//! TCP specifics: deferred accept, reading a client's first bytes without a trip through the
-//! event loop, and sizing the process's descriptor table before connections arrive.
+//! TCP specifics: binding a listener with a deep accept queue, reading a client's first bytes
+//! without a trip through the event loop, and sizing the process's descriptor table before
+//! connections arrive.
+//!
+//! Listeners do not defer accepting (no TCP_DEFER_ACCEPT), on purpose: every connection whose
+//! handshake completes is accepted at once, and one that never sends CONNECT is closed by
+//! tern after `limits.connect_timeout_secs`, so its client always learns that it is closed.
+//! With deferred accept, a connection that has sent nothing waits in the kernel's queue of
+//! half-accepted requests, where tern cannot see it. When that queue is past half the listen
+//! backlog, Linux prunes it: a request whose deferral has run out is dropped without a word
+//! (no RST), and its client, for which the handshake completed, holds a connection that leads
+//! nowhere until it sends something. Measured (tests/idle_sockets.rs): of 2,000 connections
+//! that never sent a byte, 129 were never closed with deferral and a 4 s connect timeout (the
+//! same with the default 10 s), none without it. What deferral saved, a task per silent
+//! connection until its timeout, is not worth that, and the connection rate did not drop
+//! (bench/README.md, "Churn and silent connections").
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::io::{self, Read};
 
 use bytes::BytesMut;
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::info;
 
 /// Bytes offered to a new connection's first read: a typical CONNECT fits.
 const FIRST_READ: usize = 1024;
 
-/// Asks the kernel to hand over connections only once the client has sent something
-/// (TCP_DEFER_ACCEPT), for at most `secs`. MQTT clients always speak first (CONNECT), so
-/// an accepted socket usually has its CONNECT waiting; a client that never sends anything
-/// never costs a task.
-#[allow(unsafe_code)]
-pub fn defer_accept(listener: &TcpListener, secs: u64) {
-    let value = libc::c_int::try_from(secs.clamp(1, 3600)).unwrap_or(10);
-    // SAFETY: setsockopt reads exactly `optlen` bytes from `optval`, which points to a live
-    // c_int on this stack frame of that size; the descriptor is owned by `listener`, which
-    // outlives the call. No memory is written.
-    let r = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        // Only an optimisation: connections work the same without it.
-        debug!(error = %std::io::Error::last_os_error(), "TCP_DEFER_ACCEPT not available");
+/// Connections the kernel may hold completed but not yet accepted (Linux caps it at
+/// `net.core.somaxconn`, 4096 by default). Why not the standard library's 128: a burst of
+/// clients connecting at once (a fleet reconnecting after an outage) overflows a short queue,
+/// and a connection whose last handshake packet finds the queue full is left to the kernel's
+/// retransmits, or to SYN cookies, which forget it: its client may then wait on a connection
+/// tern never saw.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listening socket on `bind` (an address; the first of its resolutions that can be
+/// bound) with `LISTEN_BACKLOG`, and `SO_REUSEADDR` as `TcpListener::bind` sets it, so a
+/// restarted broker can listen again at once.
+pub async fn listen(bind: &str) -> io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(bind).await? {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let bound =
+            socket.set_reuseaddr(true).and_then(|()| socket.bind(addr)).and_then(|()| socket.listen(LISTEN_BACKLOG));
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
     }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the address resolves to nothing")))
 }
 
 /// The client's first bytes, read straight from the socket. tokio learns that a new socket
-/// is readable only from its next poll of the kernel; with deferred accept the CONNECT is
-/// usually already here, and reading it now saves that round.
+/// is readable only from its next poll of the kernel; a client sends its CONNECT right behind
+/// the handshake's last packet, so it is often here by the time the connection is accepted,
+/// and reading it now saves that round. When nothing is here yet (or the read fails), the
+/// buffer is empty and the connection's first ordinary read waits for the bytes (or reports
+/// the error again).
 pub fn early_read(stream: &TcpStream) -> BytesMut {
     let mut buf = BytesMut::zeroed(FIRST_READ);
     let sock = socket2::SockRef::from(stream);
