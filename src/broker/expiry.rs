@@ -245,7 +245,7 @@ mod tests {
     use crate::session::QueueLimits;
 
     fn handle(owner: u64) -> Arc<SessionHandle> {
-        let limits = QueueLimits { max_messages: 10, max_bytes: 1 << 20 };
+        let limits = QueueLimits { max_messages: 10, max_bytes: 1 << 20, budget: None };
         Arc::new(SessionHandle::new("c".into(), limits, owner, None, 60, ProtocolVersion::V5))
     }
 
