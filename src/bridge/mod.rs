@@ -12,9 +12,11 @@
 //! Loops: the local subscriptions have No Local (what the bridge brings in never goes back
 //! out through it); v5 peer subscriptions have No Local and Retain As Published; 3.1.1
 //! bridges announce themselves (protocol level | 0x80) as mosquitto does. A message that
-//! crossed a bridge is not passed over another (split horizon): locally it is known by its
-//! publisher (`$bridge/...`), on the wire by a user property, so a triangle or full mesh of
-//! tern brokers delivers each message once per subscriber.
+//! crossed a bridge is not passed over another (split horizon): it carries a user property
+//! (`tern-hop`, set on what a bridge sends and on what it brings in, so v5 subscribers see
+//! it), and locally its publisher is a bridge (`$bridge/...`); so a triangle or full mesh of
+//! tern brokers delivers each message once per subscriber. A chain (A to B to C) therefore
+//! does not relay from A to C: bridge A to C directly.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -496,6 +498,9 @@ impl<'a> Peer<'a> {
         if let (true, Some(local)) = (allowed, local) {
             p.properties.topic_alias = None;
             p.properties.subscription_identifiers.clear();
+            // Marked as having crossed a bridge, so that no bridge of another broker that
+            // receives it from here passes it on (a 3.1.1 peer's messages included).
+            p.properties.user_properties.push((ByteString::from_static(HOP_KEY), ByteString::from_static("1")));
             let qos = p.qos;
             let msg = Message::received(
                 ByteString::from(local),

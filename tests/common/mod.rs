@@ -551,6 +551,15 @@ impl Raw {
         }
     }
 
+    /// The next packet within `dur` (for waits longer than `WAIT`).
+    pub async fn read_packet_within(&mut self, dur: Duration) -> Vec<u8> {
+        match self.next_event(dur).await {
+            Event::Packet(p) => p,
+            Event::Closed => panic!("connection closed while waiting for a packet"),
+            Event::Timeout => panic!("no packet within {dur:?}"),
+        }
+    }
+
     pub async fn read_packet(&mut self) -> Vec<u8> {
         match self.next_event(WAIT).await {
             Event::Packet(p) => p,

@@ -1,0 +1,256 @@
+//! Bridges between tern brokers in one process (each on its own port and data directory):
+//! topic mapping in every direction, no echo, store-and-forward while the peer is down, a
+//! full mesh delivering each message once, and the state topic.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tern::config::{Bridge, BridgeDirection, BridgeProtocol, BridgeTopic};
+
+struct Node {
+    handle: Option<tern::BrokerHandle>,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    bridges: Vec<Bridge>,
+}
+
+impl Node {
+    async fn start(bridges: Vec<Bridge>) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let handle = tern::start(config(&dir, 0, bridges.clone())).await.expect("start");
+        let addr = handle.local_addr();
+        Node { handle: Some(handle), addr, dir, bridges }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await.expect("clean stop");
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.stop().await;
+        let h = tern::start(config(&self.dir, self.addr.port(), self.bridges.clone())).await.expect("restart");
+        self.handle = Some(h);
+    }
+}
+
+fn config(dir: &tempfile::TempDir, port: u16, bridge: Vec<Bridge>) -> tern::Config {
+    let mut c = tern::Config::default();
+    c.listener[0].bind = format!("127.0.0.1:{port}");
+    c.storage.dir = dir.path().to_path_buf();
+    c.bridge = bridge;
+    c
+}
+
+fn topic(pattern: &str, direction: BridgeDirection, local: &str, remote: &str) -> BridgeTopic {
+    BridgeTopic { pattern: pattern.into(), direction, qos: 1, local_prefix: local.into(), remote_prefix: remote.into() }
+}
+
+fn bridge(name: &str, to: SocketAddr, protocol: BridgeProtocol, topics: Vec<BridgeTopic>) -> Bridge {
+    Bridge {
+        name: name.into(),
+        addresses: vec![to.to_string()],
+        protocol,
+        client_id: None,
+        clean_start: false,
+        keepalive: 60,
+        username: None,
+        password: None,
+        try_private: true,
+        topics,
+    }
+}
+
+/// Waits until the bridge `name` of the broker at `addr` says it is connected.
+async fn connected(addr: SocketAddr, name: &str) {
+    let mut s = connect_v311(addr, &format!("state-watch-{name}")).await;
+    s.send(&subscribe_pkt(false, 1, &[(&format!("$SYS/broker/connection/{name}/state"), 0)])).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "bridge {name} never connected");
+        let p = s.read_packet_within(Duration::from_secs(15)).await;
+        if p[0] >> 4 == 3 && parse_publish(&p, false).payload == b"1" {
+            return;
+        }
+    }
+}
+
+async fn subscriber(addr: SocketAddr, id: &str, filter: &str) -> Raw {
+    let (mut s, _) = connect_with(addr, &Connect::v311(id).clean(false)).await;
+    s.subscribe(1, filter, 1).await;
+    s
+}
+
+/// Receives PUBLISHes (acknowledging them) until `quiet` passes without one.
+async fn drain(s: &mut Raw, quiet: Duration) -> Vec<(String, Vec<u8>)> {
+    let mut got = Vec::new();
+    loop {
+        match s.next_event(quiet).await {
+            Event::Packet(p) if p[0] >> 4 == 3 => {
+                let m = parse_publish(&p, false);
+                s.ack(&m).await;
+                got.push((m.topic, m.payload));
+            }
+            Event::Packet(_) => {}
+            Event::Timeout => return got,
+            Event::Closed => panic!("subscriber closed"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_in_and_both_with_prefixes_and_no_echo() {
+    for protocol in [BridgeProtocol::V5, BridgeProtocol::V311] {
+        let remote = Node::start(vec![]).await;
+        let topics = vec![
+            topic("sensors/#", BridgeDirection::Out, "site/", "cloud/site1/"),
+            topic("cmd/#", BridgeDirection::In, "", "cloud/site1/"),
+            topic("shared/#", BridgeDirection::Both, "", ""),
+        ];
+        let local = Node::start(vec![bridge("up", remote.addr, protocol, topics)]).await;
+        connected(local.addr, "up").await;
+        let mut at_remote = subscriber(remote.addr, "r-sub", "#").await;
+        let mut at_local = subscriber(local.addr, "l-sub", "#").await;
+        let mut lp = connect_v311(local.addr, "l-pub").await;
+        let mut rp = connect_v311(remote.addr, "r-pub").await;
+
+        lp.publish("site/sensors/t1", b"21.5", 1, 1).await;
+        rp.publish("cloud/site1/cmd/lamp", b"on", 1, 1).await;
+        lp.publish("shared/a", b"from-local", 1, 2).await;
+        rp.publish("shared/b", b"from-remote", 1, 2).await;
+        lp.publish("site/other", b"not bridged", 1, 3).await;
+
+        let mut r: Vec<_> = drain(&mut at_remote, Duration::from_millis(800)).await;
+        let mut l: Vec<_> = drain(&mut at_local, Duration::from_millis(800)).await;
+        r.retain(|(t, _)| !t.starts_with('$'));
+        l.retain(|(t, _)| !t.starts_with('$'));
+        r.sort();
+        l.sort();
+        let s = |t: &str, p: &str| (t.to_string(), p.as_bytes().to_vec());
+        assert_eq!(
+            r,
+            vec![
+                s("cloud/site1/cmd/lamp", "on"),
+                s("cloud/site1/sensors/t1", "21.5"),
+                s("shared/a", "from-local"),
+                s("shared/b", "from-remote")
+            ],
+            "{protocol:?}: at the remote, each once"
+        );
+        assert_eq!(
+            l,
+            vec![
+                s("cmd/lamp", "on"),
+                s("shared/a", "from-local"),
+                s("shared/b", "from-remote"),
+                s("site/other", "not bridged"),
+                s("site/sensors/t1", "21.5")
+            ],
+            "{protocol:?}: at the local broker, each once (no echo)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_published_while_the_peer_is_down_arrives_after_it_returns_and_after_a_local_restart() {
+    let mut remote = Node::start(vec![]).await;
+    let sub = subscriber(remote.addr, "far-sub", "fwd/#").await;
+    sub.disconnect().await;
+    let mut local = Node::start(vec![bridge(
+        "fwd",
+        remote.addr,
+        BridgeProtocol::V5,
+        vec![topic("fwd/#", BridgeDirection::Out, "", "")],
+    )])
+    .await;
+    connected(local.addr, "fwd").await;
+    remote.stop().await;
+
+    const N: u16 = 200;
+    let mut p = connect_v311(local.addr, "near-pub").await;
+    for i in 0..N {
+        p.publish("fwd/x", &i.to_be_bytes(), 1, i + 1).await;
+    }
+    p.disconnect().await;
+    // The local broker restarts while the peer is still down: the queue is on its disk.
+    local.restart().await;
+    remote.restart().await;
+
+    let (mut sub, _) = connect_with(remote.addr, &Connect::v311("far-sub").clean(false)).await;
+    let mut got = Vec::new();
+    while got.len() < N as usize {
+        let m = sub.recv_publish_ack().await;
+        got.push(u16::from_be_bytes([m.payload[0], m.payload[1]]));
+    }
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "every message, once, in order");
+    sub.expect_silence(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mesh_of_three_delivers_each_message_once_per_subscriber() {
+    let c = Node::start(vec![]).await;
+    let b =
+        Node::start(vec![bridge("bc", c.addr, BridgeProtocol::V5, vec![topic("#", BridgeDirection::Both, "", "")])])
+            .await;
+    let a = Node::start(vec![
+        bridge("ab", b.addr, BridgeProtocol::V5, vec![topic("#", BridgeDirection::Both, "", "")]),
+        bridge("ac", c.addr, BridgeProtocol::V5, vec![topic("#", BridgeDirection::Both, "", "")]),
+    ])
+    .await;
+    connected(b.addr, "bc").await;
+    connected(a.addr, "ab").await;
+    connected(a.addr, "ac").await;
+    let nodes = [("a", a.addr), ("b", b.addr), ("c", c.addr)];
+    let mut subs = Vec::new();
+    for (n, addr) in nodes {
+        subs.push((n, subscriber(addr, &format!("mesh-sub-{n}"), "mesh/#").await));
+    }
+    for (n, addr) in nodes {
+        let mut p = connect_v311(addr, &format!("mesh-pub-{n}")).await;
+        p.publish(&format!("mesh/{n}"), n.as_bytes(), 1, 1).await;
+    }
+    for (n, s) in &mut subs {
+        let got = drain(s, Duration::from_millis(1500)).await;
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for (t, _) in got {
+            *count.entry(t).or_default() += 1;
+        }
+        let want: HashMap<String, usize> = ["mesh/a", "mesh/b", "mesh/c"].iter().map(|t| (t.to_string(), 1)).collect();
+        assert_eq!(count, want, "subscriber on {n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_topic_shows_an_outage() {
+    let mut remote = Node::start(vec![]).await;
+    let local = Node::start(vec![bridge(
+        "watch",
+        remote.addr,
+        BridgeProtocol::V311,
+        vec![topic("w/#", BridgeDirection::Out, "", "")],
+    )])
+    .await;
+    connected(local.addr, "watch").await;
+    let mut s = connect_v311(local.addr, "state-sub").await;
+    s.send(&subscribe_pkt(false, 1, &[("$SYS/broker/connection/watch/state", 0)])).await;
+    remote.stop().await;
+    let mut states = Vec::new();
+    while states.last().map(Vec::as_slice) != Some(b"0".as_slice()) {
+        let p = s.read_packet_within(Duration::from_secs(10)).await;
+        if p[0] >> 4 == 3 {
+            states.push(parse_publish(&p, false).payload);
+        }
+    }
+    remote.restart().await;
+    while states.last().map(Vec::as_slice) != Some(b"1".as_slice()) {
+        let p = s.read_packet_within(Duration::from_secs(20)).await;
+        if p[0] >> 4 == 3 {
+            states.push(parse_publish(&p, false).payload);
+        }
+    }
+}
