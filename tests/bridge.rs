@@ -254,3 +254,41 @@ async fn the_state_topic_shows_an_outage() {
         }
     }
 }
+
+/// A peer outage longer than the bridge's queue holds neither slows local publishers nor
+/// stops the bridge: what is over the queue limit is dropped (and counted), the rest goes out
+/// once the peer is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_over_the_queue_limit_neither_blocks_publishers_nor_stops_the_bridge() {
+    let mut remote = Node::start(vec![]).await;
+    let sub = subscriber(remote.addr, "far-sub", "fwd/#").await;
+    sub.disconnect().await;
+    let b = vec![bridge("small", remote.addr, BridgeProtocol::V5, vec![topic("fwd/#", BridgeDirection::Out, "", "")])];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(&dir, 0, b);
+    c.limits.max_queued_messages = 100;
+    c.limits.slow_consumer_secs = 1;
+    let local = tern::start(c).await.expect("start");
+    connected(local.local_addr(), "small").await;
+    remote.stop().await;
+    let mut p = connect_v311(local.local_addr(), "fast-pub").await;
+    let t0 = std::time::Instant::now();
+    for i in 0..300u16 {
+        p.publish("fwd/x", &i.to_be_bytes(), 1, i + 1).await;
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "publisher slowed by a bridge whose peer is down: {:?}",
+        t0.elapsed()
+    );
+    remote.restart().await;
+    let (mut sub, _) = connect_with(remote.addr, &Connect::v311("far-sub").clean(false)).await;
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        let m = sub.recv_publish_ack().await;
+        got.push(u16::from_be_bytes([m.payload[0], m.payload[1]]));
+    }
+    assert_eq!(got, (0..100).collect::<Vec<_>>(), "the first 100 (the queue limit), in order");
+    sub.expect_silence(QUIET).await;
+    local.shutdown().await.expect("stop");
+}

@@ -4,8 +4,9 @@
 //! Owns the peer connection (connect with fail-over and jittered back-off, keep-alive, the
 //! QoS handshakes with the peer), the topic mapping, loop prevention and the bridge's state
 //! topic. Its local side is an ordinary session (`$bridge/<name>`, persistent, never
-//! expiring) driven through a session link: what goes out waits in that session's durable
-//! queue, and only the peer's acknowledgement removes it, so QoS 1/2 messages for the peer
+//! expiring) driven through a session link while the peer is connected, and away (its
+//! queue on disk, within the queue limits, local publishers not slowed) while it is not:
+//! only the peer's acknowledgement removes a message, so QoS 1/2 messages for the peer
 //! survive the peer being down and tern being restarted or killed. What comes in is
 //! acknowledged to the peer only once stored here.
 //!
@@ -84,34 +85,31 @@ enum Ended {
 }
 
 async fn run(broker: Arc<Broker>, cfg: BridgeConfig) {
-    let local_id = ByteString::from(format!("{LOCAL_PREFIX}{}", cfg.name));
-    let principal = Arc::new(Principal {
-        client_id: local_id.clone(),
-        username: Some(local_id.clone()),
-        cert_identity: None,
-        listener: usize::MAX,
-    });
-    let attached = broker.attach(&local_id, false, EXPIRY_NEVER, ProtocolVersion::V5, None);
-    let window = usize::from(broker.config.limits.max_inflight);
-    let mut link = Link::new(Arc::clone(&broker), attached, local_id.clone(), principal, window);
+    let local = Local::new(&cfg);
     // What goes out: the local side of every `out`/`both` topic, No Local so that nothing
     // this bridge brought in goes back, retained as published (the peer keeps them retained).
-    let mut retained = RetainedCollector::new(None);
-    for t in cfg.topics.iter().filter(|t| t.direction.outward()) {
-        let filter = ByteString::from(format!("{}{}", t.local_prefix, t.pattern));
-        let opts = SubscriptionOptions {
-            qos: QoS::from_u8(t.qos).unwrap_or(QoS::AtMostOnce),
-            no_local: true,
-            retain_as_published: true,
-            // Retained messages go out once, when the bridge is first set up.
-            retain_handling: 1,
-        };
-        if let Err(code) = link.subscribe(&filter, opts, None, &mut retained) {
-            warn!(bridge = %cfg.name, filter = %filter, code, "bridge may not subscribe here (ACL); topic not forwarded");
+    {
+        let link = local.attach(&broker);
+        let mut retained = RetainedCollector::new(None);
+        for t in cfg.topics.iter().filter(|t| t.direction.outward()) {
+            let filter = ByteString::from(format!("{}{}", t.local_prefix, t.pattern));
+            let opts = SubscriptionOptions {
+                qos: QoS::from_u8(t.qos).unwrap_or(QoS::AtMostOnce),
+                no_local: true,
+                retain_as_published: true,
+                // Retained messages go out once, when the bridge is first set up.
+                retain_handling: 1,
+            };
+            if let Err(code) = link.subscribe(&filter, opts, None, &mut retained) {
+                warn!(bridge = %cfg.name, filter = %filter, code, "bridge may not subscribe here (ACL); topic not forwarded");
+            }
         }
-    }
-    if let Some(batch) = retained.finish() {
-        link.queue_retained(*batch);
+        if let Some(batch) = retained.finish() {
+            link.queue_retained(*batch);
+        }
+        // While the peer is away the local session is away too: what is for the peer waits
+        // on disk within the queue limits, and local publishers are not slowed by it.
+        link.detach(EXPIRY_NEVER);
     }
     publish_state(&broker, &cfg.name, false);
     let mut private = cfg.try_private && cfg.protocol == BridgeProtocol::V311;
@@ -120,7 +118,7 @@ async fn run(broker: Arc<Broker>, cfg: BridgeConfig) {
         for (i, addr) in cfg.addresses.iter().enumerate() {
             let started = Instant::now();
             let mut peer = Peer::new(&cfg, private);
-            let ended = peer.session(&mut link, addr, i > 0 && cfg.addresses.len() > 1).await;
+            let ended = peer.session(&broker, &local, addr, i > 0 && cfg.addresses.len() > 1).await;
             if peer.up {
                 publish_state(&broker, &cfg.name, false);
             }
@@ -145,21 +143,44 @@ async fn run(broker: Arc<Broker>, cfg: BridgeConfig) {
                     }
                 }
             }
-        }
-        failures = failures.saturating_add(1);
-        let delay = backoff(failures);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            bits = std::future::poll_fn(|cx| link.control.poll_signals(cx)) => {
-                if bits & signal::KICK != 0 {
-                    break;
-                }
+            if broker.shutting_down() {
+                break 'outer;
             }
         }
+        failures = failures.saturating_add(1);
+        // Slept in slices, so that a stopping broker is not kept waiting.
+        let until = Instant::now() + backoff(failures);
+        while Instant::now() < until && !broker.shutting_down() {
+            tokio::time::sleep(until.saturating_duration_since(Instant::now()).min(Duration::from_millis(250))).await;
+        }
     }
-    publish_state(&broker, &cfg.name, false);
-    // The session stays (it never expires): what waits for the peer is kept for next time.
-    link.detach(EXPIRY_NEVER);
+}
+
+/// The bridge's local session: persistent and never expiring, attached only while the peer
+/// is connected.
+struct Local {
+    client_id: ByteString,
+    principal: Arc<Principal>,
+}
+
+impl Local {
+    fn new(cfg: &BridgeConfig) -> Local {
+        let client_id = ByteString::from(format!("{LOCAL_PREFIX}{}", cfg.name));
+        let principal = Arc::new(Principal {
+            client_id: client_id.clone(),
+            // Its ACL user, should the ACL file restrict it.
+            username: Some(client_id.clone()),
+            cert_identity: None,
+            listener: usize::MAX,
+        });
+        Local { client_id, principal }
+    }
+
+    fn attach(&self, broker: &Arc<Broker>) -> Link {
+        let attached = broker.attach(&self.client_id, false, EXPIRY_NEVER, ProtocolVersion::V5, None);
+        let window = usize::from(broker.config.limits.max_inflight);
+        Link::new(Arc::clone(broker), attached, self.client_id.clone(), Arc::clone(&self.principal), window)
+    }
 }
 
 /// Exponential back-off from 1 s to 60 s, with ±25 % jitter so that bridges cut off together
@@ -209,30 +230,36 @@ impl<'a> Peer<'a> {
         }
     }
 
-    async fn session(&mut self, link: &mut Link, addr: &str, probe_primary: bool) -> Ended {
+    async fn session(&mut self, broker: &Arc<Broker>, local: &Local, addr: &str, probe_primary: bool) -> Ended {
         let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Ended::Failed(format!("connect: {e}")),
             Err(_) => return Ended::Failed("connect timed out".into()),
         };
         let _ = stream.set_nodelay(true);
-        if let Err(why) = self.handshake(&mut stream, link).await {
-            return why;
-        }
+        let peer_window = match self.handshake(&mut stream, broker).await {
+            Ok(w) => w,
+            Err(why) => return why,
+        };
+        let mut link = local.attach(broker);
+        link.window = link.window.min(peer_window);
         self.up = true;
         info!(bridge = %self.cfg.name, %addr, protocol = self.version.name(), "bridge connected");
-        publish_state(&link.broker, &self.cfg.name, true);
+        publish_state(broker, &self.cfg.name, true);
         self.subscribe_peer();
         // What was sent before and not acknowledged goes again first (DUP / PUBREL).
         link.resend_inflight(&mut self.outbox());
-        self.pump(&mut stream, link, probe_primary).await
+        let ended = self.pump(&mut stream, &mut link, probe_primary).await;
+        link.detach(EXPIRY_NEVER);
+        ended
     }
 
     fn outbox(&mut self) -> PeerOut<'_> {
         PeerOut { cfg: self.cfg, version: self.version, wbuf: &mut self.wbuf, max_packet: self.peer_max_packet }
     }
 
-    async fn handshake(&mut self, stream: &mut TcpStream, link: &mut Link) -> Result<(), Ended> {
+    /// CONNECT and CONNACK; returns how many QoS 1/2 messages the peer takes in flight.
+    async fn handshake(&mut self, stream: &mut TcpStream, broker: &Broker) -> Result<usize, Ended> {
         let cfg = self.cfg;
         let v5 = self.version.is_v5();
         let mut properties = Properties::default();
@@ -240,7 +267,7 @@ impl<'a> Peer<'a> {
             // The peer keeps the bridge's session (and what is queued for it) while it is
             // down, unless a clean start is asked for.
             properties.session_expiry_interval = Some(if cfg.clean_start { 0 } else { u32::MAX });
-            properties.receive_maximum = Some(link.broker.config.mqtt.receive_maximum);
+            properties.receive_maximum = Some(broker.config.mqtt.receive_maximum);
         }
         let connect = Connect {
             protocol: self.version,
@@ -272,10 +299,8 @@ impl<'a> Peer<'a> {
             return Err(Ended::Failed(format!("CONNACK refused with code 0x{:02X}", ack.code)));
         }
         let p = &ack.properties;
-        let peer_window = p.receive_maximum.map_or(usize::from(u16::MAX), usize::from);
-        link.window = usize::from(link.broker.config.limits.max_inflight).min(peer_window);
         self.peer_max_packet = p.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
-        Ok(())
+        Ok(p.receive_maximum.map_or(usize::from(u16::MAX), usize::from))
     }
 
     /// Subscribes at the peer to every `in`/`both` topic.
@@ -391,10 +416,11 @@ impl<'a> Peer<'a> {
                     if bits & signal::KICK != 0 {
                         let code = link.control.reason();
                         let _ = stream.shutdown().await;
-                        if code == reason::SERVER_SHUTTING_DOWN || code == reason::SESSION_TAKEN_OVER {
+                        if code == reason::SERVER_SHUTTING_DOWN {
                             return Ended::Stop;
                         }
-                        // Cut off as a slow consumer (the peer stopped reading): reconnect.
+                        // Cut off as a slow consumer (the peer stopped reading), or a client
+                        // took the bridge's session: reconnect (and take it back).
                         return Ended::Failed(format!("local session closed (0x{code:02X})"));
                     }
                 }
