@@ -71,6 +71,24 @@ pub struct Bridge {
     pub topics: Vec<BridgeTopic>,
 }
 
+impl Bridge {
+    /// A bridge named `name` to `address` with the defaults of every other key.
+    pub fn new(name: &str, address: &str, protocol: BridgeProtocol, topics: Vec<BridgeTopic>) -> Bridge {
+        Bridge {
+            name: name.into(),
+            addresses: vec![address.into()],
+            protocol,
+            client_id: None,
+            clean_start: false,
+            keepalive: default_bridge_keepalive(),
+            username: None,
+            password: None,
+            try_private: true,
+            topics,
+        }
+    }
+}
+
 fn default_bridge_keepalive() -> u16 {
     60
 }

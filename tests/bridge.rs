@@ -52,18 +52,7 @@ fn topic(pattern: &str, direction: BridgeDirection, local: &str, remote: &str) -
 }
 
 fn bridge(name: &str, to: SocketAddr, protocol: BridgeProtocol, topics: Vec<BridgeTopic>) -> Bridge {
-    Bridge {
-        name: name.into(),
-        addresses: vec![to.to_string()],
-        protocol,
-        client_id: None,
-        clean_start: false,
-        keepalive: 60,
-        username: None,
-        password: None,
-        try_private: true,
-        topics,
-    }
+    Bridge::new(name, &to.to_string(), protocol, topics)
 }
 
 /// Waits until the bridge `name` of the broker at `addr` says it is connected.

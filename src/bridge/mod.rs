@@ -651,18 +651,7 @@ mod tests {
     use crate::config::{BridgeDirection, BridgeTopic};
 
     fn cfg(topics: Vec<BridgeTopic>) -> BridgeConfig {
-        BridgeConfig {
-            name: "b".into(),
-            addresses: vec!["127.0.0.1:1".into()],
-            protocol: BridgeProtocol::V5,
-            client_id: None,
-            clean_start: false,
-            keepalive: 60,
-            username: None,
-            password: None,
-            try_private: true,
-            topics,
-        }
+        BridgeConfig::new("b", "127.0.0.1:1", BridgeProtocol::V5, topics)
     }
 
     fn t(pattern: &str, direction: BridgeDirection, local: &str, remote: &str) -> BridgeTopic {
