@@ -620,7 +620,9 @@ impl Raw {
     pub async fn handshake(&mut self, c: &Connect) -> ConnAck {
         self.v5 = c.is_v5();
         self.send(&c.bytes()).await;
-        let p = self.read_packet().await;
+        // A CONNACK waits for the password check, which in a debug build on a loaded machine
+        // (argon2 is memory-hard) can take longer than `WAIT`.
+        let p = self.read_packet_within(Duration::from_secs(30)).await;
         parse_connack(&p, self.v5)
     }
 
