@@ -63,6 +63,7 @@ fn bridge(name: &str, to: SocketAddr, protocol: BridgeProtocol, topics: Vec<Brid
         password: None,
         try_private: true,
         topics,
+        tls: None,
     }
 }
 
