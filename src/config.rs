@@ -69,6 +69,41 @@ pub struct Bridge {
     #[serde(default = "default_true")]
     pub try_private: bool,
     pub topics: Vec<BridgeTopic>,
+    /// Connect to the peer over TLS (`[bridge.tls]`); unset: plain TCP.
+    #[serde(default)]
+    pub tls: Option<BridgeTls>,
+}
+
+/// `[bridge.tls]`: TLS to the peer broker, with mosquitto's `bridge_cafile`,
+/// `bridge_certfile`, `bridge_keyfile` and `bridge_insecure`. The files are read when the
+/// broker starts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeTls {
+    /// PEM CA certificate(s) the peer's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// The bridge's client certificate chain (PEM, leaf first), for peers that require one;
+    /// with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// The private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The name the peer's certificate must carry; default: the host part of the address
+    /// connected to (an IP address is checked against the certificate's IP SANs).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Skip the name check (the chain is still verified): any certificate from `ca_file`'s CA
+    /// is then accepted as the peer. Dangerous; for tests and broken certificates only.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// The name checked in a bridge peer's certificate by default: the host part of its
+/// `host:port` address, without an IPv6 address's brackets.
+pub fn bridge_host(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
 impl Bridge {
@@ -85,6 +120,7 @@ impl Bridge {
             password: None,
             try_private: true,
             topics,
+            tls: None,
         }
     }
 }
@@ -599,6 +635,38 @@ impl Config {
                     return bad(&format!("{key}.qos"), "must be 0, 1 or 2".into());
                 }
             }
+            if let Some(tls) = &b.tls {
+                if tls.cert_file.is_some() != tls.key_file.is_some() {
+                    let missing = if tls.cert_file.is_some() { "key_file" } else { "cert_file" };
+                    return bad(
+                        &format!("bridge[{i}].tls.{missing}"),
+                        "a client certificate needs both `cert_file` (PEM chain) and `key_file` (its private \
+                         key); set both, or neither to connect without one"
+                            .into(),
+                    );
+                }
+                let not_a_name = |n: &str| rustls_pki_types::ServerName::try_from(n).is_err();
+                match &tls.server_name {
+                    Some(n) if not_a_name(n) => {
+                        return bad(
+                            &format!("bridge[{i}].tls.server_name"),
+                            format!("`{n}` is not a DNS name or IP address, e.g. \"mqtt.example.com\""),
+                        )
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(a) = b.addresses.iter().find(|a| not_a_name(bridge_host(a))) {
+                            return bad(
+                                &format!("bridge[{i}].tls.server_name"),
+                                format!(
+                                    "the host of address `{a}` cannot be checked against the peer's certificate; \
+                                     set `server_name` to the name the certificate carries"
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -676,5 +744,28 @@ mod tests {
         let bad = "[[listener]]\nbind = \"127.0.0.1:8883\"\nkind = \"tls\"\ntls = { cert = \"a\", key = \"b\", require_client_cert = true }\n";
         let err = Config::from_toml(bad, "t.toml").unwrap_err().to_string();
         assert!(err.contains("client_ca"), "{err}");
+    }
+
+    #[test]
+    fn bridge_tls_is_checked() {
+        let base = "[[bridge]]\nname = \"up\"\naddresses = [\"127.0.0.1:8883\"]\ntopics = [{ pattern = \"#\" }]\n";
+        let c = Config::from_toml(&format!("{base}[bridge.tls]\nca_file = \"ca.crt\"\n"), "b.toml").unwrap();
+        let tls = c.bridge[0].tls.as_ref().unwrap();
+        assert_eq!((tls.ca_file.to_str(), tls.insecure, tls.server_name.as_deref()), (Some("ca.crt"), false, None));
+        let err = Config::from_toml(&format!("{base}[bridge.tls]\nca_file = \"ca\"\ncert_file = \"c\"\n"), "b.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bridge[0].tls.key_file") && err.contains("b.toml"), "{err}");
+        let err =
+            Config::from_toml(&format!("{base}[bridge.tls]\ncert_file = \"c\"\n"), "b.toml").unwrap_err().to_string();
+        assert!(err.contains("ca_file"), "{err}");
+        let err =
+            Config::from_toml(&format!("{base}[bridge.tls]\nca_file = \"ca\"\nserver_name = \"a b\"\n"), "b.toml")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("bridge[0].tls.server_name"), "{err}");
+        assert_eq!(bridge_host("peer.example.com:8883"), "peer.example.com");
+        assert_eq!(bridge_host("[::1]:8883"), "::1");
+        assert_eq!(bridge_host("10.0.0.1:8883"), "10.0.0.1");
     }
 }

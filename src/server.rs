@@ -22,6 +22,7 @@ use crate::broker::{Broker, DurableWaiters};
 use crate::config::{Config, ConfigError, ListenerKind};
 use crate::store::{Backend, FjallBackend, Store, StoreError};
 use crate::transport::tls::{TlsAcceptor, TlsError};
+use crate::transport::tls_client::TlsConnector;
 use crate::transport::ConnInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +39,7 @@ pub enum StartError {
     /// The password or ACL file (auth.password_file, auth.acl_file) could not be used.
     #[error("{0} (config keys auth.password_file, auth.acl_file)")]
     Auth(#[from] AuthFileError),
-    /// A TLS listener's certificate or key could not be used.
+    /// A TLS listener's or bridge's certificate, key or CA file could not be used.
     #[error("{0}")]
     Tls(#[from] TlsError),
     /// A start-up task run off the async workers failed (panicked or was cancelled).
@@ -226,6 +227,7 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
     };
     // Certificates before the store: a bad file stops start-up before the store is opened.
     let acceptors = load_tls(&config).await?;
+    let bridges = load_bridge_tls(&config).await?;
     let location = match ext.backend {
         Some(_) => "(backend given by the embedding program)".to_string(),
         None => config.storage.dir.display().to_string(),
@@ -240,7 +242,7 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
             Box::new(b)
         }
     };
-    run(config, acceptors, backend, location, Authenticator::new(methods), policy).await
+    run(config, acceptors, bridges, backend, location, Authenticator::new(methods), policy).await
 }
 
 /// Like `start`, over any store backend (tests inject failing ones).
@@ -248,7 +250,9 @@ pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) 
     config.validate("configuration passed to tern::start")?;
     let policy = Arc::new(load_policy(&config).await?);
     let acceptors = load_tls(&config).await?;
-    run(config, acceptors, backend, "(backend given by the caller)".into(), Authenticator::default(), policy).await
+    let bridges = load_bridge_tls(&config).await?;
+    let location = "(backend given by the caller)".to_string();
+    run(config, acceptors, bridges, backend, location, Authenticator::default(), policy).await
 }
 
 /// Reads the password and ACL files off the async workers.
@@ -278,9 +282,30 @@ async fn load_tls(config: &Config) -> Result<Vec<Option<Arc<TlsAcceptor>>>, Star
     Ok(acceptors)
 }
 
+/// Every bridge's TLS client configuration (None for plain TCP), read off the async workers:
+/// a bad file stops the start instead of failing each connection attempt.
+async fn load_bridge_tls(config: &Config) -> Result<Vec<Option<Arc<TlsConnector>>>, StartError> {
+    let mut connectors = Vec::new();
+    for (index, b) in config.bridge.iter().enumerate() {
+        let connector = match &b.tls {
+            Some(settings) => {
+                let settings = settings.clone();
+                let c = tokio::task::spawn_blocking(move || TlsConnector::new(&settings, index))
+                    .await
+                    .map_err(task_failed("certificate loading"))??;
+                Some(Arc::new(c))
+            }
+            None => None,
+        };
+        connectors.push(connector);
+    }
+    Ok(connectors)
+}
+
 async fn run(
     config: Arc<Config>,
     acceptors: Vec<Option<Arc<TlsAcceptor>>>,
+    bridges: Vec<Option<Arc<TlsConnector>>>,
     backend: Box<dyn Backend>,
     location: String,
     auth: Authenticator,
@@ -325,7 +350,7 @@ async fn run(
         tasks.push(tokio::spawn(accept_loop(listener, spot, Arc::clone(&broker), rx.clone(), Arc::clone(&live))));
     }
     // Bridges once the listeners are up: a bridge to this very broker must find it.
-    crate::bridge::start_all(&broker);
+    crate::bridge::start_all(&broker, bridges);
     let tls = acceptors.into_iter().flatten().collect();
     Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls, failed })
 }

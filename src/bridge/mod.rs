@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -38,6 +38,7 @@ use crate::protocol::{
     SubscriptionOptions,
 };
 use crate::session::{Ack, Delivery};
+use crate::transport::tls_client::TlsConnector;
 
 /// User property a bridge puts on what it sends, so the peer's bridges do not pass it on.
 const HOP_KEY: &str = "tern-hop";
@@ -52,12 +53,13 @@ const PRIMARY_PROBE: Duration = Duration::from_secs(60);
 /// Largest packet taken from the peer.
 const MAX_PACKET: usize = 256 * 1024 * 1024;
 
-/// Starts every configured bridge.
-pub(crate) fn start_all(broker: &Arc<Broker>) {
-    for cfg in &broker.config.bridge {
+/// Starts every configured bridge; `tls` has each bridge's TLS client configuration, in
+/// order (None: plain TCP).
+pub(crate) fn start_all(broker: &Arc<Broker>, tls: Vec<Option<Arc<TlsConnector>>>) {
+    for (cfg, tls) in broker.config.bridge.iter().zip(tls) {
         let broker = Arc::clone(broker);
         let cfg = cfg.clone();
-        tokio::spawn(async move { run(broker, cfg).await });
+        tokio::spawn(async move { run(broker, cfg, tls).await });
     }
 }
 
@@ -84,7 +86,7 @@ enum Ended {
     Stop,
 }
 
-async fn run(broker: Arc<Broker>, cfg: BridgeConfig) {
+async fn run(broker: Arc<Broker>, cfg: BridgeConfig, tls: Option<Arc<TlsConnector>>) {
     let local = Local::new(&cfg);
     // What goes out: the local side of every `out`/`both` topic, No Local so that nothing
     // this bridge brought in goes back, retained as published (the peer keeps them retained).
@@ -114,13 +116,17 @@ async fn run(broker: Arc<Broker>, cfg: BridgeConfig) {
     publish_state(&broker, &cfg.name, false);
     let mut private = cfg.try_private && cfg.protocol == BridgeProtocol::V311;
     let mut failures = 0u32;
+    // A failed TLS handshake is a configuration problem more often than an outage: said once
+    // at warn per outage, not at every retry.
+    let mut tls_warned = false;
     'outer: while !broker.shutting_down() {
         for (i, addr) in cfg.addresses.iter().enumerate() {
             let started = Instant::now();
-            let mut peer = Peer::new(&cfg, private);
+            let mut peer = Peer::new(&cfg, private, tls.as_deref());
             let ended = peer.session(&broker, &local, addr, i > 0 && cfg.addresses.len() > 1).await;
             if peer.up {
                 publish_state(&broker, &cfg.name, false);
+                tls_warned = false;
             }
             match ended {
                 Ended::Stop => break 'outer,
@@ -135,6 +141,9 @@ async fn run(broker: Arc<Broker>, cfg: BridgeConfig) {
                     }
                     if peer.up {
                         warn!(bridge = %cfg.name, %addr, reason = %why, "bridge connection lost");
+                    } else if peer.tls_failed && !tls_warned {
+                        tls_warned = true;
+                        warn!(bridge = %cfg.name, %addr, reason = %why, "bridge TLS handshake failed; retrying with back-off");
                     } else {
                         debug!(bridge = %cfg.name, %addr, reason = %why, "bridge connection failed");
                     }
@@ -203,6 +212,10 @@ struct Peer<'a> {
     refused_private: bool,
     /// CONNACK was accepted.
     up: bool,
+    /// Connect over TLS with this configuration.
+    tls: Option<&'a TlsConnector>,
+    /// The TLS handshake failed.
+    tls_failed: bool,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Acknowledgements to the peer waiting for a store ticket, in order.
@@ -212,7 +225,7 @@ struct Peer<'a> {
 }
 
 impl<'a> Peer<'a> {
-    fn new(cfg: &'a BridgeConfig, private: bool) -> Self {
+    fn new(cfg: &'a BridgeConfig, private: bool, tls: Option<&'a TlsConnector>) -> Self {
         let version = match cfg.protocol {
             BridgeProtocol::V5 => ProtocolVersion::V5,
             BridgeProtocol::V311 => ProtocolVersion::V311,
@@ -223,6 +236,8 @@ impl<'a> Peer<'a> {
             private,
             refused_private: false,
             up: false,
+            tls,
+            tls_failed: false,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             held: std::collections::VecDeque::new(),
@@ -231,12 +246,35 @@ impl<'a> Peer<'a> {
     }
 
     async fn session(&mut self, broker: &Arc<Broker>, local: &Local, addr: &str, probe_primary: bool) -> Ended {
-        let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Ended::Failed(format!("connect: {e}")),
             Err(_) => return Ended::Failed("connect timed out".into()),
         };
         let _ = stream.set_nodelay(true);
+        let Some(tls) = self.tls else { return self.session_over(stream, broker, local, addr, probe_primary).await };
+        match tokio::time::timeout(CONNECT_TIMEOUT, tls.connect(addr, stream)).await {
+            Ok(Ok(stream)) => self.session_over(stream, broker, local, addr, probe_primary).await,
+            Ok(Err(e)) => {
+                self.tls_failed = true;
+                Ended::Failed(format!("TLS handshake: {e}"))
+            }
+            Err(_) => {
+                self.tls_failed = true;
+                Ended::Failed("TLS handshake timed out".into())
+            }
+        }
+    }
+
+    /// The MQTT session over a connected stream (TCP, or TLS over TCP).
+    async fn session_over<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        mut stream: S,
+        broker: &Arc<Broker>,
+        local: &Local,
+        addr: &str,
+        probe_primary: bool,
+    ) -> Ended {
         let peer_window = match self.handshake(&mut stream, broker).await {
             Ok(w) => w,
             Err(why) => return why,
@@ -259,7 +297,11 @@ impl<'a> Peer<'a> {
     }
 
     /// CONNECT and CONNACK; returns how many QoS 1/2 messages the peer takes in flight.
-    async fn handshake(&mut self, stream: &mut TcpStream, broker: &Broker) -> Result<usize, Ended> {
+    async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        broker: &Broker,
+    ) -> Result<usize, Ended> {
         let cfg = self.cfg;
         let v5 = self.version.is_v5();
         let mut properties = Properties::default();
@@ -327,12 +369,17 @@ impl<'a> Peer<'a> {
         protocol::encode(&Packet::Subscribe(s), self.version, &mut self.wbuf);
     }
 
-    async fn write(&mut self, stream: &mut TcpStream) -> Result<(), String> {
+    /// Writes and flushes `wbuf` (a TLS stream keeps what is written until flushed).
+    async fn write<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> Result<(), String> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
         let ka = Duration::from_secs(u64::from(self.cfg.keepalive.max(10)));
-        match tokio::time::timeout(ka, stream.write_all(&self.wbuf)).await {
+        let write = async {
+            stream.write_all(&self.wbuf).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(ka, write).await {
             Ok(Ok(())) => {
                 self.wbuf.clear();
                 Ok(())
@@ -342,7 +389,7 @@ impl<'a> Peer<'a> {
         }
     }
 
-    async fn read_packet(&mut self, stream: &mut TcpStream) -> Result<Packet, String> {
+    async fn read_packet<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> Result<Packet, String> {
         loop {
             if let Some(p) = self.decode()? {
                 return Ok(p);
@@ -361,7 +408,12 @@ impl<'a> Peer<'a> {
     }
 
     /// Runs the connection: the peer's packets, the local queue, keep-alive.
-    async fn pump(&mut self, stream: &mut TcpStream, link: &mut Link, probe_primary: bool) -> Ended {
+    async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        link: &mut Link,
+        probe_primary: bool,
+    ) -> Ended {
         let ka = Duration::from_secs(u64::from(self.cfg.keepalive));
         let mut last_heard = tokio::time::Instant::now();
         let mut ping_at = tokio::time::Instant::now() + if ka.is_zero() { Duration::from_secs(3600) } else { ka };

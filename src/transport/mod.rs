@@ -13,6 +13,7 @@ use crate::config::ListenerKind;
 pub mod os;
 pub mod tcp;
 pub mod tls;
+pub mod tls_client;
 
 /// What the listener knows about a connection before its first MQTT byte.
 #[derive(Debug, Clone)]

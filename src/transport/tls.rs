@@ -66,9 +66,18 @@ pub enum TlsError {
         path.display()
     )]
     ClientCa { setting: String, path: PathBuf, message: String },
+    #[error(
+        "`{}` (config key {setting}) holds no usable CA certificate: {message}; point it at the PEM \
+         certificate of the CA that signs the peer broker's certificate",
+        path.display()
+    )]
+    PeerCa { setting: String, path: PathBuf, message: String },
     /// The provider refused the protocol versions; only possible if the build lost TLS 1.2/1.3.
     #[error("listener[{index}].tls: {message}")]
     Setup { index: usize, message: String },
+    /// The same for a bridge's client configuration.
+    #[error("bridge[{index}].tls: {message}")]
+    BridgeSetup { index: usize, message: String },
 }
 
 /// A TLS listener's server configuration, replaceable at run time (SIGHUP) without touching
@@ -136,7 +145,7 @@ fn common_name(cert: &CertificateDer<'_>) -> Option<Arc<str>> {
     Some(Arc::from(cn))
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(super) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -150,7 +159,7 @@ fn read(path: &Path, setting: &str) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { setting: setting.into(), path: path.into(), source })
 }
 
-fn certificates(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(super) fn certificates(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path, setting)?;
     let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::Pem {
         setting: setting.into(),
@@ -163,7 +172,7 @@ fn certificates(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static
     Ok(certs)
 }
 
-fn private_key(path: &Path, setting: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(super) fn private_key(path: &Path, setting: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path, setting)?;
     // Takes the first key of any of the three encodings; other blocks (a certificate kept in
     // the same file, EC PARAMETERS) are skipped.

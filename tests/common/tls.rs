@@ -107,6 +107,21 @@ impl TestPki {
         (cert_path, key_path)
     }
 
+    /// `tern::config::Tls` for a listener with a server certificate for DNS `name` only (no
+    /// IP address SAN) signed by this CA.
+    pub fn server_tls_for(&self, name: &str) -> tern::config::Tls {
+        let mut params = CertificateParams::new(vec![name.to_string()]).expect("server params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().expect("server key");
+        let cert = params.signed_by(&key, &self.ca).expect("server certificate");
+        let cert_path = self.dir.path().join(format!("server-{name}.crt"));
+        let key_path = self.dir.path().join(format!("server-{name}.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write server certificate");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write server key");
+        tern::config::Tls { cert: cert_path, key: key_path, ..self.server_tls() }
+    }
+
     /// `tern::config::Tls` for a listener using these files (no client auth).
     pub fn server_tls(&self) -> tern::config::Tls {
         tern::config::Tls {
