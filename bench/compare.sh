@@ -8,7 +8,9 @@
 # Environment:
 #   SCENARIOS   subset of: fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep
 #               tls_handshakes tls_fanin1 overload0 overload1 conns_device
-#               (overload*: both brokers at their DEFAULT configuration, see default_config)
+#               bridge0_default bridge1_default bridge0 bridge1
+#               (overload*, bridge*_default: brokers at their DEFAULT configuration, see
+#               default_config; bridge*: two brokers of a kind, A bridging `bench/#` out to B)
 #   RUNS        runs per broker per scenario (default 3; sweep always runs once per broker)
 #   QUICK=1     smaller message counts and shorter latency runs
 #   TIMEOUT     tern-bench hard timeout per run, seconds (default 60)
@@ -29,7 +31,7 @@ QUICK=${QUICK:-0}
 TIMEOUT=${TIMEOUT:-60}
 DURABILITY=${DURABILITY:-sync}
 TERN_DURABILITY=${TERN_DURABILITY:-none}
-SCENARIOS=${SCENARIOS:-"fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep tls_handshakes tls_fanin1 overload0 overload1 conns_device"}
+SCENARIOS=${SCENARIOS:-"fanin0 fanin1 fanout0 fanout1 latency conns retained durable sweep tls_handshakes tls_fanin1 overload0 overload1 conns_device bridge0_default bridge1_default bridge0 bridge1"}
 TLS_KEY=${TLS_KEY:-ec}
 OUT=${OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
 BENCH=${CARGO_TARGET_DIR:-$ROOT/target}/release/tern-bench
@@ -130,6 +132,12 @@ args_for() {
             echo "overload --qos 0 --messages 400000" ;;
         overload1) [ "$q" = 1 ] && echo "overload --qos 1 --messages 100000 --drain-ms 1000" ||
             echo "overload --qos 1 --messages 400000" ;;
+        # Across a bridge: 4 publishers on broker A, the subscriber on broker B (run_one adds
+        # --pub-addr/--sub-addr). The bridge's QoS is the scenario's (bridge_qos).
+        bridge0 | bridge0_default) [ "$q" = 1 ] && echo "fanin --qos 0 --pubs 4 --messages 40000 --drain-ms 1000" ||
+            echo "fanin --qos 0 --pubs 4 --messages 400000" ;;
+        bridge1 | bridge1_default) [ "$q" = 1 ] && echo "fanin --qos 1 --pubs 4 --messages 40000" ||
+            echo "fanin --qos 1 --pubs 4 --messages 400000" ;;
         *) return 1 ;;
     esac
 }
@@ -138,7 +146,16 @@ args_for() {
 # (tern) a data directory, (mosquitto) anonymous access, which 2.0 refuses by default.
 default_config() {
     case $1 in
-        overload*) return 0 ;;
+        overload* | bridge*_default) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# Bridge scenarios: the QoS of broker A's `bench/#` out topic (else not a bridge scenario).
+bridge_qos() {
+    case $1 in
+        bridge0*) echo 0 ;;
+        bridge1*) echo 1 ;;
         *) return 1 ;;
     esac
 }
@@ -158,6 +175,24 @@ wait_port() {
 }
 
 BROKER_PID=
+PEER_PID=
+# With BRIDGE_TO=PORT set, start_broker's broker (A) bridges `bench/#` out at QoS BRIDGE_QOS
+# to the broker on that port (B): tern with a [[bridge]], mosquitto with a `connection`. The
+# bridge's own settings are each broker's defaults (mosquitto: MQTT 3.1.1, try_private; its
+# queue and in-flight window are the global max_queued_messages / max_inflight_messages.
+# tern: MQTT 5; its window is [limits] max_inflight, its queue max_queued_messages).
+BRIDGE_TO=
+BRIDGE_QOS=0
+bridge_lines() {
+    [ -n "$BRIDGE_TO" ] || return 0
+    if [ "$1" = tern ]; then
+        printf '\n[[bridge]]\nname = "bench"\naddresses = ["127.0.0.1:%s"]\n' "$BRIDGE_TO"
+        printf 'topics = [{ pattern = "bench/#", direction = "out", qos = %s }]\n' "$BRIDGE_QOS"
+    else
+        printf '\nconnection bench\naddress 127.0.0.1:%s\ntopic bench/# out %s\n' "$BRIDGE_TO" "$BRIDGE_QOS"
+    fi
+}
+
 # start_broker KIND SCENARIO DIR -> sets BROKER_PID, BROKER_PORT
 start_broker() {
     local kind=$1 scen=$2 dir=$3
@@ -182,12 +217,14 @@ bind = "127.0.0.1:$BROKER_PORT"
 [storage]
 dir = "$dir/data"
 EOF
+            bridge_lines tern >>"$dir/broker.toml"
             RUST_LOG=${RUST_LOG:-warn} "$TERN" -c "$dir/broker.toml" >"$dir/broker.log" 2>&1 &
         else
             cat >"$dir/broker.conf" <<EOF
 listener $BROKER_PORT 127.0.0.1
 allow_anonymous true
 EOF
+            bridge_lines mosquitto >>"$dir/broker.conf"
             mosquitto -c "$dir/broker.conf" >"$dir/broker.log" 2>&1 &
         fi
     elif [ "$kind" = tern ]; then
@@ -207,6 +244,7 @@ durability = "$mode"
 max_queued_messages = 1000000
 max_inflight = 1000
 EOF
+        bridge_lines tern >>"$dir/broker.toml"
         RUST_LOG=${RUST_LOG:-warn} "$TERN" -c "$dir/broker.toml" >"$dir/broker.log" 2>&1 &
     else
         cat >"$dir/broker.conf" <<EOF
@@ -222,6 +260,7 @@ log_dest stderr
 log_type error
 log_type warning
 EOF
+        bridge_lines mosquitto >>"$dir/broker.conf"
         mosquitto -c "$dir/broker.conf" >"$dir/broker.log" 2>&1 &
     fi
     BROKER_PID=$!
@@ -233,20 +272,28 @@ EOF
     fi
 }
 
-stop_broker() {
-    [ -n "$BROKER_PID" ] || return 0
-    kill -TERM "$BROKER_PID" 2>/dev/null
-    local i
+# stop_pid PID: SIGTERM, then SIGKILL after 5 s.
+stop_pid() {
+    local pid=$1 i
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null
     for i in $(seq 1 50); do
-        kill -0 "$BROKER_PID" 2>/dev/null || break
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    if kill -0 "$BROKER_PID" 2>/dev/null; then
-        log "broker $BROKER_PID ignored SIGTERM for 5 s; killing"
-        kill -KILL "$BROKER_PID" 2>/dev/null
+    if kill -0 "$pid" 2>/dev/null; then
+        log "broker $pid ignored SIGTERM for 5 s; killing"
+        kill -KILL "$pid" 2>/dev/null
     fi
-    wait "$BROKER_PID" 2>/dev/null
+    wait "$pid" 2>/dev/null
+}
+
+# Stops the broker and, in the bridge scenarios, its peer B (after A, whose bridge goes first).
+stop_broker() {
+    stop_pid "$BROKER_PID"
     BROKER_PID=
+    stop_pid "$PEER_PID"
+    PEER_PID=
 }
 trap 'stop_broker' EXIT INT TERM
 
@@ -256,16 +303,36 @@ run_one() {
     dir=$OUT/$scen/$kind-$run
     mkdir -p "$dir"
     args=$(args_for "$scen")
+    local extra=()
+    if BRIDGE_QOS=$(bridge_qos "$scen"); then
+        # Broker B first (the subscriber's), then A bridging to it (the publishers'); the
+        # bench starts once a probe got from A to B.
+        if ! start_broker "$kind" "$scen" "$dir/b"; then
+            printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$kind" "$run" 99 "error=broker_b_did_not_start" >>"$RESULTS"
+            return
+        fi
+        PEER_PID=$BROKER_PID
+        BROKER_PID=
+        BRIDGE_TO=$BROKER_PORT
+        extra=(--sub-addr "127.0.0.1:$BROKER_PORT" --pid2 "$PEER_PID")
+    fi
     if ! start_broker "$kind" "$scen" "$dir"; then
+        BRIDGE_TO=
+        stop_broker
         printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$kind" "$run" 99 "error=broker_did_not_start" >>"$RESULTS"
         return
     fi
+    BRIDGE_TO=
+    [ -n "$PEER_PID" ] && extra+=(--pub-addr "127.0.0.1:$BROKER_PORT")
     # shellcheck disable=SC2086
-    timeout $((TIMEOUT * 8 + 60)) "$BENCH" $args --port "$BROKER_PORT" --pid "$BROKER_PID" --timeout "$TIMEOUT" \
-        >"$dir/bench.out" 2>"$dir/bench.err"
+    timeout $((TIMEOUT * 8 + 60)) "$BENCH" $args --port "$BROKER_PORT" --pid "$BROKER_PID" "${extra[@]}" \
+        --timeout "$TIMEOUT" >"$dir/bench.out" 2>"$dir/bench.err"
     rc=$?
     local alive=1
     kill -0 "$BROKER_PID" 2>/dev/null || alive=0
+    if [ -n "$PEER_PID" ]; then
+        kill -0 "$PEER_PID" 2>/dev/null || alive=0
+    fi
     stop_broker
     if [ "$scen" = sweep ]; then
         cp "$dir/bench.out" "$OUT/sweep_$kind.txt"
@@ -283,6 +350,10 @@ run_one() {
     if [ "$rc" != 0 ] || [ $alive = 0 ]; then
         log "$kind #$run of $scen: exit $rc, broker alive=$alive; broker log tail ($dir/broker.log):"
         grep -vi 'client .*\(dis\)\?connected' "$dir/broker.log" | tail -5 | sed 's/^/    /' >&2
+        if [ -f "$dir/b/broker.log" ]; then
+            log "broker B log tail ($dir/b/broker.log):"
+            grep -vi 'client .*\(dis\)\?connected' "$dir/b/broker.log" | tail -5 | sed 's/^/    /' >&2
+        fi
     fi
 }
 
@@ -293,7 +364,7 @@ run_one() {
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "mosquitto: $MOSQ_VERSION"
     echo "tern: $(git -C "$ROOT" describe --always --dirty 2>/dev/null)"
-    echo "mode: $([ "$QUICK" = 1 ] && echo QUICK || echo full), RUNS=$RUNS, tern durability: $TERN_DURABILITY (durable: $DURABILITY; overload*: both brokers at their default configuration)"
+    echo "mode: $([ "$QUICK" = 1 ] && echo QUICK || echo full), RUNS=$RUNS, tern durability: $TERN_DURABILITY (durable: $DURABILITY; overload*, bridge*_default: brokers at their default configuration)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 

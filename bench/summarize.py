@@ -26,6 +26,10 @@ METRICS = {
                   ("rss_end_kb", "KiB", False)],
     "conns_device": [("conn_rate", "conn/s", True), ("bytes_per_conn", "B", False)],
 }
+# Across a bridge (A -> B): end-to-end rate at B, loss, duplicates, CPU of A and of B.
+for _s in ("bridge0_default", "bridge1_default", "bridge0", "bridge1"):
+    METRICS[_s] = [("rate", "msg/s", True), ("lost", "msgs", False), ("dup", "msgs", False),
+                   ("broker_cpu_pct", "% (A)", False), ("broker2_cpu_pct", "% (B)", False)]
 TARGETS = {
     ("fanin0", "rate"): "≥ 8×",
     ("fanin1", "rate"): "≥ 6×",

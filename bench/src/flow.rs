@@ -17,6 +17,10 @@ use crate::{Args, Outcome};
 /// Publishes between write syscalls for QoS 0.
 const QOS0_BATCH: u64 = 64;
 
+/// Publisher id of the probe messages that check the path between two brokers (`--pub-addr`
+/// / `--sub-addr`) before a run; subscribers ignore them.
+const PROBE_ID: u32 = u32::MAX;
+
 fn clean_err(e: &std::io::Error) -> String {
     e.to_string().replace(char::is_whitespace, "_")
 }
@@ -47,7 +51,10 @@ pub async fn sub_loop(
             while let Some((f, n)) = mqtt::frame(&c.rbuf)? {
                 if f.kind == mqtt::PUBLISH {
                     let p = mqtt::parse_publish(f.flags, f.body, c.v5)?;
-                    t.record(p.stamp(), p.retain);
+                    let stamp = p.stamp();
+                    if stamp.is_none_or(|s| s.0 != PROBE_ID) {
+                        t.record(stamp, p.retain);
+                    }
                     if p.qos == 1 {
                         mqtt::puback(&mut c.wbuf, p.packet_id);
                     }
@@ -180,6 +187,44 @@ pub async fn pub_loop(mut c: Conn, s: PubSpec, deadline: Instant) -> PubResult {
     r
 }
 
+/// Publishers and subscribers on two brokers (e.g. across a bridge): sends a QoS 0 probe
+/// (publisher id `PROBE_ID`) from `p` on `topic` every 100 ms until one reaches `s`, so that
+/// the run starts once the path is up. Probes that arrive later are ignored by `sub_loop`.
+async fn await_path(p: &mut Conn, s: &mut Conn, topic: &[u8], size: usize, deadline: Instant) -> std::io::Result<f64> {
+    let t0 = Instant::now();
+    let limit = (t0 + Duration::from_secs(30)).min(deadline);
+    for seq in 0u64.. {
+        mqtt::publish(&mut p.wbuf, topic, 0, false, 0, p.v5, size, (PROBE_ID, seq, 0));
+        p.flush(deadline).await?;
+        let next = (Instant::now() + Duration::from_millis(100)).min(limit);
+        loop {
+            while let Some((f, n)) = mqtt::frame(&s.rbuf)? {
+                let mut hit = false;
+                if f.kind == mqtt::PUBLISH {
+                    let v = mqtt::parse_publish(f.flags, f.body, s.v5)?;
+                    if v.qos == 1 {
+                        mqtt::puback(&mut s.wbuf, v.packet_id);
+                    }
+                    hit = v.stamp().is_some_and(|st| st.0 == PROBE_ID);
+                }
+                s.rbuf.advance(n);
+                if hit {
+                    s.flush(deadline).await?;
+                    return Ok(t0.elapsed().as_secs_f64());
+                }
+            }
+            s.flush(deadline).await?;
+            if Instant::now() >= limit {
+                return Err(mqtt::timed_out());
+            }
+            if tokio::time::timeout_at(next, s.fill(deadline)).await.is_err() {
+                break;
+            }
+        }
+    }
+    unreachable!("the probe sequence is endless")
+}
+
 fn first_err<'a>(errs: impl Iterator<Item = &'a Option<String>>) -> Option<String> {
     errs.flatten().next().cloned()
 }
@@ -224,7 +269,7 @@ pub async fn throughput(a: &Args) -> Outcome {
     for i in 0..subs {
         let id = if durable { "bench-durable-sub".to_string() } else { format!("bench-sub-{i}") };
         let o = ConnectOpts { client_id: &id, clean: !durable, keep_alive: 0, v5: a.v5, session_expiry: 3600 };
-        let mut c = match Conn::open(&a.ep, &o, deadline).await {
+        let mut c = match Conn::open(&a.sub_ep, &o, deadline).await {
             Ok(c) => c,
             Err(e) => return fail(rep, "subscriber_connect", e),
         };
@@ -242,14 +287,24 @@ pub async fn throughput(a: &Args) -> Outcome {
     for p in 0..pubs {
         let id = format!("bench-pub-{p}");
         let o = ConnectOpts { client_id: &id, clean: true, keep_alive: 0, v5: a.v5, session_expiry: 0 };
-        match Conn::open(&a.ep, &o, deadline).await {
+        match Conn::open(&a.pub_ep, &o, deadline).await {
             Ok(c) => pub_conns.push(c),
             Err(e) => return fail(rep, "publisher_connect", e),
         }
     }
+    if a.pub_ep.addr != a.sub_ep.addr {
+        // Two brokers: wait until a message gets from the first to the second.
+        let topic = topic_of(0).into_bytes();
+        match await_path(&mut pub_conns[0], &mut sub_conns[0], &topic, a.size, deadline).await {
+            Ok(secs) => {
+                rep.f("path_ms", secs * 1e3, 0);
+            }
+            Err(e) => return fail(rep, "path_check", e),
+        }
+    }
 
     let rss_start = if overload { a.pid.and_then(rss_kb) } else { None };
-    let cpu = CpuMeter::start(a.pid);
+    let cpu = CpuMeter::start(a.pid).with_second(a.pid2);
     let done = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let mut sub_tasks = Vec::new();

@@ -49,6 +49,10 @@ options (defaults in brackets):
   --tls-server-name NAME [localhost]  name the broker's certificate must be valid for
   --tls-resume   allow TLS session resumption (default: off, every handshake is a full one)
   --pid PID  broker process: its CPU (and for conns and overload its RSS) is reported
+  --pub-addr H:P  --sub-addr H:P  fanin/fanout/overload/durable: publishers connect to one
+             broker, subscribers to another (default: both to --host/--port), e.g. across a
+             bridge; the run starts once a probe message got through
+  --pid2 PID  a second broker process (with --sub-addr: the subscribers'): broker2_cpu
   --timeout S [60] hard limit on the run   --drain-ms MS [2000] QoS 0 quiet time before giving up";
 
 #[derive(Clone, Debug)]
@@ -56,6 +60,10 @@ pub struct Args {
     pub scenario: String,
     /// The broker's address and, with `--tls-ca`, the TLS client settings.
     pub ep: net::Endpoint,
+    /// Where the throughput scenarios' publishers and subscribers connect: `ep`, unless
+    /// `--pub-addr` / `--sub-addr` split them between two brokers (e.g. across a bridge).
+    pub pub_ep: net::Endpoint,
+    pub sub_ep: net::Endpoint,
     pub v5: bool,
     pub qos: u8,
     pub pubs: usize,
@@ -72,6 +80,8 @@ pub struct Args {
     pub subscribe: bool,
     pub concurrency: usize,
     pub pid: Option<u32>,
+    /// A second broker (the subscribers' with `--sub-addr`): its CPU is reported too.
+    pub pid2: Option<u32>,
     pub timeout: Duration,
     pub drain: Duration,
 }
@@ -100,9 +110,12 @@ fn parse_args() -> Result<Args, String> {
     let mut tls_ca: Option<PathBuf> = None;
     let mut tls_name = "localhost".to_string();
     let mut tls_resume = false;
+    let (mut pub_addr, mut sub_addr): (Option<String>, Option<String>) = (None, None);
     let mut a = Args {
         scenario,
         ep: net::Endpoint { addr: "127.0.0.1:1883".parse().unwrap(), tls: None },
+        pub_ep: net::Endpoint { addr: "127.0.0.1:1883".parse().unwrap(), tls: None },
+        sub_ep: net::Endpoint { addr: "127.0.0.1:1883".parse().unwrap(), tls: None },
         v5: false,
         qos: 0,
         pubs: def_pubs,
@@ -118,6 +131,7 @@ fn parse_args() -> Result<Args, String> {
         subscribe: false,
         concurrency: def_concurrency,
         pid: None,
+        pid2: None,
         timeout: Duration::from_secs(60),
         drain: Duration::from_millis(2000),
     };
@@ -151,6 +165,9 @@ fn parse_args() -> Result<Args, String> {
             "--keepalive" => a.keepalive = num(&k, &v)?,
             "--concurrency" => a.concurrency = num(&k, &v)?,
             "--pid" => a.pid = Some(num(&k, &v)?),
+            "--pid2" => a.pid2 = Some(num(&k, &v)?),
+            "--pub-addr" => pub_addr = Some(v),
+            "--sub-addr" => sub_addr = Some(v),
             "--timeout" => a.timeout = Duration::from_secs_f64(num::<f64>(&k, &v)?),
             "--drain-ms" => a.drain = Duration::from_millis(num(&k, &v)?),
             "--tls-ca" => tls_ca = Some(PathBuf::from(v)),
@@ -181,6 +198,19 @@ fn parse_args() -> Result<Args, String> {
     if let Some(ca) = &tls_ca {
         a.ep.tls = Some(net::TlsClient::new(ca, &tls_name, tls_resume)?);
     }
+    let resolve = |k: &str, hp: &Option<String>| -> Result<net::Endpoint, String> {
+        let mut ep = a.ep.clone();
+        if let Some(hp) = hp {
+            ep.addr = hp
+                .to_socket_addrs()
+                .map_err(|e| format!("{k} {hp}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{k} {hp}: no address"))?;
+        }
+        Ok(ep)
+    };
+    a.pub_ep = resolve("--pub-addr", &pub_addr)?;
+    a.sub_ep = resolve("--sub-addr", &sub_addr)?;
     Ok(a)
 }
 

@@ -132,6 +132,8 @@ pub struct CpuMeter {
     own: f64,
     broker_pid: Option<u32>,
     broker: Option<f64>,
+    /// A second broker (`--pid2`) and its CPU seconds at the start.
+    broker2: Option<(u32, f64)>,
 }
 
 impl CpuMeter {
@@ -141,7 +143,14 @@ impl CpuMeter {
             own: cpu_secs(None).unwrap_or(0.0),
             broker_pid,
             broker: broker_pid.and_then(|p| cpu_secs(Some(p))),
+            broker2: None,
         }
+    }
+
+    /// Also measures a second broker process (reported as broker2_cpu / broker2_cpu_pct).
+    pub fn with_second(mut self, pid: Option<u32>) -> CpuMeter {
+        self.broker2 = pid.and_then(|p| Some((p, cpu_secs(Some(p))?)));
+        self
     }
 
     /// Adds gen_cpu (seconds), gen_cpu_pct (% of one core over the wall time) and, with a
@@ -155,6 +164,12 @@ impl CpuMeter {
             if let Some(b1) = cpu_secs(Some(pid)) {
                 r.f("broker_cpu", b1 - b0, 2);
                 r.f("broker_cpu_pct", (b1 - b0) / wall * 100.0, 0);
+            }
+        }
+        if let Some((pid, b0)) = self.broker2 {
+            if let Some(b1) = cpu_secs(Some(pid)) {
+                r.f("broker2_cpu", b1 - b0, 2);
+                r.f("broker2_cpu_pct", (b1 - b0) / wall * 100.0, 0);
             }
         }
     }
