@@ -147,12 +147,17 @@ async fn run(broker: Arc<Broker>, cfg: BridgeConfig) {
             }
         }
         failures = failures.saturating_add(1);
-        let delay = backoff(failures);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            bits = std::future::poll_fn(|cx| link.control.poll_signals(cx)) => {
-                if bits & signal::KICK != 0 {
-                    break;
+        // The whole back-off, whatever else the session is told meanwhile: a message queued for
+        // the peer raises a signal too, and ending the wait on it made every publish while
+        // the peer was down a connection attempt (and the back-off, counting them, a minute).
+        let retry_at = tokio::time::Instant::now() + backoff(failures);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(retry_at) => break,
+                bits = std::future::poll_fn(|cx| link.control.poll_signals(cx)) => {
+                    if bits & signal::KICK != 0 {
+                        break 'outer;
+                    }
                 }
             }
         }
