@@ -617,6 +617,15 @@ impl Config {
             if b.addresses.is_empty() {
                 return bad(&format!("bridge[{i}].addresses"), "at least one \"host:port\" is required".into());
             }
+            // mosquitto's `address` takes a host alone (port 1883); tern would only fail to
+            // connect, at every try, so a copied line is caught here.
+            let has_port = |a: &str| a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if let Some(a) = b.addresses.iter().find(|a| !has_port(a)) {
+                return bad(
+                    &format!("bridge[{i}].addresses"),
+                    format!("`{a}` has no port: write \"{a}:1883\" (mosquitto's default port)"),
+                );
+            }
             if b.topics.is_empty() {
                 return bad(&format!("bridge[{i}].topics"), "at least one topic entry is required".into());
             }
@@ -706,6 +715,18 @@ mod tests {
     fn bad_bind_names_key_and_fix() {
         let err = Config::from_toml("[[listener]]\nbind = \"localhost\"\n", "y.toml").unwrap_err().to_string();
         assert!(err.contains("listener[0].bind") && err.contains("y.toml") && err.contains("127.0.0.1:1883"), "{err}");
+    }
+
+    #[test]
+    fn bridge_addresses_need_a_port() {
+        let cfg = |addr: &str| {
+            format!("[[bridge]]\nname = \"b\"\naddresses = [\"{addr}\"]\n[[bridge.topics]]\npattern = \"#\"\n")
+        };
+        let err = Config::from_toml(&cfg("broker.example"), "b.toml").unwrap_err().to_string();
+        assert!(err.contains("bridge[0].addresses") && err.contains("broker.example:1883"), "{err}");
+        for ok in ["broker.example:1883", "10.0.0.5:8883", "[::1]:1883"] {
+            Config::from_toml(&cfg(ok), "b.toml").unwrap();
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! ACL files over real sockets: read, write, readwrite and deny; `%u` and `%c` patterns and
-//! the user names that must not reach them; `$SYS` never writable; wills published with
+//! the user names that must not reach them; `$SYS` never writable (but for a bridge's own state topic); wills published with
 //! their owner's rights; and rights revoked by a reload stop queued and retained deliveries.
 
 mod common;
@@ -133,6 +133,39 @@ async fn sys_is_never_writable() {
         assert_eq!(puback_code(&mut ed, "$SYS/broker/uptime", 1).await, 0x87);
         assert_eq!(puback_code(&mut ed, "$SYS", 2).await, 0x87);
     }
+}
+
+/// mosquitto's bridges (`notifications true`, their default) publish their state, retained, to
+/// `$SYS/broker/connection/<client id>/state` and make it their will: that one topic is a
+/// client's to write, as far as the ACL allows, and no other `$SYS` topic.
+#[tokio::test]
+async fn a_client_may_write_its_own_bridge_state_topic() {
+    let open = start().await;
+    let mut watcher = connect_v311(open.addr, "state-watcher").await;
+    watcher.subscribe(1, "$SYS/broker/connection/+/state", 1).await;
+    let will = Will { retain: true, ..Will::new("$SYS/broker/connection/mosq-b/state", b"0", 1) };
+    let mut bridge = Raw::open(open.addr).await;
+    let ack = bridge.handshake(&Connect::v311("mosq-b").will(will)).await;
+    assert_eq!(ack.code, 0, "a will on its own state topic");
+    let mut v5 = as_user(&open, "mosq-b5", "anyone").await;
+    assert_eq!(puback_code(&mut v5, "$SYS/broker/connection/mosq-b5/state", 1).await, 0);
+    assert_eq!(puback_code(&mut v5, "$SYS/broker/connection/mosq-b/state", 2).await, 0x87, "another's");
+    assert_eq!(puback_code(&mut v5, "$SYS/broker/connection/mosq-b5/state/x", 3).await, 0x87);
+    drop(bridge);
+    let mut got: Vec<_> = drain(&mut watcher).await;
+    got.sort();
+    let want = |t: &str, p: &str| (format!("$SYS/broker/connection/{t}/state"), p.as_bytes().to_vec());
+    assert_eq!(got, vec![want("mosq-b", "0"), want("mosq-b5", "m")]);
+
+    // With an ACL, only if it allows it (`#` does not cover `$SYS`).
+    let (strict, _path, _dir) = acl_broker("user ed\ntopic readwrite #\n").await;
+    let mut ed = as_user(&strict, "e1", "ed").await;
+    assert_eq!(puback_code(&mut ed, "$SYS/broker/connection/e1/state", 1).await, 0x87);
+    let (granted, _path, _dir) =
+        acl_broker("user ed\ntopic readwrite #\npattern write $SYS/broker/connection/%c/state\n").await;
+    let mut ed = as_user(&granted, "e1", "ed").await;
+    assert_eq!(puback_code(&mut ed, "$SYS/broker/connection/e1/state", 1).await, 0x10, "accepted, no subscribers");
+    assert_eq!(puback_code(&mut ed, "$SYS/broker/uptime", 2).await, 0x87);
 }
 
 #[tokio::test]

@@ -180,6 +180,41 @@ async fn qos1_published_while_the_peer_is_down_arrives_after_it_returns_and_afte
     sub.expect_silence(QUIET).await;
 }
 
+/// Messages queued for the peer while it is down do not cut the back-off short: each used to
+/// end the wait, so a stream of them made as many connection attempts, and the back-off, grown
+/// by them all, then kept the bridge away for a minute once the peer was back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_while_the_peer_is_down_keeps_the_back_off_short() {
+    let mut remote = Node::start(vec![]).await;
+    let sub = subscriber(remote.addr, "far-sub", "fwd/#").await;
+    sub.disconnect().await;
+    let local = Node::start(vec![bridge(
+        "fwd",
+        remote.addr,
+        BridgeProtocol::V5,
+        vec![topic("fwd/#", BridgeDirection::Out, "", "")],
+    )])
+    .await;
+    connected(local.addr, "fwd").await;
+    remote.stop().await;
+    let mut p = connect_v311(local.addr, "near-pub").await;
+    for i in 0..20u16 {
+        p.publish("fwd/x", &i.to_be_bytes(), 1, i + 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    remote.restart().await;
+    // The bridge's next try is at most 1.25 + 2.5 + 5 s after the loss.
+    let (mut sub, _) = connect_with(remote.addr, &Connect::v311("far-sub").clean(false)).await;
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        let p = sub.read_packet_within(Duration::from_secs(15)).await;
+        let m = parse_publish(&p, false);
+        sub.ack(&m).await;
+        got.push(u16::from_be_bytes([m.payload[0], m.payload[1]]));
+    }
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_mesh_of_three_delivers_each_message_once_per_subscriber() {
     let c = Node::start(vec![]).await;

@@ -144,6 +144,9 @@ async fn run(broker: Arc<Broker>, cfg: BridgeConfig, tls: Option<Arc<TlsConnecto
                     } else if peer.tls_failed && !tls_warned {
                         tls_warned = true;
                         warn!(bridge = %cfg.name, %addr, reason = %why, "bridge TLS handshake failed; retrying with back-off");
+                    } else if failures == 0 && i == 0 {
+                        // Once per outage at warn: a wrong address must show at the default level.
+                        warn!(bridge = %cfg.name, %addr, reason = %why, "bridge cannot connect; retrying with back-off");
                     } else {
                         debug!(bridge = %cfg.name, %addr, reason = %why, "bridge connection failed");
                     }

@@ -512,10 +512,22 @@ impl Broker {
         self.config.priority.iter().filter(|p| topic::matches(&p.filter, topic)).map(|p| p.level).max().unwrap_or(0)
     }
 
-    /// Whether `owner` may publish `topic` now: never in `$SYS`, otherwise as the policy says.
-    /// Wills are published with their owner's rights, checked when they are published.
+    /// Whether `owner` may publish `topic` now: never in `$SYS` (but for a bridge's own state
+    /// topic), otherwise as the policy says. Wills are published with their owner's rights,
+    /// checked when they are published.
     pub fn may_publish(&self, owner: &Principal, topic: &str) -> bool {
-        !is_sys_topic(topic) && self.policy.may_publish(owner, topic)
+        (!is_sys_topic(topic) || self.is_bridge_notification(owner, topic)) && self.policy.may_publish(owner, topic)
+    }
+
+    /// A mosquitto bridge (with `notifications true`, its default) publishes its state at the
+    /// broker it connects to, retained, on `$SYS/broker/connection/<its client id>/state`, and
+    /// makes that topic its will: refusing it would refuse the bridge's CONNECT. So a client
+    /// may write that one topic (the ACL still decides, as in mosquitto, whose example ACL has
+    /// `pattern write $SYS/broker/connection/%c/state`), unless its client id is the name of
+    /// one of tern's own bridges, whose state topic that is.
+    fn is_bridge_notification(&self, owner: &Principal, topic: &str) -> bool {
+        let id = topic.strip_prefix("$SYS/broker/connection/").and_then(|t| t.strip_suffix("/state"));
+        id == Some(&*owner.client_id) && !self.config.bridge.iter().any(|b| b.name == *owner.client_id)
     }
 
     /// Publishes a will after `delay` seconds unless the client is back on the same session

@@ -16,8 +16,11 @@
 # user name), a password file written by mosquitto_passwd ($7$, $6$) and `tern passwd`
 # (argon2id), an ACL file, and a SIGHUP reload of that ACL file.
 #
-# Needs python3, mosquitto_pub, mosquitto_sub, mosquitto_passwd (Debian package mosquitto),
-# openssl and paho-mqtt 2.x (`.ci/run` installs them).
+# Last, the bridge checks (tests/interop/bridge.sh): tern bridging to a real mosquitto and
+# mosquitto bridging to tern, each check with its own pair of brokers on free ports.
+#
+# Needs python3, mosquitto_pub, mosquitto_sub, mosquitto_passwd and the mosquitto broker (Debian
+# package mosquitto), openssl and paho-mqtt 2.x (`.ci/run` installs them).
 set -uo pipefail
 
 if [ $# -ne 1 ] || [ ! -x "$1" ]; then
@@ -937,6 +940,11 @@ else
     run_check sighup_acl_reload "$CHECK_TIMEOUT" check_sighup_acl_reload "$BROKER_PID"
     stop_broker
 fi
+
+# ---------------------------------------------------------------------------------------------
+# Bridges, with a real mosquitto in both roles (each check starts its own pair of brokers).
+# shellcheck source=tests/interop/bridge.sh
+source "$HERE/bridge.sh"
 
 if [ "$FAILED" -gt 0 ]; then
     echo "failed checks: ${FAILED_NAMES[*]}"
