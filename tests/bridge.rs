@@ -316,3 +316,43 @@ async fn an_outage_over_the_queue_limit_neither_blocks_publishers_nor_stops_the_
     sub.expect_silence(QUIET).await;
     local.shutdown().await.expect("stop");
 }
+
+/// A peer that accepts the bridge and then goes silent (a dead link): the bridge must give
+/// it up 1.5 times its keep-alive after the peer's last packet, not only at its next ping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_given_up_after_one_and_a_half_keep_alives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let peer = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let peer_addr = peer.local_addr().expect("addr");
+    let mut b = bridge("mute", peer_addr, BridgeProtocol::V311, vec![topic("m/#", BridgeDirection::Out, "", "")]);
+    b.keepalive = 2;
+    let (acked_tx, acked_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = peer.accept().await.expect("accept");
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await; // CONNECT
+        s.write_all(&[0x20, 0x02, 0x00, 0x00]).await.expect("CONNACK");
+        let _ = acked_tx.send(std::time::Instant::now());
+        // Reads (and ignores) the bridge's PINGREQs and never answers.
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let local = Node::start(vec![b]).await;
+    let mut s = connect_v311(local.addr, "mute-state").await;
+    s.send(&subscribe_pkt(false, 1, &[("$SYS/broker/connection/mute/state", 0)])).await;
+    let acked_at = acked_rx.await.expect("the bridge connected");
+    // Up (1), then down (0).
+    let mut states = Vec::new();
+    while !states.ends_with(&[b"1".to_vec(), b"0".to_vec()]) {
+        let p = s.read_packet_within(Duration::from_secs(10)).await;
+        if p[0] >> 4 == 3 {
+            states.push(parse_publish(&p, false).payload);
+        }
+    }
+    let after = acked_at.elapsed();
+    // 3 s; checking only at ping times (every 2 s) gave it up after 4 s.
+    assert!(after >= Duration::from_millis(2900) && after < Duration::from_millis(3700), "given up after {after:?}");
+}

@@ -418,6 +418,8 @@ impl<'a> Peer<'a> {
         probe_primary: bool,
     ) -> Ended {
         let ka = Duration::from_secs(u64::from(self.cfg.keepalive));
+        // The peer is taken for gone after this long without a packet from it.
+        let silent_limit = ka + ka / 2;
         let mut last_heard = tokio::time::Instant::now();
         let mut ping_at = tokio::time::Instant::now() + if ka.is_zero() { Duration::from_secs(3600) } else { ka };
         let mut probe_at = tokio::time::Instant::now() + PRIMARY_PROBE;
@@ -479,12 +481,18 @@ impl<'a> Peer<'a> {
                         return Ended::Failed(format!("local session closed (0x{code:02X})"));
                     }
                 }
-                _ = tokio::time::sleep_until(ping_at), if !ka.is_zero() => {
-                    if last_heard.elapsed() > ka + ka / 2 {
+                // Wakes for the next PINGREQ and when the peer has been silent for 1.5 times
+                // the keep-alive: checked only at ping times, a dead link was noticed up to
+                // 2.5 times the keep-alive after the peer's last packet.
+                _ = tokio::time::sleep_until(ping_at.min(last_heard + silent_limit)), if !ka.is_zero() => {
+                    let now = tokio::time::Instant::now();
+                    if now.duration_since(last_heard) >= silent_limit {
                         return Ended::Failed("keep-alive: peer silent".into());
                     }
-                    self.wbuf.extend_from_slice(&[0xC0, 0x00]);
-                    ping_at = tokio::time::Instant::now() + ka;
+                    if now >= ping_at {
+                        self.wbuf.extend_from_slice(&[0xC0, 0x00]);
+                        ping_at = now + ka;
+                    }
                 }
                 _ = tokio::time::sleep_until(probe_at), if probe_primary => {
                     probe_at = tokio::time::Instant::now() + PRIMARY_PROBE;
