@@ -53,6 +53,27 @@ pub(super) struct RetainedCursor {
     pub(super) ahead: usize,
 }
 
+/// The parts of a session's state that most sessions never need, boxed so that an idle
+/// session does not carry them (the backlog, the retained cursor, a budget reservation).
+#[derive(Debug, Default)]
+pub(super) struct Lazy {
+    /// QoS 1/2 messages in the store only (persistent sessions): see `Backlog`.
+    pub(super) backlog: Option<Backlog>,
+    /// Retained messages still to send for SUBSCRIBEs.
+    pub(super) retained: RetainedCursor,
+    /// A `Load` handed out is not back yet.
+    pub(super) loading: bool,
+    /// The queue's share of the broker's memory budget (only when it is past its free part).
+    pub(super) reservation: super::budget::Reservation,
+}
+
+impl Lazy {
+    /// Holds nothing: the box can go.
+    pub(super) fn idle(&self) -> bool {
+        self.backlog.is_none() && self.retained.pending.is_empty() && !self.loading && self.reservation.is_zero()
+    }
+}
+
 /// A read the caller should make for the session (`SessionState::wants_load`); its result
 /// goes back with `backlog_loaded` / `retained_loaded`.
 #[derive(Debug, Clone, PartialEq, Eq)]

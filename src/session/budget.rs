@@ -51,6 +51,11 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// Nothing reserved.
+    pub fn is_zero(&self) -> bool {
+        self.reserved == 0
+    }
+
     /// Adjusts the reservation to a queue now holding `held` bytes.
     pub fn track(&mut self, budget: &MemoryBudget, held: usize) {
         let excess = held.saturating_sub(FREE);

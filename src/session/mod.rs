@@ -9,7 +9,7 @@ mod backlog;
 mod budget;
 mod queue;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +18,7 @@ use bytestring::ByteString;
 use crate::message::Message;
 use crate::protocol::QoS;
 
-use backlog::{Backlog, PendingRetained, RetainedCursor, RetainedItem, LOW_WATER};
+use backlog::{Backlog, Lazy, PendingRetained, RetainedCursor, RetainedItem, LOW_WATER};
 pub use backlog::{Load, LOAD_BYTES, LOAD_CHUNK};
 pub use budget::MemoryBudget;
 
@@ -114,15 +114,12 @@ pub struct SessionState {
     next_packet_id: u16,
     /// Packet ids handed out so far (plus one): see `allocate_packet_id`.
     allocs: u64,
-    inbound_qos2: HashSet<u16>,
+    /// Inbound QoS 2 ids awaiting PUBREL, sorted (a few at most: bounded by the Receive
+    /// Maximum, or `limits.max_awaiting_pubrel` for 3.1.1).
+    inbound_qos2: Vec<u16>,
     limits: QueueLimits,
-    reservation: budget::Reservation,
-    /// QoS 1/2 messages in the store only (persistent sessions): see `Backlog`.
-    backlog: Option<Backlog>,
-    /// Retained messages still to send for SUBSCRIBEs.
-    retained: RetainedCursor,
-    /// A `Load` handed out is not back yet.
-    loading: bool,
+    /// Backlog, retained cursor and budget reservation, when there are any.
+    lazy: Option<Box<Lazy>>,
     /// Messages dropped since the session began (queue full, expired, too large).
     pub dropped: u64,
     /// Durable-queue keys of messages dropped without delivery (expired), for the caller to
@@ -132,8 +129,8 @@ pub struct SessionState {
 
 impl Drop for SessionState {
     fn drop(&mut self) {
-        if let Some(b) = &self.limits.budget {
-            self.reservation.release(b);
+        if let (Some(b), Some(l)) = (&self.limits.budget, self.lazy.as_mut()) {
+            l.reservation.release(b);
         }
     }
 }
@@ -146,12 +143,9 @@ impl SessionState {
             inflight: VecDeque::new(),
             next_packet_id: 1,
             allocs: 1,
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: Vec::new(),
             limits,
-            reservation: budget::Reservation::default(),
-            backlog: None,
-            retained: RetainedCursor::default(),
-            loading: false,
+            lazy: None,
             dropped: 0,
             discarded: Vec::new(),
         }
@@ -198,7 +192,7 @@ impl SessionState {
 
     /// Messages and bytes waiting, in memory and in the backlog.
     fn waiting(&self) -> (usize, usize) {
-        let (c, b) = self.backlog.as_ref().map_or((0, 0), |b| (b.count, b.bytes));
+        let (c, b) = self.lazy.as_ref().and_then(|l| l.backlog.as_ref()).map_or((0, 0), |b| (b.count, b.bytes));
         (self.queue.len() + c, self.queued_bytes + b)
     }
 
@@ -213,7 +207,18 @@ impl SessionState {
 
     fn held_changed(&mut self) {
         if let Some(b) = &self.limits.budget {
-            self.reservation.track(b, self.queued_bytes);
+            if self.queued_bytes > budget::FREE || self.lazy.as_ref().is_some_and(|l| !l.reservation.is_zero()) {
+                let l = self.lazy.get_or_insert_with(Default::default);
+                l.reservation.track(b, self.queued_bytes);
+            }
+        }
+        self.tidy();
+    }
+
+    /// Drops the boxed parts once they hold nothing.
+    fn tidy(&mut self) {
+        if self.lazy.as_ref().is_some_and(|l| l.idle()) {
+            self.lazy = None;
         }
     }
 
@@ -227,14 +232,15 @@ impl SessionState {
     /// Whether new QoS 1/2 messages of this (persistent) session go to its backlog in the
     /// store rather than to the queue in memory.
     pub fn backlogged(&self) -> bool {
-        self.backlog.is_some()
+        self.lazy.as_ref().is_some_and(|l| l.backlog.is_some())
     }
 
     /// Counts a message the caller has written to the store (key `seq`) into the backlog,
     /// within the session's limits (see `enqueue` for `slack`).
     pub fn backlog_push(&mut self, seq: u64, size: usize, slack: bool) -> Result<Queued, Dropped> {
         self.admit(size, slack)?;
-        let b = self.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq, recovered_through: 0 });
+        let lazy = self.lazy.get_or_insert_with(Default::default);
+        let b = lazy.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq, recovered_through: 0 });
         b.count += 1;
         b.bytes += size;
         b.next = b.next.min(seq);
@@ -251,15 +257,22 @@ impl SessionState {
             let size = d.msg.held_bytes();
             self.queued_bytes = self.queued_bytes.saturating_sub(size);
             let Some(seq) = d.store_seq else { continue };
-            let b =
-                self.backlog.get_or_insert(Backlog { count: 0, bytes: 0, next: seq, last: seq, recovered_through: 0 });
+            let b = self.lazy.get_or_insert_with(Default::default).backlog.get_or_insert(Backlog {
+                count: 0,
+                bytes: 0,
+                next: seq,
+                last: seq,
+                recovered_through: 0,
+            });
             b.count += 1;
             b.bytes += size;
             b.next = b.next.min(seq);
             b.last = b.last.max(seq);
             moved += 1;
         }
-        self.retained.ahead = self.retained.ahead.min(self.queue.len());
+        if let Some(l) = self.lazy.as_mut() {
+            l.retained.ahead = l.retained.ahead.min(self.queue.len());
+        }
         self.held_changed();
         moved
     }
@@ -268,7 +281,8 @@ impl SessionState {
     /// with keys from `first` to `last`.
     pub fn restore_backlog(&mut self, count: usize, bytes: usize, first: u64, last: u64) {
         if count > 0 {
-            self.backlog = Some(Backlog { count, bytes, next: first, last, recovered_through: last });
+            self.lazy.get_or_insert_with(Default::default).backlog =
+                Some(Backlog { count, bytes, next: first, last, recovered_through: last });
         }
     }
 
@@ -277,10 +291,12 @@ impl SessionState {
     /// limits: they are bounded by the retained store, and are read into the queue only as
     /// it drains.
     pub fn push_retained(&mut self, loaded: Vec<(Arc<Message>, QoS)>, stored: Vec<(ByteString, QoS)>, id: Option<u32>) {
-        if self.retained.pending.is_empty() {
-            self.retained.ahead = self.queue.len();
+        let queued = self.queue.len();
+        let r = &mut self.lazy.get_or_insert_with(Default::default).retained;
+        if r.pending.is_empty() {
+            r.ahead = queued;
         }
-        let p = &mut self.retained.pending;
+        let p = &mut r.pending;
         p.extend(loaded.into_iter().map(|(m, qos)| PendingRetained {
             item: RetainedItem::Loaded(m),
             qos,
@@ -297,14 +313,16 @@ impl SessionState {
     /// are only in the store, or the next chunk of the backlog once the queue runs low. One
     /// at a time; its result goes to `retained_loaded` / `backlog_loaded` (or `load_failed`).
     pub fn wants_load(&mut self) -> Option<Load> {
-        if self.loading {
+        let (queued, bytes) = (self.queue.len(), self.queued_bytes);
+        let l = self.lazy.as_mut()?;
+        if l.loading {
             return None;
         }
-        let load = if self.retained.ahead == 0
-            && matches!(self.retained.pending.front(), Some(PendingRetained { item: RetainedItem::Stored(_), .. }))
+        let r = &l.retained;
+        let load = if r.ahead == 0
+            && matches!(r.pending.front(), Some(PendingRetained { item: RetainedItem::Stored(_), .. }))
         {
-            let topics = self
-                .retained
+            let topics = r
                 .pending
                 .iter()
                 .take(LOAD_CHUNK)
@@ -315,8 +333,8 @@ impl SessionState {
                 .collect();
             Load::Retained(topics)
         } else {
-            let b = self.backlog.as_ref()?;
-            if self.queue.len() > LOW_WATER || self.queued_bytes > LOAD_BYTES {
+            let b = l.backlog.as_ref()?;
+            if queued > LOW_WATER || bytes > LOAD_BYTES {
                 return None;
             }
             Load::Backlog {
@@ -327,73 +345,84 @@ impl SessionState {
                 recovered_through: b.recovered_through,
             }
         };
-        self.loading = true;
+        l.loading = true;
         Some(load)
     }
 
     /// A `Load` could not be made: it may be asked for again.
     pub fn load_failed(&mut self) {
-        self.loading = false;
+        if let Some(l) = self.lazy.as_mut() {
+            l.loading = false;
+        }
+        self.tidy();
     }
 
     /// The result of `Load::Retained`: each topic's message, None when it is retained no
     /// more. Ignored if the cursor changed meanwhile (the session was discarded).
     pub fn retained_loaded(&mut self, read: Vec<(ByteString, Option<Arc<Message>>)>) {
-        self.loading = false;
-        let p = &mut self.retained.pending;
-        let same = read.len() <= p.len()
-            && read.iter().zip(p.iter()).all(|((t, _), q)| matches!(&q.item, RetainedItem::Stored(s) if s == t));
-        if !same {
-            return;
-        }
-        let mut gone = Vec::new();
-        for (i, (_, m)) in read.into_iter().enumerate() {
-            match m {
-                Some(m) => {
-                    if let Some(q) = p.get_mut(i) {
-                        q.item = RetainedItem::Loaded(m);
+        if let Some(l) = self.lazy.as_mut() {
+            l.loading = false;
+            let p = &mut l.retained.pending;
+            let same = read.len() <= p.len()
+                && read.iter().zip(p.iter()).all(|((t, _), q)| matches!(&q.item, RetainedItem::Stored(s) if s == t));
+            if same {
+                let mut gone = Vec::new();
+                for (i, (_, m)) in read.into_iter().enumerate() {
+                    match m {
+                        Some(m) => {
+                            if let Some(q) = p.get_mut(i) {
+                                q.item = RetainedItem::Loaded(m);
+                            }
+                        }
+                        None => gone.push(i),
                     }
                 }
-                None => gone.push(i),
+                for i in gone.into_iter().rev() {
+                    p.remove(i);
+                }
             }
         }
-        for i in gone.into_iter().rev() {
-            p.remove(i);
-        }
+        self.tidy();
     }
 
     /// The result of `Load::Backlog`: the messages read (with their store keys, in key
     /// order), and the key up to which the store was read (`to` of the load when nothing
     /// stopped the read early). Messages in flight (restored after a restart) are skipped.
     pub fn backlog_loaded(&mut self, read: Vec<Delivery>, through: u64) {
-        self.loading = false;
-        let Some(b) = self.backlog.as_mut() else { return };
         let mut taken = Vec::new();
-        for d in read {
-            let Some(seq) = d.store_seq else { continue };
-            if seq < b.next || self.inflight.iter().any(|f| f.delivery.store_seq == Some(seq)) {
-                continue;
+        if let Some(l) = self.lazy.as_mut() {
+            l.loading = false;
+            if let Some(b) = l.backlog.as_mut() {
+                for d in read {
+                    let Some(seq) = d.store_seq else { continue };
+                    if seq < b.next || self.inflight.iter().any(|f| f.delivery.store_seq == Some(seq)) {
+                        continue;
+                    }
+                    b.count = b.count.saturating_sub(1);
+                    b.bytes = b.bytes.saturating_sub(d.msg.held_bytes());
+                    taken.push(d);
+                }
+                b.next = b.next.max(through.saturating_add(1));
+                if b.next > b.last {
+                    // Read to the end: whatever the counts say, nothing is left in the store.
+                    l.backlog = None;
+                }
             }
-            b.count = b.count.saturating_sub(1);
-            b.bytes = b.bytes.saturating_sub(d.msg.held_bytes());
-            taken.push(d);
-        }
-        b.next = b.next.max(through.saturating_add(1));
-        if b.next > b.last {
-            // Read to the end: whatever the counts say, nothing is left in the store.
-            self.backlog = None;
         }
         for d in taken {
             self.enqueue_unbounded(d);
         }
+        self.tidy();
     }
 
     /// Takes the next message to send if the in-flight window allows. Expired messages are
     /// skipped and counted. QoS 0 behind a blocked QoS 1/2 message waits, keeping order.
     pub fn next_outgoing(&mut self, window: usize, now: Instant) -> Option<Outgoing> {
         loop {
-            if self.retained.ahead == 0 && !self.retained.pending.is_empty() {
-                let d = self.next_retained(window, now)?;
+            if self.lazy.as_ref().is_some_and(|l| l.retained.ahead == 0 && !l.retained.pending.is_empty()) {
+                let d = self.next_retained(window, now);
+                self.tidy();
+                let d = d?;
                 if d.qos == QoS::AtMostOnce {
                     return Some(Outgoing::Unacked(d));
                 }
@@ -421,18 +450,20 @@ impl SessionState {
     /// The next retained message of the cursor as a delivery, if it can go now: it is in
     /// memory (else the caller reads it: `wants_load`) and, at QoS 1/2, the window has room.
     fn next_retained(&mut self, window: usize, now: Instant) -> Option<Delivery> {
+        let inflight = self.inflight.len();
+        let cursor = &mut self.lazy.as_mut()?.retained;
         loop {
-            let front = self.retained.pending.front()?;
+            let front = cursor.pending.front()?;
             let RetainedItem::Loaded(m) = &front.item else { return None };
             if m.is_expired(now) {
-                self.retained.pending.pop_front();
+                cursor.pending.pop_front();
                 continue;
             }
             let qos = m.qos.min(front.qos);
-            if qos != QoS::AtMostOnce && self.inflight.len() >= window {
+            if qos != QoS::AtMostOnce && inflight >= window {
                 return None;
             }
-            let p = self.retained.pending.pop_front()?;
+            let p = cursor.pending.pop_front()?;
             let RetainedItem::Loaded(msg) = p.item else { return None };
             return Some(Delivery {
                 msg,
@@ -460,7 +491,9 @@ impl SessionState {
     fn pop_front(&mut self) -> Option<Delivery> {
         let d = self.queue.pop_front()?;
         self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.held_bytes());
-        self.retained.ahead = self.retained.ahead.saturating_sub(1);
+        if let Some(l) = self.lazy.as_mut() {
+            l.retained.ahead = l.retained.ahead.saturating_sub(1);
+        }
         self.held_changed();
         Some(d)
     }
@@ -577,7 +610,9 @@ impl SessionState {
         for d in &taken {
             self.queued_bytes = self.queued_bytes.saturating_sub(d.msg.held_bytes());
         }
-        self.retained.ahead = self.retained.ahead.min(self.queue.len());
+        if let Some(l) = self.lazy.as_mut() {
+            l.retained.ahead = l.retained.ahead.min(self.queue.len());
+        }
         self.held_changed();
         out.extend(taken);
         out
@@ -594,21 +629,36 @@ impl SessionState {
         let mut out: Vec<Delivery> = self.inflight.drain(..).map(|f| f.delivery).collect();
         out.extend(self.queue.drain());
         self.queued_bytes = 0;
+        if let Some(l) = self.lazy.as_mut() {
+            l.backlog = None;
+            l.retained = RetainedCursor::default();
+            l.loading = false;
+        }
         self.held_changed();
-        self.backlog = None;
-        self.retained = RetainedCursor::default();
         out
     }
 
     /// Inbound QoS 2: records the packet id; false if it was already recorded (a duplicate
     /// that must not be delivered again).
     pub fn inbound_qos2_begin(&mut self, pid: u16) -> bool {
-        self.inbound_qos2.insert(pid)
+        match self.inbound_qos2.binary_search(&pid) {
+            Ok(_) => false,
+            Err(i) => {
+                self.inbound_qos2.insert(i, pid);
+                true
+            }
+        }
     }
 
     /// Inbound QoS 2 PUBREL: forgets the id; false if it was unknown.
     pub fn inbound_qos2_release(&mut self, pid: u16) -> bool {
-        self.inbound_qos2.remove(&pid)
+        match self.inbound_qos2.binary_search(&pid) {
+            Ok(i) => {
+                self.inbound_qos2.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     pub fn inbound_qos2_len(&self) -> usize {
