@@ -191,7 +191,7 @@ impl Local {
     fn attach(&self, broker: &Arc<Broker>) -> Link {
         let attached = broker.attach(&self.client_id, false, EXPIRY_NEVER, ProtocolVersion::V5, None);
         let window = usize::from(broker.config.limits.max_inflight);
-        Link::new(Arc::clone(broker), attached, self.client_id.clone(), Arc::clone(&self.principal), window)
+        Link::new(Arc::clone(broker), attached, Arc::clone(&self.principal), window)
     }
 }
 
@@ -597,7 +597,7 @@ impl<'a> Peer<'a> {
                 qos,
                 p.retain,
                 std::mem::take(&mut p.properties),
-                link.client_id.clone(),
+                link.client_id().clone(),
             );
             match qos {
                 QoS::AtMostOnce => {

@@ -78,7 +78,7 @@ impl Conn {
                 })
             });
             if !flow.targets.iter().any(|w| Arc::ptr_eq(&w.handle, &handle)) {
-                debug!(client_id = %self.link.client_id, subscriber = %handle.client_id, "publishes wait for room");
+                debug!(client_id = %self.link.client_id(), subscriber = %handle.client_id, "publishes wait for room");
                 flow.targets.push(Waited { handle, progress, since: now });
             }
         }
@@ -140,7 +140,7 @@ impl Conn {
         // Room everywhere: handle what was put aside, in order. A publish among it may fill a
         // queue again; the rest then waits again.
         let Some(flow) = self.flow.take() else { return Ok(()) };
-        debug!(client_id = %self.link.client_id, put_aside = flow.stash.len(), "publishes go on");
+        debug!(client_id = %self.link.client_id(), put_aside = flow.stash.len(), "publishes go on");
         let (mut stash, closed) = (flow.stash, flow.closed);
         while let Some((p, size)) = stash.pop_front() {
             if let Some(f) = self.flow.as_mut() {

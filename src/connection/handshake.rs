@@ -248,7 +248,7 @@ impl Conn {
             "client connected"
         );
 
-        let link = Link::new(Arc::clone(broker), attached, client_id, principal, window);
+        let link = Link::new(Arc::clone(broker), attached, principal, window);
         let mut conn = Conn {
             link,
             version: v,

@@ -181,7 +181,7 @@ impl Conn {
         if !self.link.may_publish(&p.topic) {
             // v5 hears why (0x87); a 3.1.1 client has no way to, so its message is
             // acknowledged and dropped, as mosquitto does.
-            debug!(client_id = %self.link.client_id, topic = %p.topic, "publish not authorised");
+            debug!(client_id = %self.link.client_id(), topic = %p.topic, "publish not authorised");
             if v5 {
                 ack_reason = reason::NOT_AUTHORIZED;
             } else {
@@ -255,7 +255,7 @@ impl Conn {
     pub(super) fn route(&mut self, p: Publish, extra: Option<Op>) -> (usize, u64) {
         let mut props = p.properties;
         props.topic_alias = None;
-        let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id.clone());
+        let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id().clone());
         let mut full = Vec::new();
         let routed = self.link.publish(msg, extra, &mut full);
         if !full.is_empty() {
@@ -346,7 +346,7 @@ impl Conn {
                 // The user name is the one already authorised: re-authentication may renew
                 // the proof, never change who the connection is.
                 let user = self.link.principal.username.as_deref();
-                let (exchange, step) = auth.method.start(&self.link.client_id, user, data);
+                let (exchange, step) = auth.method.start(self.link.client_id(), user, data);
                 auth.exchange = Some(exchange);
                 step
             }

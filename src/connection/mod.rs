@@ -290,7 +290,7 @@ impl Conn {
                 self.pause_input();
             } else if self.paused {
                 if let Err(close) = self.resume_input() {
-                    let _ = self.flush(stream).await;
+                    let _ = Box::pin(self.flush(stream)).await;
                     return close;
                 }
                 more = true;
@@ -532,7 +532,7 @@ impl Conn {
             let _ = tokio::time::timeout(Duration::from_secs(1), send(stream, &self.wbuf)).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-        info!(client_id = %self.link.client_id, peer = %self.peer, reason = %why, "client disconnected");
+        info!(client_id = %self.link.client_id(), peer = %self.peer, reason = %why, "client disconnected");
         let will = if publish_will { self.will.take() } else { None };
         self.link.detach(self.session_expiry);
         let Some(w) = will else { return };
@@ -547,7 +547,7 @@ impl Conn {
     pub(super) fn will_message(&self, w: LastWill) -> Arc<Message> {
         let mut props = w.properties;
         props.will_delay_interval = None;
-        Arc::new(Message::received(w.topic, w.payload, w.qos, w.retain, props, self.link.client_id.clone()))
+        Arc::new(Message::received(w.topic, w.payload, w.qos, w.retain, props, self.link.client_id().clone()))
     }
 }
 

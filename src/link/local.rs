@@ -136,7 +136,7 @@ impl LocalClient {
         });
         let attached = broker.attach(&client_id, opts.clean_start, opts.session_expiry, ProtocolVersion::V5, None);
         let window = usize::from(cfg.limits.max_inflight);
-        let mut link = Link::new(Arc::clone(broker), attached, client_id, principal, window);
+        let mut link = Link::new(Arc::clone(broker), attached, principal, window);
         let mut inbox = VecDeque::new();
         // Resumed: what was handed over but not acknowledged comes again first, flagged. A
         // QoS 2 message past PUBREC was taken already; its PUBREL is done here.
@@ -222,7 +222,7 @@ impl LocalClient {
             qos,
             retain,
             Properties::default(),
-            link.client_id.clone(),
+            link.client_id().clone(),
         );
         let mut full = Vec::new();
         let (_, ticket) = link.publish(msg, None, &mut full);

@@ -55,7 +55,6 @@ pub struct Link {
     pub(crate) handle: Arc<SessionHandle>,
     pub(crate) control: Arc<ConnControl>,
     pub(crate) connection_id: u64,
-    pub(crate) client_id: ByteString,
     /// Who the client is, for every authorisation check (publish, subscribe, delivery).
     pub(crate) principal: Arc<Principal>,
     /// QoS 1/2 deliveries in flight at most: min(limits.max_inflight, peer's Receive Maximum).
@@ -143,23 +142,21 @@ pub struct Subscribed {
 }
 
 impl Link {
-    pub(crate) fn new(
-        broker: Arc<Broker>,
-        attached: Attached,
-        client_id: ByteString,
-        principal: Arc<Principal>,
-        window: usize,
-    ) -> Link {
+    pub(crate) fn new(broker: Arc<Broker>, attached: Attached, principal: Arc<Principal>, window: usize) -> Link {
         Link {
             broker,
             handle: attached.handle,
             control: attached.control,
             connection_id: attached.connection_id,
-            client_id,
             principal,
             window,
             write_ticket: 0,
         }
+    }
+
+    /// The client id of the session (kept once, in its handle).
+    pub fn client_id(&self) -> &ByteString {
+        &self.handle.client_id
     }
 
     /// Moves queued deliveries into `out` while the in-flight window allows. Returns true if
@@ -185,7 +182,7 @@ impl Link {
                 // or subscribed): it is dropped as if delivered, and counted.
                 if let Outgoing::Tracked(pid, _) = next {
                     if let Some(seq) = cell.state.discard(pid) {
-                        ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
+                        ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
                     }
                 }
                 cell.state.dropped += 1;
@@ -200,7 +197,7 @@ impl Link {
                         // or the receiver would take it for a new one [MQTT-4.3.3]: its id is
                         // durable before the PUBLISH is written (see `write_ready`).
                         ops.push(Op::SetInflight {
-                            client: self.client_id.clone(),
+                            client: self.handle.client_id.clone(),
                             seq,
                             state: InflightState::Sent(pid),
                         });
@@ -211,7 +208,7 @@ impl Link {
             let written = out.publish(&d, pid, d.maybe_sent, now);
             if written != Written::Yes {
                 if let Some(seq) = pid.and_then(|pid| cell.state.discard(pid)) {
-                    ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
+                    ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
                 }
                 if written == Written::TooLarge {
                     cell.state.dropped += 1;
@@ -222,7 +219,7 @@ impl Link {
             sent += 1;
         };
         for seq in cell.state.take_discarded() {
-            ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
+            ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
         }
         cell.wake_publishers();
         let load = cell.state.wants_load();
@@ -257,7 +254,7 @@ impl Link {
         let mut ops = Vec::new();
         for pid in revoked {
             if let Some(seq) = cell.state.discard(pid) {
-                ops.push(Op::DeleteQueued { client: self.client_id.clone(), seq });
+                ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
             }
         }
         for f in cell.state.inflight() {
@@ -305,9 +302,13 @@ impl Link {
         let mut ticket = 0;
         if let Ack::Done(Some(seq)) = ack {
             let op = if success {
-                Op::SetInflight { client: self.client_id.clone(), seq, state: InflightState::Released(packet_id) }
+                Op::SetInflight {
+                    client: self.handle.client_id.clone(),
+                    seq,
+                    state: InflightState::Released(packet_id),
+                }
             } else {
-                Op::DeleteQueued { client: self.client_id.clone(), seq }
+                Op::DeleteQueued { client: self.handle.client_id.clone(), seq }
             };
             ticket = self.broker.persist(vec![op]);
         }
@@ -324,7 +325,7 @@ impl Link {
     /// A delivery that ended deletes its stored copy.
     fn forget_stored(&self, ack: Ack) {
         if let Ack::Done(Some(seq)) = ack {
-            self.broker.persist(vec![Op::DeleteQueued { client: self.client_id.clone(), seq }]);
+            self.broker.persist(vec![Op::DeleteQueued { client: self.handle.client_id.clone(), seq }]);
         }
     }
 
@@ -332,7 +333,8 @@ impl Link {
     pub fn qos2_received(&self, packet_id: u16) -> Qos2Received {
         let mut cell = self.handle.lock();
         let first = cell.state.inbound_qos2_begin(packet_id);
-        let record = (first && cell.persistent()).then(|| Op::PutInbound { client: self.client_id.clone(), packet_id });
+        let record =
+            (first && cell.persistent()).then(|| Op::PutInbound { client: self.handle.client_id.clone(), packet_id });
         Qos2Received { first, pending: cell.state.inbound_qos2_len(), record }
     }
 
@@ -345,7 +347,7 @@ impl Link {
             (cell.state.inbound_qos2_release(packet_id), cell.persistent())
         };
         if known && persistent {
-            return self.broker.persist(vec![Op::DeleteInbound { client: self.client_id.clone(), packet_id }]);
+            return self.broker.persist(vec![Op::DeleteInbound { client: self.handle.client_id.clone(), packet_id }]);
         }
         0
     }
@@ -409,7 +411,7 @@ impl Link {
         if !self.broker.policy.may_subscribe(&self.principal, plain) {
             // Unlike mosquitto 2.0, which grants every SUBSCRIBE and filters deliveries, the
             // client learns at once that it will receive nothing here.
-            tracing::debug!(client_id = %self.client_id, filter = %filter, "subscription not authorised");
+            tracing::debug!(client_id = %self.handle.client_id, filter = %filter, "subscription not authorised");
             return Err(reason::NOT_AUTHORIZED);
         }
         opts.qos = opts.qos.min(QoS::from_u8(cfg.mqtt.maximum_qos).unwrap_or(QoS::ExactlyOnce));
