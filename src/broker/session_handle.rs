@@ -364,9 +364,7 @@ impl SessionHandle {
                 return Delivered::Dropped;
             }
         };
-        if let Some(c) = &cell.control {
-            c.signal(signal::DELIVERY);
-        }
+        cell.signal(signal::DELIVERY);
         match queued {
             Queued::Full if connected => Delivered::Full,
             _ => Delivered::Queued,
