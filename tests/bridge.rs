@@ -55,20 +55,6 @@ fn bridge(name: &str, to: SocketAddr, protocol: BridgeProtocol, topics: Vec<Brid
     Bridge::new(name, &to.to_string(), protocol, topics)
 }
 
-/// Waits until the bridge `name` of the broker at `addr` says it is connected.
-async fn connected(addr: SocketAddr, name: &str) {
-    let mut s = connect_v311(addr, &format!("state-watch-{name}")).await;
-    s.send(&subscribe_pkt(false, 1, &[(&format!("$SYS/broker/connection/{name}/state"), 0)])).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        assert!(std::time::Instant::now() < deadline, "bridge {name} never connected");
-        let p = s.read_packet_within(Duration::from_secs(15)).await;
-        if p[0] >> 4 == 3 && parse_publish(&p, false).payload == b"1" {
-            return;
-        }
-    }
-}
-
 async fn subscriber(addr: SocketAddr, id: &str, filter: &str) -> Raw {
     let (mut s, _) = connect_with(addr, &Connect::v311(id).clean(false)).await;
     s.subscribe(1, filter, 1).await;
@@ -102,7 +88,7 @@ async fn out_in_and_both_with_prefixes_and_no_echo() {
             topic("shared/#", BridgeDirection::Both, "", ""),
         ];
         let local = Node::start(vec![bridge("up", remote.addr, protocol, topics)]).await;
-        connected(local.addr, "up").await;
+        bridge_connected(local.addr, "up").await;
         let mut at_remote = subscriber(remote.addr, "r-sub", "#").await;
         let mut at_local = subscriber(local.addr, "l-sub", "#").await;
         let mut lp = connect_v311(local.addr, "l-pub").await;
@@ -157,7 +143,7 @@ async fn qos1_published_while_the_peer_is_down_arrives_after_it_returns_and_afte
         vec![topic("fwd/#", BridgeDirection::Out, "", "")],
     )])
     .await;
-    connected(local.addr, "fwd").await;
+    bridge_connected(local.addr, "fwd").await;
     remote.stop().await;
 
     const N: u16 = 200;
@@ -195,7 +181,7 @@ async fn publishing_while_the_peer_is_down_keeps_the_back_off_short() {
         vec![topic("fwd/#", BridgeDirection::Out, "", "")],
     )])
     .await;
-    connected(local.addr, "fwd").await;
+    bridge_connected(local.addr, "fwd").await;
     remote.stop().await;
     let mut p = connect_v311(local.addr, "near-pub").await;
     for i in 0..20u16 {
@@ -226,9 +212,9 @@ async fn a_full_mesh_of_three_delivers_each_message_once_per_subscriber() {
         bridge("ac", c.addr, BridgeProtocol::V5, vec![topic("#", BridgeDirection::Both, "", "")]),
     ])
     .await;
-    connected(b.addr, "bc").await;
-    connected(a.addr, "ab").await;
-    connected(a.addr, "ac").await;
+    bridge_connected(b.addr, "bc").await;
+    bridge_connected(a.addr, "ab").await;
+    bridge_connected(a.addr, "ac").await;
     let nodes = [("a", a.addr), ("b", b.addr), ("c", c.addr)];
     let mut subs = Vec::new();
     for (n, addr) in nodes {
@@ -259,7 +245,7 @@ async fn the_state_topic_shows_an_outage() {
         vec![topic("w/#", BridgeDirection::Out, "", "")],
     )])
     .await;
-    connected(local.addr, "watch").await;
+    bridge_connected(local.addr, "watch").await;
     let mut s = connect_v311(local.addr, "state-sub").await;
     s.send(&subscribe_pkt(false, 1, &[("$SYS/broker/connection/watch/state", 0)])).await;
     remote.stop().await;
@@ -293,7 +279,7 @@ async fn an_outage_over_the_queue_limit_neither_blocks_publishers_nor_stops_the_
     c.limits.max_queued_messages = 100;
     c.limits.slow_consumer_secs = 1;
     let local = tern::start(c).await.expect("start");
-    connected(local.local_addr(), "small").await;
+    bridge_connected(local.local_addr(), "small").await;
     remote.stop().await;
     let mut p = connect_v311(local.local_addr(), "fast-pub").await;
     let t0 = std::time::Instant::now();
@@ -367,7 +353,7 @@ async fn qos2_across_a_peer_restart_mid_stream_arrives_exactly_once() {
     let mut t = topic("q2/#", BridgeDirection::Out, "", "");
     t.qos = 2;
     let local = Node::start(vec![bridge("q2", remote.addr, BridgeProtocol::V5, vec![t])]).await;
-    connected(local.addr, "q2").await;
+    bridge_connected(local.addr, "q2").await;
 
     const N: u16 = 400;
     let addr = local.addr;

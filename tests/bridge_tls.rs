@@ -82,26 +82,6 @@ fn bridge(name: &str, to: SocketAddr, tls: BridgeTls) -> Bridge {
     }
 }
 
-/// A client of `addr` subscribed to the state topic of bridge `name`.
-async fn state_watch(addr: SocketAddr, name: &str) -> Raw {
-    let mut s = connect_v311(addr, &format!("state-watch-{name}")).await;
-    s.subscribe(1, &format!("$SYS/broker/connection/{name}/state"), 0).await;
-    s
-}
-
-/// Waits until the state topic says `1`.
-async fn connected(addr: SocketAddr, name: &str) {
-    let mut s = state_watch(addr, name).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        assert!(std::time::Instant::now() < deadline, "bridge {name} never connected");
-        let p = s.read_packet_within(Duration::from_secs(15)).await;
-        if p[0] >> 4 == 3 && parse_publish(&p, false).payload == b"1" {
-            return;
-        }
-    }
-}
-
 /// A TCP relay to `to`: each connection through it is reported on the channel when it ends.
 async fn relay(to: SocketAddr) -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("relay bind");
@@ -128,7 +108,7 @@ async fn never_connects(mut bridge: Bridge, to: SocketAddr, attempts: usize) {
     bridge.addresses = vec![via.to_string()];
     let name = bridge.name.clone();
     let (_handle, addr, _dir) = local(bridge).await;
-    let mut state = state_watch(addr, &name).await;
+    let mut state = bridge_state_watch(addr, &name).await;
     assert_eq!(state.recv_publish().await.payload, b"0", "the bridge starts down");
     for n in 0..attempts {
         // Back-off: 1 s (±25 %) after the first failure, 2 s after the second.
@@ -141,7 +121,7 @@ async fn never_connects(mut bridge: Bridge, to: SocketAddr, attempts: usize) {
 
 /// One QoS 1 message each way over the bridge `name` of the broker at `local`.
 async fn forwards_both_ways(local: SocketAddr, remote: SocketAddr, name: &str) {
-    connected(local, name).await;
+    bridge_connected(local, name).await;
     let mut at_remote = connect_v311(remote, &format!("{name}-r-sub")).await;
     at_remote.subscribe(1, "up/#", 1).await;
     let mut at_local = connect_v311(local, &format!("{name}-l-sub")).await;
@@ -207,7 +187,7 @@ async fn server_name_is_checked_instead_of_the_address() {
     // insecure: any name, but still a certificate from the CA.
     let insecure = BridgeTls { insecure: true, ..ca_only(pki.ca_path()) };
     let (_h2, addr, _d2) = local(bridge("insecure", r.tls, insecure)).await;
-    connected(addr, "insecure").await;
+    bridge_connected(addr, "insecure").await;
     let other = TestPki::new();
     let insecure_other_ca = BridgeTls { insecure: true, ..ca_only(other.ca_path()) };
     never_connects(bridge("insecure-other-ca", r.tls, insecure_other_ca), r.tls, 1).await;

@@ -1013,3 +1013,23 @@ impl Raw {
         body.get(2).copied().unwrap_or(0)
     }
 }
+
+/// Subscribes to the state topic of the bridge `name` of the broker at `addr`.
+pub async fn bridge_state_watch(addr: SocketAddr, name: &str) -> Raw {
+    let mut s = connect_v311(addr, &format!("state-watch-{name}")).await;
+    s.subscribe(1, &format!("$SYS/broker/connection/{name}/state"), 0).await;
+    s
+}
+
+/// Waits until the bridge `name` of the broker at `addr` says it is connected.
+pub async fn bridge_connected(addr: SocketAddr, name: &str) {
+    let mut s = bridge_state_watch(addr, name).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(Instant::now() < deadline, "bridge {name} never connected");
+        let p = s.read_packet_within(Duration::from_secs(15)).await;
+        if p[0] >> 4 == 3 && parse_publish(&p, false).payload == b"1" {
+            return;
+        }
+    }
+}
