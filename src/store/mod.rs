@@ -785,6 +785,11 @@ mod tests {
         assert!(matches!(*err, StoreError::CommitThread(_)), "{err}");
         assert!(err.to_string().contains("backend bug"), "{err}");
         assert!(lock(&hooked).as_deref().is_some_and(|m| m.contains("backend bug")));
+        // The waiters are told after the hooks run: poll for it, with a deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while notified.load(Ordering::SeqCst) != u64::MAX && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(notified.load(Ordering::SeqCst), u64::MAX, "waiters are woken");
         // Later submissions are answered at once, failed, and not kept.
         backend.panic.store(false, Ordering::SeqCst);
