@@ -1038,6 +1038,56 @@ async fn will_of_a_client_connected_at_the_crash_is_published_after_restart() {
     watcher.disconnect().await;
 }
 
+/// A will recovered after a crash is published with its owner's rights under the ACL the
+/// broker restarts with, as it would have been had the connection dropped without a restart:
+/// of two wills accepted before the crash, the one the new ACL no longer allows stays unpublished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovered_wills_keep_their_owners_rights() {
+    let mut b = BrokerProc::new();
+    let acl = b.dir.path().join("acl");
+    let config = b.dir.path().join("tern.toml");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    std::fs::write(&config, format!("[auth]\nacl_file = \"{}\"\n{text}", acl.display())).expect("write config");
+    std::fs::write(&acl, "user alice\ntopic readwrite wills/#\n\nuser watcher\ntopic read wills/#\n").expect("acl");
+    b.start().await;
+    let login = |id: &str| Connect::v311(id).clean(false);
+    let mut watcher = Wire::open(b.addr()).await;
+    assert!(watcher.send(&login("w").user("watcher").bytes()).await);
+    assert_eq!(hex(&watcher.read("CONNACK").await), "20 02 00 00");
+    watcher.subscribe(1, "wills/#", 1).await;
+    watcher.disconnect().await;
+    let mut doomed = Vec::new();
+    for (id, topic) in [("a", "wills/ok/a"), ("b", "wills/no/b")] {
+        let mut w = Wire::open(b.addr()).await;
+        assert!(w.send(&login(id).user("alice").will(common::Will::new(topic, b"gone", 1)).bytes()).await);
+        assert_eq!(hex(&w.read("CONNACK").await), "20 02 00 00", "will on {topic} accepted");
+        doomed.push(w);
+    }
+    // Both sessions (and their wills) are committed before the crash: a QoS 1 publish is
+    // acknowledged only after the store committed everything submitted before it.
+    let mut probe = Wire::open(b.addr()).await;
+    assert!(probe.send(&login("probe").user("alice").bytes()).await);
+    assert_eq!(hex(&probe.read("CONNACK").await), "20 02 00 00");
+    assert!(probe.send(&publish_full(b"wills/probe", b"x", 1, 1, false, false, None)).await);
+    assert_eq!(hex(&probe.read("PUBACK of the probe").await), hex(&puback(1)));
+    b.kill();
+    drop(doomed);
+
+    std::fs::write(&acl, "user alice\ntopic readwrite wills/ok/#\n\nuser watcher\ntopic read wills/#\n").expect("acl");
+    b.start().await;
+    let mut watcher = Wire::open(b.addr()).await;
+    assert!(watcher.send(&login("w").user("watcher").bytes()).await);
+    assert_eq!(hex(&watcher.read("CONNACK").await), "20 02 01 00");
+    let mut got = Vec::new();
+    while let Ev::Packet(p) = watcher.next(Duration::from_millis(1500)).await {
+        let m = common::parse_publish(&p, false);
+        assert!(watcher.send(&puback(m.pid.expect("packet id"))).await);
+        got.push(m.topic);
+    }
+    assert_eq!(got, vec!["wills/probe".to_string(), "wills/ok/a".to_string()], "wills after the restart");
+    watcher.disconnect().await;
+}
+
 /// The store holds other people's messages: its directory is the owner's only (0700) and
 /// every file the broker writes in it is 0600, whatever the umask tern was started with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,7 +38,7 @@ use crate::message::Message;
 use crate::protocol::{topic, ProtocolVersion, QoS, SubscriptionOptions};
 use crate::session::{Delivery, Load, MemoryBudget, QueueLimits, Queued};
 use crate::store::records::{self, now_unix_ms};
-use crate::store::{Op, SessionRecord, Store, StoreError, StoredWill};
+use crate::store::{Op, SessionRecord, Store, StoreError, StoredWill, WillOwner};
 use crate::topics::{Entry, RetainedTrie, SubscriptionTrie};
 
 /// Session Expiry Interval meaning "never" (v5 3.1.2.11.2); 3.1.1 persistent sessions too.
@@ -338,7 +338,7 @@ impl Broker {
         clean_start: bool,
         expiry: u32,
         protocol: ProtocolVersion,
-        will: Option<(&Message, u32)>,
+        will: Option<(&Message, u32, &Principal)>,
     ) -> Attached {
         let connection_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(ConnControl::default());
@@ -399,10 +399,15 @@ impl Broker {
                     protocol,
                     expiry_interval: expiry,
                     disconnected_at: None,
-                    will: will.map(|(m, delay)| {
+                    will: will.map(|(m, delay, owner)| {
                         let mut b = BytesMut::new();
                         records::encode_message(m, &mut b);
-                        StoredWill { delay, message: b.freeze() }
+                        let owner = WillOwner {
+                            username: owner.username.as_deref().map(String::from),
+                            cert_identity: owner.cert_identity.as_deref().map(String::from),
+                            listener: u16::try_from(owner.listener).unwrap_or(u16::MAX),
+                        };
+                        StoredWill { delay, message: b.freeze(), owner: Some(owner) }
                     }),
                 },
             });

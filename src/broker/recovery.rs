@@ -8,6 +8,7 @@ use bytestring::ByteString;
 use tracing::info;
 
 use super::{split_shared, Broker, Retained, SessionHandle, EXPIRY_NEVER};
+use crate::auth::Principal;
 use crate::protocol::QoS;
 use crate::session::OutState;
 use crate::store::records::{decode_message, now_unix_ms};
@@ -44,8 +45,20 @@ impl Broker {
             // Connected when the broker died: that connection ended abnormally, so its will
             // is due (after its delay, bounded by the session's remaining life).
             if let (None, Some(w)) = (rec.disconnected_at, &rec.will) {
+                // Published with its owner's rights, as it would have been without the restart.
+                let owner = w.owner.as_ref().map_or_else(
+                    || Principal { client_id: client.clone(), username: None, cert_identity: None, listener: 0 },
+                    |o| Principal {
+                        client_id: client.clone(),
+                        username: o.username.as_deref().map(ByteString::from),
+                        cert_identity: o.cert_identity.as_deref().map(Arc::from),
+                        listener: usize::from(o.listener),
+                    },
+                );
                 match decode_message(&w.message) {
-                    Ok(m) => wills.push((Arc::clone(&h), Arc::new(m), w.delay.min(rec.expiry_interval))),
+                    Ok(m) => {
+                        wills.push((Arc::clone(&h), Arc::new(m), w.delay.min(rec.expiry_interval), Arc::new(owner)))
+                    }
                     Err(e) => tracing::warn!(client_id = %client, error = %e, "stored will unreadable, dropped"),
                 }
             }
@@ -155,8 +168,8 @@ impl Broker {
         }
         self.persist(ops);
         let due_wills = wills.len();
-        for (h, m, delay) in wills {
-            self.publish_will(&h, m, delay, None);
+        for (h, m, delay, owner) in wills {
+            self.publish_will(&h, m, delay, Some(owner));
         }
         info!(sessions, subscriptions, queued, retained, wills = due_wills, "state recovered from the store");
     }

@@ -191,8 +191,13 @@ impl Conn {
             }
             _ => None,
         };
-        let attached =
-            broker.attach(&client_id, c.clean_start, session_expiry, v, stored_will.as_ref().map(|(m, d)| (&**m, *d)));
+        let attached = broker.attach(
+            &client_id,
+            c.clean_start,
+            session_expiry,
+            v,
+            stored_will.as_ref().map(|(m, d)| (&**m, *d, &*principal)),
+        );
         let session_present = attached.session_present;
 
         let mut keep_alive = c.keep_alive;

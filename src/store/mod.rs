@@ -55,7 +55,7 @@ use failures::Failures;
 
 pub use fjall_backend::FjallBackend;
 pub use memory::MemoryBackend;
-pub use records::{InflightState, QueuedRecord, SessionRecord, StoredWill};
+pub use records::{InflightState, QueuedRecord, SessionRecord, StoredWill, WillOwner};
 
 use crate::config::Durability;
 use crate::message::Message;

@@ -171,6 +171,43 @@ pub struct StoredWill {
     pub delay: u32,
     /// `encode_message` of the will.
     pub message: Bytes,
+    /// Who connected with this will: after a restart the will is published with its owner's
+    /// rights, as it would have been without the restart. None in records written before
+    /// tern stored it (the will is then checked as an anonymous client's).
+    pub owner: Option<WillOwner>,
+}
+
+/// The rights-relevant part of the principal that left a will.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WillOwner {
+    pub username: Option<String>,
+    pub cert_identity: Option<String>,
+    pub listener: u16,
+}
+
+/// Absent optional string in a record (a length no string of ours reaches).
+const NO_STRING: u16 = u16::MAX;
+
+fn put_opt_str(v: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        // Names longer than a u16 cannot come from a CONNECT; cut rather than corrupt.
+        Some(s) => {
+            let b = &s.as_bytes()[..s.len().min(usize::from(NO_STRING) - 1)];
+            v.extend_from_slice(&(b.len() as u16).to_be_bytes());
+            v.extend_from_slice(b);
+        }
+        None => v.extend_from_slice(&NO_STRING.to_be_bytes()),
+    }
+}
+
+fn get_opt_str(b: &mut &[u8], what: &str) -> Result<Option<String>, StoreError> {
+    need(b, 2, what)?;
+    let n = b.get_u16();
+    if n == NO_STRING {
+        return Ok(None);
+    }
+    let raw = get_bytes(b, usize::from(n), what)?;
+    String::from_utf8(raw.to_vec()).map(Some).map_err(|_| corrupt(what))
 }
 
 pub fn encode_session(r: &SessionRecord) -> Vec<u8> {
@@ -188,6 +225,12 @@ pub fn encode_session(r: &SessionRecord) -> Vec<u8> {
         v.extend_from_slice(&w.delay.to_be_bytes());
         v.extend_from_slice(&(w.message.len() as u32).to_be_bytes());
         v.extend_from_slice(&w.message);
+        if let Some(o) = &w.owner {
+            v.push(1);
+            put_opt_str(&mut v, o.username.as_deref());
+            put_opt_str(&mut v, o.cert_identity.as_deref());
+            v.extend_from_slice(&o.listener.to_be_bytes());
+        }
     }
     v
 }
@@ -213,7 +256,19 @@ pub fn decode_session(mut b: &[u8]) -> Result<SessionRecord, StoreError> {
         need(&b, 8, "session will")?;
         let delay = b.get_u32();
         let n = b.get_u32() as usize;
-        Some(StoredWill { delay, message: get_bytes(&mut b, n, "session will")? })
+        let message = get_bytes(&mut b, n, "session will")?;
+        let owner = if b.is_empty() {
+            None
+        } else {
+            if b.get_u8() != 1 {
+                return Err(corrupt("session will owner"));
+            }
+            let username = get_opt_str(&mut b, "session will owner")?;
+            let cert_identity = get_opt_str(&mut b, "session will owner")?;
+            need(&b, 2, "session will owner")?;
+            Some(WillOwner { username, cert_identity, listener: b.get_u16() })
+        };
+        Some(StoredWill { delay, message, owner })
     };
     Ok(SessionRecord { protocol, expiry_interval, disconnected_at, will })
 }
@@ -361,15 +416,42 @@ mod tests {
             protocol: ProtocolVersion::V5,
             expiry_interval: 9,
             disconnected_at: Some(5),
-            will: Some(StoredWill { delay: 3, message: Bytes::from_static(b"w") }),
+            will: Some(StoredWill {
+                delay: 3,
+                message: Bytes::from_static(b"w"),
+                owner: Some(WillOwner { username: Some("u".into()), cert_identity: None, listener: 2 }),
+            }),
         });
         for n in 0..s.len() {
-            // Exactly the part before the will is a complete record without a will.
+            // Exactly the part before the will is a complete record without a will, and the
+            // part before the owner one whose will has no owner (as tern wrote them before).
             if n == 14 {
                 assert_eq!(decode_session(&s[..n]).unwrap().will, None);
                 continue;
             }
+            if n == 23 {
+                assert_eq!(decode_session(&s[..n]).unwrap().will.map(|w| w.owner), Some(None));
+                continue;
+            }
             assert!(decode_session(&s[..n]).is_err(), "session prefix {n}");
+        }
+    }
+
+    #[test]
+    fn will_owner_round_trips() {
+        for owner in [
+            None,
+            Some(WillOwner { username: None, cert_identity: None, listener: 0 }),
+            Some(WillOwner { username: Some("ü".into()), cert_identity: Some("CN".into()), listener: 65535 }),
+            Some(WillOwner { username: Some(String::new()), cert_identity: None, listener: 1 }),
+        ] {
+            let s = SessionRecord {
+                protocol: ProtocolVersion::V5,
+                expiry_interval: 1,
+                disconnected_at: None,
+                will: Some(StoredWill { delay: 0, message: Bytes::from_static(b"msg"), owner }),
+            };
+            assert_eq!(decode_session(&encode_session(&s)).unwrap(), s);
         }
     }
 
