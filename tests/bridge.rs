@@ -400,3 +400,46 @@ async fn qos2_across_a_peer_restart_mid_stream_arrives_exactly_once() {
     assert_eq!(got, (0..N).collect::<Vec<_>>(), "every message exactly once, in order");
     sub.expect_silence(QUIET).await;
 }
+
+/// A bridge removed from the configuration leaves no session behind: nothing would ever drain
+/// it, and it would keep queueing the bridge's topics up to the queue limits. A bridge still
+/// configured keeps its session (and what waits in it) across the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_bridge_leaves_no_session() {
+    // A peer that is never there: the bridge only ever queues.
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let b = bridge("gone", nowhere, BridgeProtocol::V5, vec![topic("x/#", BridgeDirection::Out, "", "")]);
+    let mut a = Node::start(vec![b]).await;
+    let (mut p, _) = connect_with(a.addr, &Connect::v311("pub")).await;
+    p.publish("x/1", b"for the peer", 1, 1).await;
+    p.disconnect().await;
+    assert_eq!(a.handle.as_ref().expect("running").session_count(), 1, "the bridge's session");
+    a.restart().await;
+    assert_eq!(a.handle.as_ref().expect("running").session_count(), 1, "kept while configured");
+
+    a.bridges.clear();
+    a.restart().await;
+    assert_eq!(a.handle.as_ref().expect("running").session_count(), 0, "discarded once removed");
+    a.restart().await;
+    assert_eq!(a.handle.as_ref().expect("running").session_count(), 0, "and gone from the store");
+    a.stop().await;
+}
+
+/// `$bridge/...` client ids are the bridges' own: a client may not take one (and with it a
+/// bridge's session and messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_client_ids_are_reserved() {
+    let mut a = Node::start(Vec::new()).await;
+    for (connect, code) in [(Connect::v5("$bridge/b1"), 0x85), (Connect::v311("$bridge/b1"), 0x02)] {
+        let mut c = Raw::open(a.addr).await;
+        let ack = c.handshake(&connect).await;
+        assert_eq!(ack.code, code, "CONNACK of a $bridge/ id ({} is client identifier not valid / rejected)", code);
+        c.expect_closed().await;
+    }
+    let (c, _) = connect_with(a.addr, &Connect::v311("$bridgeX")).await;
+    c.disconnect().await;
+    a.stop().await;
+}

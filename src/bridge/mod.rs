@@ -45,7 +45,7 @@ const HOP_KEY: &str = "tern-hop";
 /// The same property as encoded among a message's v5 properties.
 const HOP_ENCODED: &[u8] = &[0x26, 0x00, 0x08, b't', b'e', b'r', b'n', b'-', b'h', b'o', b'p', 0x00, 0x01, b'1'];
 /// Client ids of bridges' local sessions start with this.
-const LOCAL_PREFIX: &str = "$bridge/";
+use crate::broker::BRIDGE_SESSION_PREFIX as LOCAL_PREFIX;
 /// Longest wait for the peer to accept the TCP connection or to answer CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// While connected to a fail-over address, how often the first address is tried again.
@@ -56,6 +56,8 @@ const MAX_PACKET: usize = 256 * 1024 * 1024;
 /// Starts every configured bridge; `tls` has each bridge's TLS client configuration, in
 /// order (None: plain TCP).
 pub(crate) fn start_all(broker: &Arc<Broker>, tls: Vec<Option<Arc<TlsConnector>>>) {
+    let names: Vec<&str> = broker.config.bridge.iter().map(|b| b.name.as_str()).collect();
+    broker.discard_stale_bridge_sessions(&names);
     for (cfg, tls) in broker.config.bridge.iter().zip(tls) {
         let broker = Arc::clone(broker);
         let cfg = cfg.clone();

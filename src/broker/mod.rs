@@ -41,6 +41,15 @@ use crate::store::records::{self, now_unix_ms};
 use crate::store::{Op, SessionRecord, Store, StoreError, StoredWill, WillOwner};
 use crate::topics::{Entry, RetainedTrie, SubscriptionTrie};
 
+/// Client ids of bridges' local sessions (`$bridge/<name>`): reserved, so that no client can
+/// take a bridge's session over (and its messages), nor pass for a bridge in loop prevention.
+pub const BRIDGE_SESSION_PREFIX: &str = "$bridge/";
+
+/// Whether a client (network or in-process) may use this id: bridges' ids are reserved.
+pub fn client_id_reserved(id: &str) -> bool {
+    id.starts_with(BRIDGE_SESSION_PREFIX)
+}
+
 /// Session Expiry Interval meaning "never" (v5 3.1.2.11.2); 3.1.1 persistent sessions too.
 pub const EXPIRY_NEVER: u32 = u32::MAX;
 
@@ -188,6 +197,27 @@ impl Broker {
     /// (`limits.max_queued_memory`).
     pub fn queued_memory(&self) -> usize {
         self.queue_memory.used()
+    }
+
+    /// Discards the stored sessions of bridges no longer in the configuration: nothing would
+    /// ever drain them, so they would fill with messages for a peer that is gone, up to the
+    /// queue limits, for ever. Returns how many were discarded.
+    pub fn discard_stale_bridge_sessions(&self, configured: &[&str]) -> usize {
+        let stale: Vec<Arc<SessionHandle>> = self
+            .sessions
+            .iter()
+            .filter(|e| {
+                e.key()
+                    .strip_prefix(BRIDGE_SESSION_PREFIX)
+                    .is_some_and(|name| !configured.contains(&name) && e.value().lock().owner == 0)
+            })
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        for h in &stale {
+            tracing::info!(client_id = %h.client_id, "session of a bridge no longer configured discarded");
+            self.end_session(h);
+        }
+        stale.len()
     }
 
     pub fn session_count(&self) -> usize {

@@ -71,7 +71,7 @@ impl Conn {
                     assigned = Some(id);
                 }
             }
-        } else if client_id.len() > cfg.limits.max_client_id_length {
+        } else if client_id.len() > cfg.limits.max_client_id_length || crate::broker::client_id_reserved(&client_id) {
             // MQTT 3.1 capped ids at 23 bytes; like mosquitto, tern accepts longer ones from
             // 3.1 clients too, limited only by limits.max_client_id_length.
             failure = Some(refuse(reason::v3::IDENTIFIER_REJECTED, reason::CLIENT_IDENTIFIER_NOT_VALID));

@@ -62,7 +62,7 @@ impl LocalOptions {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LocalError {
-    #[error("invalid client id: empty or longer than limits.max_client_id_length")]
+    #[error("invalid client id: empty, longer than limits.max_client_id_length, or a bridge's (`$bridge/...`)")]
     InvalidClientId,
     #[error("invalid topic name or filter")]
     InvalidTopic,
@@ -123,7 +123,10 @@ impl Outbox for Inbox<'_> {
 impl LocalClient {
     pub(crate) fn connect(broker: &Arc<Broker>, opts: LocalOptions) -> Result<LocalClient, LocalError> {
         let cfg = &broker.config;
-        if opts.client_id.is_empty() || opts.client_id.len() > cfg.limits.max_client_id_length {
+        if opts.client_id.is_empty()
+            || opts.client_id.len() > cfg.limits.max_client_id_length
+            || crate::broker::client_id_reserved(&opts.client_id)
+        {
             return Err(LocalError::InvalidClientId);
         }
         let client_id = ByteString::from(opts.client_id);
