@@ -104,10 +104,11 @@ async fn serve(config: Config, origin: String) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let signals = Signals::catch();
     info!("tern {} ready", env!("CARGO_PKG_VERSION"));
     notifier.ready(ready_status(&handle)).await;
     let store_failed = tokio::select! {
-        () = wait_for_signal(&handle, &notifier) => false,
+        () = signals.wait(&handle, &notifier) => false,
         e = handle.failed() => {
             error!("exiting: the store failed ({e}); restart tern to recover what was committed");
             true
@@ -244,41 +245,65 @@ const EX_IOERR: u8 = 74;
 /// The longest a shutdown may take before the process exits anyway.
 const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Returns on SIGINT or SIGTERM; on SIGHUP reloads passwords, ACLs and certificates.
-async fn wait_for_signal(handle: &BrokerHandle, notifier: &Notifier) {
+/// SIGINT and SIGTERM (stop) and SIGHUP (reload), handled by tern from the moment this is
+/// made instead of by their default action, which ends the process at once. Made before
+/// READY=1 is sent: a supervisor may stop tern the moment it is ready, and that must be a clean
+/// shutdown. (Before then, during recovery, the default action stands: the store is
+/// crash-safe and there is nothing to flush.)
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return,
-                _ = term.recv() => return,
-                _ = hup.recv() => {
-                    notifier.reloading().await;
-                    let status = match handle.reload().await {
-                        Ok(()) => {
-                            info!("reloaded password file, ACL file and certificates");
-                            ready_status(handle)
-                        }
-                        Err(errors) => {
-                            for e in &errors {
-                                error!("reload failed, previous state kept: {e}");
-                            }
-                            format!("reload failed, previous state kept: {}", errors.join("; "))
-                        }
-                    };
-                    notifier.ready(status).await;
+    unix: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    fn catch() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let caught =
+                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()));
+            let unix = match caught {
+                (Ok(int), Ok(term), Ok(hup)) => Some([int, term, hup]),
+                _ => None,
+            };
+            Signals { unix }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Returns on SIGINT or SIGTERM; on SIGHUP reloads passwords, ACLs and certificates.
+    async fn wait(self, handle: &BrokerHandle, notifier: &Notifier) {
+        #[cfg(unix)]
+        if let Some([mut int, mut term, mut hup]) = self.unix {
+            loop {
+                tokio::select! {
+                    _ = int.recv() => return,
+                    _ = term.recv() => return,
+                    _ = hup.recv() => reload(handle, notifier).await,
                 }
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = (handle, notifier);
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// SIGHUP: the password file, the ACL file and the certificates again, with systemd told
+/// (RELOADING=1, then READY=1 with how it went).
+async fn reload(handle: &BrokerHandle, notifier: &Notifier) {
+    notifier.reloading().await;
+    let status = match handle.reload().await {
+        Ok(()) => {
+            info!("reloaded password file, ACL file and certificates");
+            ready_status(handle)
+        }
+        Err(errors) => {
+            for e in &errors {
+                error!("reload failed, previous state kept: {e}");
+            }
+            format!("reload failed, previous state kept: {}", errors.join("; "))
+        }
+    };
+    notifier.ready(status).await;
 }

@@ -265,6 +265,8 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
         }
     }
     let progress = ext.recovery_progress.unwrap_or_default();
+    // Recovery's time includes opening the engine, which replays its journal.
+    let started = Instant::now();
     let location = match ext.backend {
         Some(_) => "(backend given by the embedding program)".to_string(),
         None => config.storage.dir.display().to_string(),
@@ -273,6 +275,9 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
         Some(b) => b,
         None => {
             let dir = config.storage.dir.clone();
+            // Opening replays the engine's journal, which can take a while after a crash; say
+            // so before the progress lines of reading start.
+            info!(storage_dir = %dir.display(), "opening the store");
             let watched = Arc::clone(&progress);
             let b = tokio::task::spawn_blocking(move || FjallBackend::open(&dir).map(|b| b.with_progress(watched)))
                 .await
@@ -280,7 +285,7 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
             Box::new(b)
         }
     };
-    let store = StoreSource { backend, location, progress };
+    let store = StoreSource { backend, location, progress, started };
     run(config, files.acceptors, files.bridges, store, Authenticator::new(methods), files.policy).await
 }
 
@@ -288,8 +293,12 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
 pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) -> Result<BrokerHandle, StartError> {
     config.validate("configuration passed to tern::start")?;
     let files = StartFiles::read(&config, None).await?;
-    let store =
-        StoreSource { backend, location: "(backend given by the caller)".to_string(), progress: Arc::default() };
+    let store = StoreSource {
+        backend,
+        location: "(backend given by the caller)".to_string(),
+        progress: Arc::default(),
+        started: Instant::now(),
+    };
     run(config, files.acceptors, files.bridges, store, Authenticator::default(), files.policy).await
 }
 
@@ -352,12 +361,13 @@ impl StartFiles {
     }
 }
 
-/// The store to recover from: its backend, where it is (for log lines), and the counter its
-/// loading reports to.
+/// The store to recover from: its backend, where it is (for log lines), the counter its
+/// loading reports to, and when opening it began.
 struct StoreSource {
     backend: Box<dyn Backend>,
     location: String,
     progress: Arc<LoadProgress>,
+    started: Instant,
 }
 
 async fn run(
@@ -368,8 +378,7 @@ async fn run(
     auth: Authenticator,
     policy: Arc<dyn Policy>,
 ) -> Result<BrokerHandle, StartError> {
-    let StoreSource { backend, location, progress } = store;
-    let recovery_started = Instant::now();
+    let StoreSource { backend, location, progress, started } = store;
     let durable = Arc::new(DurableWaiters::default());
     let waiters = Arc::clone(&durable);
     let notify = Box::new(move |seq: u64| waiters.progress(seq));
@@ -390,12 +399,9 @@ async fn run(
         failed_tx.send_replace(Some(e));
     }));
     let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable, auth, policy));
-    let recovery = RecoverySummary {
-        records: progress.records(),
-        bytes: progress.bytes(),
-        took: recovery_started.elapsed(),
-        ..broker.restore(recovered)
-    };
+    let restored = broker.restore(recovered);
+    let recovery =
+        RecoverySummary { records: progress.records(), bytes: progress.bytes(), took: started.elapsed(), ..restored };
     log_recovery(&recovery, &progress);
     tokio::spawn(Arc::clone(&broker).run_keep_alive());
     let (tx, rx) = watch::channel(false);
