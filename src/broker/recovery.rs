@@ -31,9 +31,10 @@ pub struct RecoverySummary {
     pub wills: usize,
     /// Records deleted because they expired or belong to no session.
     pub discarded: usize,
-    /// Records read from the store.
+    /// Records read from the store (0 from a backend that does not count them, such as one
+    /// an embedding program brings: only tern's fjall store counts).
     pub records: u64,
-    /// Bytes of keys and values read from the store.
+    /// Bytes of keys and values read from the store (counted as `records` is).
     pub bytes: u64,
     /// From opening the store to the broker holding its state.
     pub took: Duration,
