@@ -31,6 +31,7 @@ pub(crate) mod topics;
 #[doc(hidden)]
 pub mod fuzzing;
 
+pub use broker::RecoverySummary;
 pub use config::Config;
 pub use link::local::{LocalClient, LocalError, LocalOptions, Received};
 pub use protocol::QoS;

@@ -3,24 +3,28 @@
 //! them all on shutdown.
 //!
 //! Owns sockets until a connection task takes one, and each TLS listener's certificates
-//! (reloaded with the policy's files by `BrokerHandle::reload`). Knows nothing of MQTT packets.
+//! (reloaded with the policy's files by `BrokerHandle::reload`). Start-up reads every file the
+//! configuration names before it opens the store or binds a port, with the same code that
+//! `check` (`tern check-config`) runs. Knows nothing of MQTT packets.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use bytes::BytesMut;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use crate::auth::password::PasswordFile;
 use crate::auth::{AuthFileError, AuthMethod, Authenticator, FilePolicy, Policy};
-use crate::broker::{Broker, DurableWaiters};
+use crate::broker::{Broker, DurableWaiters, RecoverySummary};
 use crate::config::{Config, ConfigError, ListenerKind};
-use crate::store::{Backend, FjallBackend, Store, StoreError};
+use crate::store::{Backend, FjallBackend, LoadProgress, Store, StoreError};
 use crate::transport::tls::{TlsAcceptor, TlsError};
 use crate::transport::tls_client::TlsConnector;
 use crate::transport::ConnInfo;
@@ -36,15 +40,44 @@ pub enum StartError {
     /// The configuration is not usable.
     #[error("{0}")]
     Config(#[from] ConfigError),
-    /// The password or ACL file (auth.password_file, auth.acl_file) could not be used.
-    #[error("{0} (config keys auth.password_file, auth.acl_file)")]
-    Auth(#[from] AuthFileError),
+    /// The password file or the ACL file (config key `key`) could not be used.
+    #[error("{source} (config key {key}); {}", auth_fix(key, source))]
+    Auth { key: &'static str, source: AuthFileError },
     /// A TLS listener's or bridge's certificate, key or CA file could not be used.
     #[error("{0}")]
     Tls(#[from] TlsError),
     /// A start-up task run off the async workers failed (panicked or was cancelled).
     #[error("{what} task failed: {source}")]
     Task { what: &'static str, source: tokio::task::JoinError },
+}
+
+/// What to do about an unusable password or ACL file.
+fn auth_fix(key: &str, e: &AuthFileError) -> &'static str {
+    match (key, e) {
+        ("auth.password_file", AuthFileError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            "create it with `tern passwd -c FILE USER`, or correct the path"
+        }
+        (_, AuthFileError::Io { .. }) => "check the path, and that the user tern runs as may read the file",
+        ("auth.password_file", _) => {
+            "correct or remove that line: `user:hash` lines as `tern passwd` or `mosquitto_passwd` write them"
+        }
+        _ => "correct that line: `user NAME`, `topic [read|write|readwrite|deny] FILTER` or `pattern [...] FILTER`",
+    }
+}
+
+/// Which key names the file an `AuthFileError` is about.
+fn auth_key(config: &Config, e: &AuthFileError) -> &'static str {
+    let named = match e {
+        AuthFileError::Io { path, .. } => config.auth.acl_file.as_ref() == Some(path),
+        AuthFileError::Line { origin, .. } => {
+            config.auth.acl_file.as_ref().is_some_and(|p| p.display().to_string() == *origin)
+        }
+    };
+    if named {
+        "auth.acl_file"
+    } else {
+        "auth.password_file"
+    }
 }
 
 fn task_failed(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> StartError {
@@ -61,6 +94,7 @@ pub struct BrokerHandle {
     tls: Vec<Arc<TlsAcceptor>>,
     /// Set once when the store becomes fatal.
     failed: watch::Receiver<Option<Arc<StoreError>>>,
+    recovery: RecoverySummary,
 }
 
 impl BrokerHandle {
@@ -123,6 +157,11 @@ impl BrokerHandle {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// What recovery brought back from the store at start-up, and how long it took.
+    pub fn recovery(&self) -> RecoverySummary {
+        self.recovery
     }
 
     /// Address of the first listener (tests bind port 0 and ask).
@@ -208,26 +247,26 @@ pub struct Extensions {
     pub auth_methods: Vec<Arc<dyn AuthMethod>>,
     /// Authentication and authorisation; None = `FilePolicy` from `config.auth`.
     pub policy: Option<Arc<dyn Policy>>,
+    /// Counts what recovery reads from the fjall store in `storage.dir` while `start` runs,
+    /// for a caller that reports a long recovery (the binary tells systemd).
+    pub recovery_progress: Option<Arc<LoadProgress>>,
 }
 
 /// Like `start`, with extensions.
 pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle, StartError> {
     config.validate("configuration passed to tern::start")?;
     let config = Arc::new(config);
+    // Files before the store: a bad one stops start-up before the store is opened.
+    let files = StartFiles::read(&config, ext.policy).await?;
     let mut methods = ext.auth_methods;
-    let policy: Arc<dyn Policy> = match ext.policy {
-        Some(p) => p,
-        None => {
-            let policy = Arc::new(load_policy(&config).await?);
-            if config.auth.password_file.is_some() && !methods.iter().any(|m| m.name() == "SCRAM-SHA-256") {
-                methods.push(Arc::new(crate::auth::scram::ScramSha256::new(policy.passwords())));
-            }
-            policy
+    if let Some(passwords) = files.passwords {
+        if config.auth.password_file.is_some() && !methods.iter().any(|m| m.name() == "SCRAM-SHA-256") {
+            methods.push(Arc::new(crate::auth::scram::ScramSha256::new(passwords)));
         }
-    };
-    // Certificates before the store: a bad file stops start-up before the store is opened.
-    let acceptors = load_tls(&config).await?;
-    let bridges = load_bridge_tls(&config).await?;
+    }
+    let progress = ext.recovery_progress.unwrap_or_default();
+    // Recovery's time includes opening the engine, which replays its journal.
+    let started = Instant::now();
     let location = match ext.backend {
         Some(_) => "(backend given by the embedding program)".to_string(),
         None => config.storage.dir.display().to_string(),
@@ -236,81 +275,110 @@ pub async fn start_with(config: Config, ext: Extensions) -> Result<BrokerHandle,
         Some(b) => b,
         None => {
             let dir = config.storage.dir.clone();
-            let b = tokio::task::spawn_blocking(move || FjallBackend::open(&dir))
+            // Opening replays the engine's journal, which can take a while after a crash; say
+            // so before the progress lines of reading start.
+            info!(storage_dir = %dir.display(), "opening the store");
+            let watched = Arc::clone(&progress);
+            let b = tokio::task::spawn_blocking(move || FjallBackend::open(&dir).map(|b| b.with_progress(watched)))
                 .await
                 .map_err(task_failed("store opening"))??;
             Box::new(b)
         }
     };
-    run(config, acceptors, bridges, backend, location, Authenticator::new(methods), policy).await
+    let store = StoreSource { backend, location, progress, started };
+    run(config, files.acceptors, files.bridges, store, Authenticator::new(methods), files.policy).await
 }
 
 /// Like `start`, over any store backend (tests inject failing ones).
 pub async fn start_with_backend(config: Arc<Config>, backend: Box<dyn Backend>) -> Result<BrokerHandle, StartError> {
     config.validate("configuration passed to tern::start")?;
-    let policy = Arc::new(load_policy(&config).await?);
-    let acceptors = load_tls(&config).await?;
-    let bridges = load_bridge_tls(&config).await?;
-    let location = "(backend given by the caller)".to_string();
-    run(config, acceptors, bridges, backend, location, Authenticator::default(), policy).await
+    let files = StartFiles::read(&config, None).await?;
+    let store = StoreSource {
+        backend,
+        location: "(backend given by the caller)".to_string(),
+        progress: Arc::default(),
+        started: Instant::now(),
+    };
+    run(config, files.acceptors, files.bridges, store, Authenticator::default(), files.policy).await
 }
 
-/// Reads the password and ACL files off the async workers.
-async fn load_policy(config: &Arc<Config>) -> Result<FilePolicy, StartError> {
-    let c = Arc::clone(config);
-    let loaded =
-        tokio::task::spawn_blocking(move || FilePolicy::load(&c)).await.map_err(task_failed("policy loading"))?;
-    Ok(loaded?)
+/// Checks what `start` checks before it opens the store or binds a port: the configuration's
+/// values, and every file it names (the password and ACL files, each TLS listener's and
+/// bridge's certificates and keys), read and parsed exactly as start-up reads them. Blocking.
+/// `tern check-config` is this.
+pub fn check(config: &Config, origin: &str) -> Result<(), StartError> {
+    config.validate(origin)?;
+    StartFiles::load(config, None).map(|_| ())
 }
 
-/// Every listener's TLS acceptor (None for plain TCP), certificates read off the async workers.
-async fn load_tls(config: &Config) -> Result<Vec<Option<Arc<TlsAcceptor>>>, StartError> {
-    let mut acceptors = Vec::new();
-    for (index, l) in config.listener.iter().enumerate() {
-        let acceptor = match (&l.tls, l.kind) {
-            (Some(settings), ListenerKind::Tls) => {
-                let settings = settings.clone();
-                let a = tokio::task::spawn_blocking(move || TlsAcceptor::new(&settings, index))
-                    .await
-                    .map_err(task_failed("certificate loading"))??;
-                Some(Arc::new(a))
-            }
-            _ => None,
-        };
-        acceptors.push(acceptor);
+/// The files start-up reads besides the configuration, loaded before the store is opened.
+struct StartFiles {
+    /// The embedding program's policy, or the password and ACL files'.
+    policy: Arc<dyn Policy>,
+    /// The password file's users when `policy` is the files' (SCRAM must see the same).
+    passwords: Option<Arc<ArcSwapOption<PasswordFile>>>,
+    /// Every listener's TLS acceptor (None for plain TCP).
+    acceptors: Vec<Option<Arc<TlsAcceptor>>>,
+    /// Every bridge's TLS client configuration (None for plain TCP): a bad file stops the
+    /// start instead of failing each connection attempt.
+    bridges: Vec<Option<Arc<TlsConnector>>>,
+}
+
+impl StartFiles {
+    /// `load`, off the async workers.
+    async fn read(config: &Arc<Config>, given: Option<Arc<dyn Policy>>) -> Result<StartFiles, StartError> {
+        let c = Arc::clone(config);
+        tokio::task::spawn_blocking(move || StartFiles::load(&c, given)).await.map_err(task_failed("file loading"))?
     }
-    Ok(acceptors)
+
+    /// Reads the password and ACL files (unless a policy is `given`), then every TLS
+    /// listener's and bridge's certificates. Blocking.
+    fn load(config: &Config, given: Option<Arc<dyn Policy>>) -> Result<StartFiles, StartError> {
+        let (policy, passwords): (Arc<dyn Policy>, _) = match given {
+            Some(p) => (p, None),
+            None => {
+                let files = FilePolicy::load(config)
+                    .map_err(|source| StartError::Auth { key: auth_key(config, &source), source })?;
+                let passwords = files.passwords();
+                (Arc::new(files), Some(passwords))
+            }
+        };
+        let mut acceptors = Vec::new();
+        for (index, l) in config.listener.iter().enumerate() {
+            acceptors.push(match (&l.tls, l.kind) {
+                (Some(settings), ListenerKind::Tls) => Some(Arc::new(TlsAcceptor::new(settings, index)?)),
+                _ => None,
+            });
+        }
+        let mut bridges = Vec::new();
+        for (index, b) in config.bridge.iter().enumerate() {
+            bridges.push(match &b.tls {
+                Some(settings) => Some(Arc::new(TlsConnector::new(settings, index)?)),
+                None => None,
+            });
+        }
+        Ok(StartFiles { policy, passwords, acceptors, bridges })
+    }
 }
 
-/// Every bridge's TLS client configuration (None for plain TCP), read off the async workers:
-/// a bad file stops the start instead of failing each connection attempt.
-async fn load_bridge_tls(config: &Config) -> Result<Vec<Option<Arc<TlsConnector>>>, StartError> {
-    let mut connectors = Vec::new();
-    for (index, b) in config.bridge.iter().enumerate() {
-        let connector = match &b.tls {
-            Some(settings) => {
-                let settings = settings.clone();
-                let c = tokio::task::spawn_blocking(move || TlsConnector::new(&settings, index))
-                    .await
-                    .map_err(task_failed("certificate loading"))??;
-                Some(Arc::new(c))
-            }
-            None => None,
-        };
-        connectors.push(connector);
-    }
-    Ok(connectors)
+/// The store to recover from: its backend, where it is (for log lines), the counter its
+/// loading reports to, and when opening it began.
+struct StoreSource {
+    backend: Box<dyn Backend>,
+    location: String,
+    progress: Arc<LoadProgress>,
+    started: Instant,
 }
 
 async fn run(
     config: Arc<Config>,
     acceptors: Vec<Option<Arc<TlsAcceptor>>>,
     bridges: Vec<Option<Arc<TlsConnector>>>,
-    backend: Box<dyn Backend>,
-    location: String,
+    store: StoreSource,
     auth: Authenticator,
     policy: Arc<dyn Policy>,
 ) -> Result<BrokerHandle, StartError> {
+    let StoreSource { backend, location, progress, started } = store;
     let durable = Arc::new(DurableWaiters::default());
     let waiters = Arc::clone(&durable);
     let notify = Box::new(move |seq: u64| waiters.progress(seq));
@@ -331,7 +399,10 @@ async fn run(
         failed_tx.send_replace(Some(e));
     }));
     let broker = Arc::new(Broker::new(Arc::clone(&config), store, durable, auth, policy));
-    broker.restore(recovered);
+    let restored = broker.restore(recovered);
+    let recovery =
+        RecoverySummary { records: progress.records(), bytes: progress.bytes(), took: started.elapsed(), ..restored };
+    log_recovery(&recovery, &progress);
     tokio::spawn(Arc::clone(&broker).run_keep_alive());
     let (tx, rx) = watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
@@ -352,7 +423,23 @@ async fn run(
     // Bridges once the listeners are up: a bridge to this very broker must find it.
     crate::bridge::start_all(&broker, bridges);
     let tls = acceptors.into_iter().flatten().collect();
-    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls, failed })
+    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls, failed, recovery })
+}
+
+/// The one line that says what recovery brought back and how long it took.
+fn log_recovery(r: &RecoverySummary, progress: &LoadProgress) {
+    info!(
+        sessions = r.sessions,
+        subscriptions = r.subscriptions,
+        queued = r.queued,
+        retained = r.retained,
+        inbound_qos2 = r.inbound_qos2,
+        wills = r.wills,
+        discarded = r.discarded,
+        "state recovered from the store in {:.3} s ({})",
+        r.took.as_secs_f64(),
+        progress.describe()
+    );
 }
 
 /// Which listener an accept loop serves, and its TLS acceptor when it has one.

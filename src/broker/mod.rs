@@ -30,6 +30,7 @@ use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
+pub use recovery::RecoverySummary;
 pub use session_handle::{signal, ConnControl, Delivered, DurableWaiters, SessionHandle};
 
 use crate::auth::{policy::is_sys_topic, Authenticator, Policy, Principal};

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
-use tracing::info;
 
 use super::{split_shared, Broker, Retained, SessionHandle, EXPIRY_NEVER};
 use crate::auth::Principal;
@@ -15,10 +14,38 @@ use crate::store::records::{decode_message, now_unix_ms};
 use crate::store::{InflightState, Op, Recovered, RecoveredRetained};
 use crate::topics::Entry;
 
+/// What a start-up recovery brought back (`BrokerHandle::recovery`); the server logs it as
+/// one line, "state recovered from the store".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoverySummary {
+    /// Persistent sessions kept (those that expired while the broker was down are deleted).
+    pub sessions: usize,
+    pub subscriptions: usize,
+    /// Messages queued for those sessions: in flight, waiting in memory, or left on disk
+    /// until their client returns.
+    pub queued: usize,
+    pub retained: usize,
+    /// QoS 2 messages received and not yet released (packet ids awaiting PUBREL).
+    pub inbound_qos2: usize,
+    /// Wills of clients that were connected when the broker stopped, now due.
+    pub wills: usize,
+    /// Records deleted because they expired or belong to no session.
+    pub discarded: usize,
+    /// Records read from the store (0 from a backend that does not count them, such as one
+    /// an embedding program brings: only tern's fjall store counts).
+    pub records: u64,
+    /// Bytes of keys and values read from the store (counted as `records` is).
+    pub bytes: u64,
+    /// From opening the store to the broker holding its state.
+    pub took: Duration,
+}
+
 impl Broker {
     /// Loads sessions, subscriptions, queues and retained messages; deletes what expired
-    /// while the broker was down; arms expiry timers for the rest.
-    pub fn restore(self: &Arc<Self>, r: Recovered) {
+    /// while the broker was down; arms expiry timers for the rest. Returns the counts (the
+    /// caller adds what it read and how long that took).
+    pub fn restore(self: &Arc<Self>, r: Recovered) -> RecoverySummary {
         let now_ms = now_unix_ms();
         let mut ops = Vec::new();
         let mut handles: HashMap<ByteString, Arc<SessionHandle>> = HashMap::new();
@@ -127,10 +154,12 @@ impl Broker {
             cell.state.restore_backlog(b.count, b.bytes, b.first, b.last);
             queued += b.count;
         }
+        let mut inbound_qos2 = 0usize;
         for (client, pid) in r.inbound {
             match handles.get(&client) {
                 Some(h) => {
                     h.lock().state.inbound_qos2_begin(pid);
+                    inbound_qos2 += 1;
                 }
                 None => ops.push(Op::DeleteInbound { client, packet_id: pid }),
             }
@@ -166,11 +195,21 @@ impl Broker {
         for (h, after) in timers {
             self.schedule_expiry(&h, 0, after);
         }
+        let discarded = ops.len();
         self.persist(ops);
         let due_wills = wills.len();
         for (h, m, delay, owner) in wills {
             self.publish_will(&h, m, delay, Some(owner));
         }
-        info!(sessions, subscriptions, queued, retained, wills = due_wills, "state recovered from the store");
+        RecoverySummary {
+            sessions,
+            subscriptions,
+            queued,
+            retained,
+            inbound_qos2,
+            wills: due_wills,
+            discarded,
+            ..RecoverySummary::default()
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::memory::decode_all;
+use super::progress::LoadProgress;
 use super::records::*;
 use super::{Backend, Op, QueueReader, QueuedEntry, Recovered, RetainedReader, StoreError};
 use crate::message::Message;
@@ -95,6 +96,8 @@ pub struct FjallBackend {
     inflight: Keyspace,
     inbound: Keyspace,
     retained: Keyspace,
+    /// What `load` has read, for whoever watches a long recovery.
+    progress: Arc<LoadProgress>,
 }
 
 fn engine(e: fjall::Error) -> StoreError {
@@ -153,7 +156,14 @@ impl FjallBackend {
             inbound: ks("inbound")?,
             retained: ks("retained")?,
             db,
+            progress: Arc::default(),
         })
+    }
+
+    /// Counts what `load` reads into `progress`, so another thread can follow a long recovery.
+    pub fn with_progress(mut self, progress: Arc<LoadProgress>) -> FjallBackend {
+        self.progress = progress;
+        self
     }
 
     /// Classifies a failed write or sync. fjall 3 poisons its database when a journal write
@@ -270,6 +280,7 @@ impl Backend for FjallBackend {
             self.inbound.iter().map(kv),
             self.retained.iter().map(kv),
             true,
+            &self.progress,
         )
         .map_err(|e| StoreError::Incompatible { dir: self.dir.display().to_string(), why: e.to_string() })
     }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::progress::{LoadProgress, Tally, REPORT_EVERY};
 use super::records::*;
 use super::{Backend, Op, QueueSummary, Recovered, RecoveredRetained, StoreError};
 
@@ -88,6 +89,7 @@ impl Backend for MemoryBackend {
             self.inbound.iter().map(|(k, v)| Ok((k.clone(), v.clone()))),
             self.retained.iter().map(|(k, v)| Ok((k.clone(), v.clone()))),
             false,
+            &LoadProgress::default(),
         )
     }
 }
@@ -95,6 +97,8 @@ impl Backend for MemoryBackend {
 type Kv = Result<(Vec<u8>, Vec<u8>), StoreError>;
 
 /// Turns raw key/value pairs of every keyspace into `Recovered`; shared by both backends.
+/// Counts what it reads into `progress` (and logs it when that takes a while).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn decode_all(
     sessions: impl Iterator<Item = Kv>,
     subscriptions: impl Iterator<Item = Kv>,
@@ -103,23 +107,31 @@ pub(super) fn decode_all(
     inbound: impl Iterator<Item = Kv>,
     retained: impl Iterator<Item = Kv>,
     lazy: bool,
+    progress: &LoadProgress,
 ) -> Result<Recovered, StoreError> {
     let bad_key = |what: &str| StoreError::Corrupt(format!("{what} key"));
     let mut r = Recovered::default();
+    let mut tally = Tally::new(progress, REPORT_EVERY);
+    let mut counted = |kv: Kv| {
+        if let Ok((k, v)) = &kv {
+            tally.add(k.len() + v.len());
+        }
+        kv
+    };
     for kv in sessions {
-        let (k, v) = kv?;
+        let (k, v) = counted(kv)?;
         let client = String::from_utf8(k).map_err(|_| bad_key("session"))?;
         r.sessions.push((client.into(), decode_session(&v)?));
     }
     for kv in subscriptions {
-        let (k, v) = kv?;
+        let (k, v) = counted(kv)?;
         let (client, filter) = split_client_key(&k).ok_or_else(|| bad_key("subscription"))?;
         let filter = std::str::from_utf8(filter).map_err(|_| bad_key("subscription"))?;
         let (options, id) = decode_subscription(&v)?;
         r.subscriptions.push((client, filter.into(), options, id));
     }
     for kv in queue {
-        let (k, v) = kv?;
+        let (k, v) = counted(kv)?;
         let (client, seq) = split_client_key(&k).ok_or_else(|| bad_key("queue"))?;
         let seq = u64::from_be_bytes(seq.try_into().map_err(|_| bad_key("queue"))?);
         let state = inflight(&k)?.map(|s| decode_inflight(&s)).transpose()?;
@@ -141,13 +153,13 @@ pub(super) fn decode_all(
         r.queued.push((client, seq, rec, state));
     }
     for kv in inbound {
-        let (k, _) = kv?;
+        let (k, _) = counted(kv)?;
         let (client, pid) = split_client_key(&k).ok_or_else(|| bad_key("inbound"))?;
         let pid = u16::from_be_bytes(pid.try_into().map_err(|_| bad_key("inbound"))?);
         r.inbound.push((client, pid));
     }
     for kv in retained {
-        let (k, v) = kv?;
+        let (k, v) = counted(kv)?;
         if lazy {
             let topic = String::from_utf8(k).map_err(|_| bad_key("retained"))?;
             r.retained.push(RecoveredRetained::Indexed { topic: topic.into(), expires_at_ms: message_deadline(&v)? });

@@ -8,6 +8,8 @@
 //! through a callback. Callers hold acknowledgements until their number is reported.
 //!
 //! Backends: `fjall` (the real one) and `MemoryBackend` (tests of the machinery).
+//! Loading counts the records and bytes it reads (`LoadProgress`) and logs them every two
+//! seconds while it runs, so a long recovery is visibly moving.
 //!
 //! ## When the disk is slow
 //! Submitting never blocks (callers run on async workers), so work waiting for the commit
@@ -39,6 +41,7 @@
 mod failures;
 mod fjall_backend;
 mod memory;
+mod progress;
 pub mod records;
 
 use std::panic::AssertUnwindSafe;
@@ -55,6 +58,7 @@ use failures::Failures;
 
 pub use fjall_backend::FjallBackend;
 pub use memory::MemoryBackend;
+pub use progress::LoadProgress;
 pub use records::{InflightState, QueuedRecord, SessionRecord, StoredWill, WillOwner};
 
 use crate::config::Durability;
