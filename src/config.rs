@@ -531,13 +531,15 @@ impl Config {
                 );
             }
             match (l.kind, &l.tls) {
-                (kind, None) if kind.uses_tls() => return bad(
-                    &format!("listener[{i}].tls"),
-                    format!(
+                (kind, None) if kind.uses_tls() => {
+                    return bad(
+                        &format!("listener[{i}].tls"),
+                        format!(
                         "a `kind = \"{}\"` listener needs `tls = {{ cert = \"server.crt\", key = \"server.key\" }}`",
                         kind.name()
                     ),
-                ),
+                    )
+                }
                 (ListenerKind::Tcp, Some(_)) => {
                     return bad(
                         &format!("listener[{i}].kind"),
