@@ -94,6 +94,7 @@ impl WsAcceptor {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let metered = Metered { inner: stream, request_left: Some(MAX_REQUEST_BYTES) };
+        #[allow(clippy::result_large_err)] // tungstenite's callback signature
         let callback = |request: &Request, response: Response| self.answer(request, response);
         let upgrade = tokio_tungstenite::accept_hdr_async_with_config(metered, callback, Some(self.config));
         let mut ws = match tokio::time::timeout(self.timeout, upgrade).await {
