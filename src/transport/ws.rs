@@ -46,7 +46,9 @@ pub const MESSAGE_HEADROOM: usize = 64 * 1024;
 const MAX_FRAME_OUT: usize = 16 * 1024;
 
 /// The WebSocket's read buffer, allocated for each connection when it is upgraded. Small, as
-/// an idle WebSocket connection keeps it; larger frames grow it while they are read.
+/// an idle WebSocket connection keeps it. A larger frame grows it, and tungstenite keeps the
+/// grown buffer for the connection's life: at most a frame's bound, `max_packet_size` plus
+/// `MESSAGE_HEADROOM`.
 const READ_BUFFER: usize = 4 * 1024;
 
 /// The subprotocols tern speaks, in order of preference: `mqtt` (MQTT 3.1.1 and 5.0), and
