@@ -212,6 +212,29 @@ async fn qos_0_1_2_between_websocket_and_tcp() {
     ws_sub.disconnect().await;
 }
 
+/// A subscriber that is not reading while 16 MB are published to it: the broker's frames fill
+/// the socket and the WebSocket keeps the rest. Every message must arrive once it reads, in
+/// order, which needs each write to be flushed through the WebSocket.
+#[tokio::test]
+async fn burst_to_a_slow_websocket_reader_arrives_whole() {
+    let b = ws_broker(|_| {}, |_| {}).await;
+    let mut sub = ws_mqtt(ws_addr(&b), &Connect::v311("slow-ws")).await;
+    sub.subscribe(1, "burst", 0).await;
+    let mut publisher = connect_v311(b.addr, "fast").await;
+    let payload = vec![b'x'; 16 * 1024];
+    const N: usize = 1000;
+    for i in 0..N {
+        let mut p = payload.clone();
+        p[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        publisher.publish("burst", &p, 0, 0).await;
+    }
+    publisher.ping().await; // the broker has read them all
+    for i in 0..N {
+        let m = sub.recv_publish().await;
+        assert_eq!(&m.payload[..8], &(i as u64).to_be_bytes(), "message {i} of {N}");
+    }
+}
+
 /// [MQTT-6.0.0-2]: a packet may span frames. CONNECT comes as three binary messages, and a
 /// PUBLISH as one message in three frames (two continuation frames).
 #[tokio::test]
