@@ -181,7 +181,7 @@ fn io_error(e: WsError) -> io::Error {
 /// The accepted stream, counting what the upgrade request reads: past `MAX_REQUEST_BYTES` the
 /// read fails. Counts nothing once the upgrade is done.
 #[derive(Debug)]
-pub struct Metered<S> {
+struct Metered<S> {
     inner: S,
     request_left: Option<usize>,
 }
