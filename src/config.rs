@@ -195,15 +195,39 @@ pub struct Listener {
     /// What runs over the accepted sockets.
     #[serde(default)]
     pub kind: ListenerKind,
-    /// Certificates for `kind = "tls"`; required there, refused elsewhere.
+    /// Certificates for `kind = "tls"` and `kind = "wss"`; required there, refused elsewhere.
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// `kind = "ws"` / `"wss"`: the HTTP path of the WebSocket endpoint; requests for any
+    /// other path get 404. Unset: `DEFAULT_WS_PATH`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `kind = "ws"` / `"wss"`: the web origins (`https://app.example.com`) whose pages may
+    /// connect; a browser request from any other origin gets 403. Empty: any origin. A request
+    /// without an `Origin` header (not from a browser) is always let through.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
+
+/// The path a WebSocket listener serves when its `path` is unset (what MQTT.js, Paho and
+/// mosquitto's clients use by default).
+pub const DEFAULT_WS_PATH: &str = "/mqtt";
 
 impl Listener {
     /// A plain TCP listener on `bind`.
     pub fn tcp(bind: &str) -> Listener {
-        Listener { bind: bind.into(), kind: ListenerKind::Tcp, tls: None }
+        Listener { bind: bind.into(), kind: ListenerKind::Tcp, tls: None, path: None, allowed_origins: Vec::new() }
+    }
+
+    /// A listener of `kind` on `bind` with these certificates (`kind = "tls"` or `"wss"`),
+    /// every other key at its default.
+    pub fn with_tls(bind: &str, kind: ListenerKind, tls: Tls) -> Listener {
+        Listener { kind, tls: Some(tls), ..Listener::tcp(bind) }
+    }
+
+    /// The WebSocket endpoint's path (`path`, or `DEFAULT_WS_PATH`).
+    pub fn ws_path(&self) -> &str {
+        self.path.as_deref().unwrap_or(DEFAULT_WS_PATH)
     }
 
     /// Whether every client of this listener is known by its certificate (mutual TLS with the
@@ -225,6 +249,10 @@ pub enum ListenerKind {
     Tcp,
     /// MQTT over TLS (1.2 or 1.3).
     Tls,
+    /// MQTT over WebSocket (MQTT 5.0 section 6), over plain HTTP.
+    Ws,
+    /// MQTT over WebSocket over TLS (HTTPS).
+    Wss,
 }
 
 impl ListenerKind {
@@ -232,7 +260,19 @@ impl ListenerKind {
         match self {
             ListenerKind::Tcp => "tcp",
             ListenerKind::Tls => "tls",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
         }
+    }
+
+    /// Whether connections start with a TLS handshake (`tls` settings are required).
+    pub fn uses_tls(self) -> bool {
+        matches!(self, ListenerKind::Tls | ListenerKind::Wss)
+    }
+
+    /// Whether MQTT runs inside a WebSocket (`path` and `allowed_origins` apply).
+    pub fn is_websocket(self) -> bool {
+        matches!(self, ListenerKind::Ws | ListenerKind::Wss)
     }
 }
 
@@ -491,11 +531,13 @@ impl Config {
                 );
             }
             match (l.kind, &l.tls) {
-                (ListenerKind::Tls, None) => {
+                (kind, None) if kind.uses_tls() => {
                     return bad(
                         &format!("listener[{i}].tls"),
-                        "a `kind = \"tls\"` listener needs `tls = { cert = \"server.crt\", key = \"server.key\" }`"
-                            .into(),
+                        format!(
+                        "a `kind = \"{}\"` listener needs `tls = {{ cert = \"server.crt\", key = \"server.key\" }}`",
+                        kind.name()
+                    ),
                     )
                 }
                 (ListenerKind::Tcp, Some(_)) => {
@@ -504,7 +546,18 @@ impl Config {
                         "this listener has `tls` settings; set `kind = \"tls\"` (or remove `tls`)".into(),
                     )
                 }
+                (ListenerKind::Ws, Some(_)) => {
+                    return bad(
+                        &format!("listener[{i}].kind"),
+                        "this listener has `tls` settings; for WebSocket over TLS set `kind = \"wss\"` (or remove \
+                         `tls` for plain `ws`)"
+                            .into(),
+                    )
+                }
                 _ => {}
+            }
+            if let Err((key, message)) = check_websocket(l) {
+                return bad(&format!("listener[{i}].{key}"), message);
             }
             if let Some(t) = &l.tls {
                 if t.require_client_cert && t.client_ca.is_none() {
@@ -689,6 +742,66 @@ impl Config {
     }
 }
 
+/// The WebSocket keys of one listener: only on `ws`/`wss` listeners, a path that is one,
+/// origins as browsers send them. Err: the key (under `listener[i].`) and what to write.
+fn check_websocket(l: &Listener) -> Result<(), (&'static str, String)> {
+    if !l.kind.is_websocket() {
+        if l.path.is_some() {
+            return Err((
+                "path",
+                "`path` is for WebSocket listeners: set `kind = \"ws\"` (or \"wss\"), or remove `path`".into(),
+            ));
+        }
+        if !l.allowed_origins.is_empty() {
+            return Err((
+                "allowed_origins",
+                "`allowed_origins` is for WebSocket listeners: set `kind = \"ws\"` (or \"wss\"), or remove \
+                 `allowed_origins`"
+                    .into(),
+            ));
+        }
+        return Ok(());
+    }
+    let path = l.ws_path();
+    // What the request line carries before any query: the upgrade request's path is compared
+    // with it byte for byte.
+    if !path.starts_with('/') || path.contains(|c: char| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
+        return Err((
+            "path",
+            format!("`{path}` is not a URL path: start it with '/', without spaces, '?' or '#', e.g. \"/mqtt\""),
+        ));
+    }
+    for origin in &l.allowed_origins {
+        if !is_origin(origin) {
+            return Err((
+                "allowed_origins",
+                format!(
+                    "`{origin}` is not a web origin: write the scheme, host and port (if not the default) as the \
+                     browser's address bar shows them, without a path or trailing '/', e.g. \
+                     \"https://app.example.com\" or \"http://localhost:8080\""
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `http://host[:port]` or `https://host[:port]`: the form of a browser's `Origin` header.
+fn is_origin(o: &str) -> bool {
+    let Some(rest) = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://")) else { return false };
+    let host = match rest.rsplit_once(':') {
+        // An IPv6 literal's colons are inside its brackets.
+        Some((h, port)) if !port.contains(']') => {
+            if port.parse::<u16>().is_err() {
+                return false;
+            }
+            h
+        }
+        _ => rest,
+    };
+    !host.is_empty() && !host.contains(['/', '?', '#', '@', ' ', '*'])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -788,5 +901,63 @@ mod tests {
         assert_eq!(bridge_host("peer.example.com:8883"), "peer.example.com");
         assert_eq!(bridge_host("[::1]:8883"), "::1");
         assert_eq!(bridge_host("10.0.0.1:8883"), "10.0.0.1");
+    }
+
+    #[test]
+    fn websocket_listeners_are_checked() {
+        let ws = |extra: &str| format!("[[listener]]\nbind = \"127.0.0.1:8080\"\nkind = \"ws\"\n{extra}");
+        let c = Config::from_toml(&ws(""), "w.toml").unwrap();
+        assert_eq!((c.listener[0].kind, c.listener[0].ws_path()), (ListenerKind::Ws, DEFAULT_WS_PATH));
+        let c = Config::from_toml(
+            &ws("path = \"/ws\"\nallowed_origins = [\"https://app.example.com\", \"http://localhost:8080\", \"http://[::1]:3000\"]\n"),
+            "w.toml",
+        )
+        .unwrap();
+        assert_eq!((c.listener[0].ws_path(), c.listener[0].allowed_origins.len()), ("/ws", 3));
+
+        // ws refuses certificates, wss needs them.
+        let err =
+            Config::from_toml(&ws("tls = { cert = \"a.crt\", key = \"a.key\" }\n"), "w.toml").unwrap_err().to_string();
+        assert!(err.contains("w.toml") && err.contains("listener[0].kind") && err.contains("wss"), "{err}");
+        let wss = "[[listener]]\nbind = \"127.0.0.1:8443\"\nkind = \"wss\"\n";
+        let err = Config::from_toml(wss, "w.toml").unwrap_err().to_string();
+        assert!(err.contains("listener[0].tls") && err.contains("kind = \"wss\"") && err.contains("cert"), "{err}");
+        let c = Config::from_toml(&format!("{wss}tls = {{ cert = \"a.crt\", key = \"a.key\" }}\n"), "w.toml").unwrap();
+        assert!(c.listener[0].kind.uses_tls() && c.listener[0].kind.is_websocket());
+        let mtls = format!(
+            "{wss}tls = {{ cert = \"a\", key = \"b\", use_identity_as_username = true, require_client_cert = true }}\n"
+        );
+        let err = Config::from_toml(&mtls, "w.toml").unwrap_err().to_string();
+        assert!(err.contains("listener[0].tls.client_ca"), "{err}");
+
+        // The WebSocket keys belong to WebSocket listeners.
+        let tcp = "[[listener]]\nbind = \"127.0.0.1:1883\"\n";
+        let err = Config::from_toml(&format!("{tcp}path = \"/mqtt\"\n"), "w.toml").unwrap_err().to_string();
+        assert!(err.contains("listener[0].path") && err.contains("kind = \"ws\""), "{err}");
+        let err =
+            Config::from_toml(&format!("{tcp}allowed_origins = [\"http://a\"]\n"), "w.toml").unwrap_err().to_string();
+        assert!(err.contains("listener[0].allowed_origins"), "{err}");
+
+        for bad_path in ["mqtt", "/a b", "/mqtt?x=1", ""] {
+            let err = Config::from_toml(&ws(&format!("path = \"{bad_path}\"\n")), "w.toml").unwrap_err().to_string();
+            assert!(err.contains("listener[0].path") && err.contains("\"/mqtt\""), "{bad_path}: {err}");
+        }
+        for bad_origin in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://a.example/x",
+            "ftp://a",
+            "https://",
+            "http://a:x",
+            "*",
+        ] {
+            let err = Config::from_toml(&ws(&format!("allowed_origins = [\"{bad_origin}\"]\n")), "w.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("listener[0].allowed_origins") && err.contains("https://app.example.com"),
+                "{bad_origin}: {err}"
+            );
+        }
     }
 }

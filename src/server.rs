@@ -2,10 +2,11 @@
 //! connections up to `limits.max_connections`, spawns one task per connection, and stops
 //! them all on shutdown.
 //!
-//! Owns sockets until a connection task takes one, and each TLS listener's certificates
-//! (reloaded with the policy's files by `BrokerHandle::reload`). Start-up reads every file the
-//! configuration names before it opens the store or binds a port, with the same code that
-//! `check` (`tern check-config`) runs. Knows nothing of MQTT packets.
+//! Owns sockets until a connection task takes one, each TLS listener's certificates
+//! (reloaded with the policy's files by `BrokerHandle::reload`) and each WebSocket listener's
+//! upgrade rules. Start-up reads every file the configuration names before it opens the store
+//! or binds a port, with the same code that `check` (`tern check-config`) runs. Knows nothing
+//! of MQTT packets.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use crate::config::{Config, ConfigError, ListenerKind};
 use crate::store::{Backend, FjallBackend, LoadProgress, Store, StoreError};
 use crate::transport::tls::{TlsAcceptor, TlsError};
 use crate::transport::tls_client::TlsConnector;
+use crate::transport::ws::WsAcceptor;
 use crate::transport::ConnInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -317,7 +319,7 @@ struct StartFiles {
     policy: Arc<dyn Policy>,
     /// The password file's users when `policy` is the files' (SCRAM must see the same).
     passwords: Option<Arc<ArcSwapOption<PasswordFile>>>,
-    /// Every listener's TLS acceptor (None for plain TCP).
+    /// Every listener's TLS acceptor (None for plain TCP and WebSocket).
     acceptors: Vec<Option<Arc<TlsAcceptor>>>,
     /// Every bridge's TLS client configuration (None for plain TCP): a bad file stops the
     /// start instead of failing each connection attempt.
@@ -346,7 +348,7 @@ impl StartFiles {
         let mut acceptors = Vec::new();
         for (index, l) in config.listener.iter().enumerate() {
             acceptors.push(match (&l.tls, l.kind) {
-                (Some(settings), ListenerKind::Tls) => Some(Arc::new(TlsAcceptor::new(settings, index)?)),
+                (Some(settings), kind) if kind.uses_tls() => Some(Arc::new(TlsAcceptor::new(settings, index)?)),
                 _ => None,
             });
         }
@@ -417,7 +419,11 @@ async fn run(
         let addr = listener.local_addr().map_err(|source| StartError::Bind { bind: l.bind.clone(), index, source })?;
         info!(%addr, kind = l.kind.name(), "listening");
         addrs.push(addr);
-        let spot = Spot { index, tls: tls.clone() };
+        let ws = l.kind.is_websocket().then(|| {
+            let limits = &config.limits;
+            Arc::new(WsAcceptor::new(l, limits.max_packet_size, Duration::from_secs(limits.connect_timeout_secs)))
+        });
+        let spot = Spot { index, kind: l.kind, tls: tls.clone(), ws };
         tasks.push(tokio::spawn(accept_loop(listener, spot, Arc::clone(&broker), rx.clone(), Arc::clone(&live))));
     }
     // Bridges once the listeners are up: a bridge to this very broker must find it.
@@ -442,10 +448,13 @@ fn log_recovery(r: &RecoverySummary, progress: &LoadProgress) {
     );
 }
 
-/// Which listener an accept loop serves, and its TLS acceptor when it has one.
+/// Which listener an accept loop serves, its TLS acceptor (`tls`, `wss`) and its WebSocket
+/// upgrade (`ws`, `wss`).
 struct Spot {
     index: usize,
+    kind: ListenerKind,
     tls: Option<Arc<TlsAcceptor>>,
+    ws: Option<Arc<WsAcceptor>>,
 }
 
 /// Connections over `limits.max_connections` being answered at once.
@@ -483,13 +492,26 @@ async fn accept_loop(
                 refusing.fetch_add(1, Ordering::Relaxed);
                 let refusing = Arc::clone(&refusing);
                 let max_packet = broker.config.limits.max_packet_size as usize;
-                let tls = spot.tls.clone();
+                let (tls, ws) = (spot.tls.clone(), spot.ws.clone());
                 tokio::spawn(async move {
-                    match tls {
-                        None => crate::connection::refuse(stream, max_packet).await,
-                        Some(tls) => {
+                    use crate::connection::refuse;
+                    match (tls, ws) {
+                        (None, None) => refuse(stream, max_packet).await,
+                        (Some(tls), None) => {
                             if let Ok((stream, _)) = tls.accept(stream).await {
-                                crate::connection::refuse(stream, max_packet).await;
+                                refuse(stream, max_packet).await;
+                            }
+                        }
+                        (None, Some(ws)) => {
+                            if let Ok(stream) = ws.accept(stream).await {
+                                refuse(stream, max_packet).await;
+                            }
+                        }
+                        (Some(tls), Some(ws)) => {
+                            if let Ok((stream, _)) = tls.accept(stream).await {
+                                if let Ok(stream) = ws.accept(stream).await {
+                                    refuse(stream, max_packet).await;
+                                }
                             }
                         }
                     }
@@ -503,21 +525,21 @@ async fn accept_loop(
         // Detached: the live counter is all the accept loop needs, and a JoinSet entry would
         // cost every idle connection memory.
         let guard = Live(Arc::clone(&live));
-        let mut info = ConnInfo { peer, listener: spot.index, kind: ListenerKind::Tcp, cert_identity: None };
-        match &spot.tls {
-            None => {
+        let mut info = ConnInfo { peer, listener: spot.index, kind: spot.kind, cert_identity: None };
+        // The TLS handshake and the WebSocket upgrade run in the connection's own task, never
+        // in the accept loop: a slow or silent client must not hold up the next one. Each kind
+        // spawns its own future, so a plain connection's task is not sized for a WebSocket.
+        match (&spot.tls, &spot.ws) {
+            (None, None) => {
                 // Plain MQTT: the CONNECT is often waiting already (`early_read`). The
                 // connection's future is spawned as it is, with no wrapper: every byte of it
                 // is kept for the connection's life.
                 let first = crate::transport::tcp::early_read(&stream);
                 tokio::spawn(crate::connection::serve(stream, info, Arc::clone(&broker), first, guard));
             }
-            Some(tls) => {
-                // The handshake runs in the connection's own task, never in the accept loop:
-                // a slow or silent client must not hold up the next one.
+            (Some(tls), None) => {
                 let tls = Arc::clone(tls);
                 let broker = Arc::clone(&broker);
-                info.kind = ListenerKind::Tls;
                 tokio::spawn(async move {
                     match tls.accept(stream).await {
                         Ok((stream, cert_identity)) => {
@@ -525,6 +547,33 @@ async fn accept_loop(
                             crate::connection::serve(stream, info, broker, BytesMut::new(), guard).await;
                         }
                         Err(e) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    }
+                });
+            }
+            (None, Some(ws)) => {
+                let ws = Arc::clone(ws);
+                let broker = Arc::clone(&broker);
+                tokio::spawn(async move {
+                    match ws.accept(stream).await {
+                        Ok(stream) => crate::connection::serve(stream, info, broker, BytesMut::new(), guard).await,
+                        Err(e) => debug!(%peer, error = %e, "WebSocket upgrade failed"),
+                    }
+                });
+            }
+            (Some(tls), Some(ws)) => {
+                let (tls, ws) = (Arc::clone(tls), Arc::clone(ws));
+                let broker = Arc::clone(&broker);
+                tokio::spawn(async move {
+                    let (stream, cert_identity) = match tls.accept(stream).await {
+                        Ok(accepted) => accepted,
+                        Err(e) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                    };
+                    match ws.accept(stream).await {
+                        Ok(stream) => {
+                            info.cert_identity = cert_identity;
+                            crate::connection::serve(stream, info, broker, BytesMut::new(), guard).await;
+                        }
+                        Err(e) => debug!(%peer, error = %e, "WebSocket upgrade failed"),
                     }
                 });
             }

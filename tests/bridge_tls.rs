@@ -24,10 +24,7 @@ struct Remote {
 
 async fn remote(tls: Tls) -> Remote {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = vec![
-        Listener::tcp("127.0.0.1:0"),
-        Listener { bind: "127.0.0.1:0".into(), kind: ListenerKind::Tls, tls: Some(tls) },
-    ];
+    let listener = vec![Listener::tcp("127.0.0.1:0"), Listener::with_tls("127.0.0.1:0", ListenerKind::Tls, tls)];
     let storage = tern::config::Storage { dir: dir.path().to_path_buf(), ..Default::default() };
     let c = tern::Config { listener, storage, ..Default::default() };
     let handle = tern::start(c).await.expect("start the remote broker");

@@ -15,11 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A broker with one TLS listener on 127.0.0.1:0 using `tls`.
 async fn tls_broker(tls: tern::config::Tls, f: impl FnOnce(&mut tern::Config)) -> TestBroker {
     start_with(|c| {
-        c.listener[0] = tern::config::Listener {
-            bind: "127.0.0.1:0".into(),
-            kind: tern::config::ListenerKind::Tls,
-            tls: Some(tls),
-        };
+        c.listener[0] = tern::config::Listener::with_tls("127.0.0.1:0", tern::config::ListenerKind::Tls, tls);
         f(c);
     })
     .await
@@ -175,8 +171,7 @@ async fn unreadable_certificate_stops_start_naming_file_and_key() {
     tls.key = pki.dir.path().join("missing.key");
     let dir = tempfile::tempdir().unwrap();
     let mut c = tern::Config::default();
-    c.listener[0] =
-        tern::config::Listener { bind: "127.0.0.1:0".into(), kind: tern::config::ListenerKind::Tls, tls: Some(tls) };
+    c.listener[0] = tern::config::Listener::with_tls("127.0.0.1:0", tern::config::ListenerKind::Tls, tls);
     c.storage.dir = dir.path().to_path_buf();
     let err = match tern::start(c).await {
         Ok(_) => panic!("started with a missing key"),

@@ -158,7 +158,7 @@ impl Conn {
             }
         }
         if let Some(code) = failure {
-            info!(client_id = %c.client_id, %peer, protocol = v.name(), code, "connection refused");
+            info!(client_id = %c.client_id, %peer, transport = info.kind.name(), protocol = v.name(), code, "connection refused");
             let mut w = BytesMut::new();
             let ack = ConnAck { session_present: false, code, properties: Properties::default() };
             protocol::encode(&Packet::ConnAck(ack), v, &mut w);
@@ -246,6 +246,7 @@ impl Conn {
         info!(
             client_id = %client_id,
             %peer,
+            transport = info.kind.name(),
             protocol = v.name(),
             clean_start = c.clean_start,
             keep_alive,

@@ -1,6 +1,7 @@
 //! Byte streams under MQTT: what each kind of listener does between `accept` and the first
-//! MQTT byte (socket options, the TLS handshake), and what it learnt about the peer on the way
-//! (`ConnInfo`). A connection is served over any `AsyncRead + AsyncWrite` stream.
+//! MQTT byte (socket options, the TLS handshake, the WebSocket upgrade), and what it learnt
+//! about the peer on the way (`ConnInfo`). A connection is served over any
+//! `AsyncRead + AsyncWrite` stream.
 //!
 //! Owns nothing MQTT: no packets, no sessions. The only module allowed `unsafe`, for
 //! the few socket and descriptor calls std does not offer; each block says why it is sound.
@@ -14,6 +15,7 @@ pub mod os;
 pub mod tcp;
 pub mod tls;
 pub mod tls_client;
+pub mod ws;
 
 /// What the listener knows about a connection before its first MQTT byte.
 #[derive(Debug, Clone)]
