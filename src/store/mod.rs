@@ -38,6 +38,7 @@
 
 mod failures;
 mod fjall_backend;
+pub mod latency;
 mod memory;
 pub mod records;
 
@@ -45,7 +46,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -54,6 +55,7 @@ use tracing::{error, info};
 use failures::Failures;
 
 pub use fjall_backend::FjallBackend;
+pub use latency::{CommitLatency, LatencySnapshot};
 pub use memory::MemoryBackend;
 pub use records::{InflightState, QueuedRecord, SessionRecord, StoredWill};
 
@@ -292,6 +294,8 @@ struct Shared {
     fatal_hooks: Mutex<Vec<FatalHook>>,
     stop: AtomicBool,
     notify: Box<dyn Fn(u64) + Send + Sync>,
+    /// How long each batch took to write and sync.
+    latency: CommitLatency,
 }
 
 impl Shared {
@@ -361,6 +365,7 @@ impl Store {
             fatal_hooks: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             notify,
+            latency: CommitLatency::default(),
         });
         let s2 = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -477,6 +482,11 @@ impl Store {
         (seq <= processed).then_some(true)
     }
 
+    /// How long the group commits take (write and sync of one batch).
+    pub fn commit_latency(&self) -> &CommitLatency {
+        &self.shared.latency
+    }
+
     /// The error that made the store fatal, if it is.
     pub fn fatal(&self) -> Option<Arc<StoreError>> {
         self.shared.fatal.get().cloned()
@@ -570,6 +580,7 @@ fn commit_loop(
             shared.pending_bytes.store(0, Ordering::Release);
             (std::mem::take(&mut p.ops), p.last_seq)
         };
+        let started = Instant::now();
         let mut result = backend.apply(&ops);
         if result.is_ok() {
             if durability == Durability::Sync {
@@ -578,6 +589,7 @@ fn commit_loop(
                 dirty = true;
             }
         }
+        shared.latency.record(started.elapsed());
         match result {
             Ok(()) => {
                 if failing {
