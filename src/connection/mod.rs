@@ -83,7 +83,8 @@ enum Close {
 pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet: usize) {
     let mut rbuf = BytesMut::new();
     let mut read = 0;
-    let read = tokio::time::timeout(Duration::from_secs(2), read_connect(&mut stream, &mut rbuf, max_packet, &mut read));
+    let read =
+        tokio::time::timeout(Duration::from_secs(2), read_connect(&mut stream, &mut rbuf, max_packet, &mut read));
     if let Ok(Ok(c)) = read.await {
         let code = if c.protocol.is_v5() { reason::QUOTA_EXCEEDED } else { reason::v3::SERVER_UNAVAILABLE };
         let mut w = BytesMut::new();

@@ -238,7 +238,8 @@ impl Link {
         self.write_ticket = self.write_ticket.max(ticket);
         let m = &self.broker.metrics;
         m.publish_out(&sent);
-        for (cause, n) in [(DropCause::Expired, expired), (DropCause::NotAuthorized, revoked), (DropCause::TooLarge, too_large)]
+        for (cause, n) in
+            [(DropCause::Expired, expired), (DropCause::NotAuthorized, revoked), (DropCause::TooLarge, too_large)]
         {
             if n > 0 {
                 m.drop_n(cause, n);

@@ -58,7 +58,8 @@ impl Collector for Snapshot {
         let s = &self.0;
         let e = &mut e;
         {
-            let mut m = e.encode_descriptor("tern_build_info", "The running tern's version.", None, MetricType::Gauge)?;
+            let mut m =
+                e.encode_descriptor("tern_build_info", "The running tern's version.", None, MetricType::Gauge)?;
             m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?.encode_gauge(&1u64)?;
         }
         gauge(e, "tern_uptime_seconds", "Seconds since the broker started.", s.uptime_secs)?;
@@ -70,13 +71,24 @@ impl Collector for Snapshot {
             s.connections_total,
         )?;
         gauge(e, "tern_sessions", "Sessions held, connected or not.", s.sessions)?;
-        counter(e, "tern_sessions_expired", "Sessions ended because their client stayed away too long.", s.sessions_expired)?;
+        counter(
+            e,
+            "tern_sessions_expired",
+            "Sessions ended because their client stayed away too long.",
+            s.sessions_expired,
+        )?;
         gauge(e, "tern_subscriptions", "Subscriptions held by all sessions.", s.subscriptions)?;
         gauge(e, "tern_retained_messages", "Retained messages, the $SYS tree left out.", s.retained)?;
 
         let q = |a: &[u64; 3]| QOS.into_iter().zip(*a).collect::<Vec<_>>();
         counters(e, "tern_messages_received", "PUBLISH messages received, by QoS.", "qos", q(&s.publish_received))?;
-        counters(e, "tern_messages_sent", "PUBLISH messages sent, by the QoS they went out with.", "qos", q(&s.publish_sent))?;
+        counters(
+            e,
+            "tern_messages_sent",
+            "PUBLISH messages sent, by the QoS they went out with.",
+            "qos",
+            q(&s.publish_sent),
+        )?;
         counters(
             e,
             "tern_publish_payload_bytes_received",
@@ -91,7 +103,12 @@ impl Collector for Snapshot {
             "qos",
             q(&s.publish_bytes_sent),
         )?;
-        counter(e, "tern_packets_received", "MQTT packets of every kind received from network clients.", s.packets_received)?;
+        counter(
+            e,
+            "tern_packets_received",
+            "MQTT packets of every kind received from network clients.",
+            s.packets_received,
+        )?;
         counter(e, "tern_packets_sent", "MQTT packets of every kind sent to network clients.", s.packets_sent)?;
         counter(e, "tern_bytes_received", "Bytes read from network clients.", s.bytes_received)?;
         counter(e, "tern_bytes_sent", "Bytes written to network clients.", s.bytes_sent)?;
@@ -103,7 +120,12 @@ impl Collector for Snapshot {
             DropCause::ALL.iter().map(|c| c.name()).zip(s.dropped),
         )?;
 
-        gauge(e, "tern_queued_messages", "Messages waiting in sessions' queues, in memory and on disk.", s.queued_messages)?;
+        gauge(
+            e,
+            "tern_queued_messages",
+            "Messages waiting in sessions' queues, in memory and on disk.",
+            s.queued_messages,
+        )?;
         gauge(e, "tern_queued_bytes", "Bytes of the messages waiting in sessions' queues.", s.queued_bytes)?;
         gauge(e, "tern_inflight_messages", "QoS 1/2 messages sent and not yet acknowledged.", s.inflight)?;
         gauge(
@@ -123,7 +145,12 @@ impl Collector for Snapshot {
             )?;
             m.encode_histogram::<NoLabelSet>(h.sum_us as f64 / 1e6, h.count, &h.cumulative(), None)?;
         }
-        gauge(e, "tern_store_pending_bytes", "Bytes of store writes waiting for the commit thread.", s.store_pending_bytes)?;
+        gauge(
+            e,
+            "tern_store_pending_bytes",
+            "Bytes of store writes waiting for the commit thread.",
+            s.store_pending_bytes,
+        )?;
         gauge(
             e,
             "tern_store_failed",
@@ -137,7 +164,12 @@ impl Collector for Snapshot {
             "Connections whose publishes wait for a full subscriber's queue (flow control).",
             s.publishers_waiting,
         )?;
-        counter(e, "tern_flow_waits", "Times a connection started waiting for a full subscriber's queue.", s.flow_waits)?;
+        counter(
+            e,
+            "tern_flow_waits",
+            "Times a connection started waiting for a full subscriber's queue.",
+            s.flow_waits,
+        )?;
         gauge(
             e,
             "tern_inputs_paused",
