@@ -242,24 +242,26 @@ async fn a_known_workload_gives_exact_counters() {
     }
     p.ping().await;
 
-    let wire = log.lock().unwrap();
+    let (written, read) = {
+        let wire = log.lock().unwrap();
+        (wire.written.clone(), wire.read.clone())
+    };
     let mut want = vec![
         w("tern_clients_connected", 4),
         w("tern_connections_total", 4),
         w("tern_sessions", 4),
         w("tern_subscriptions", 3),
         w("tern_retained_messages", 0),
-        w("tern_bytes_received_total", wire.written.len() as u64),
-        w("tern_bytes_sent_total", wire.read.len() as u64),
-        w("tern_packets_received_total", packets(&wire.written)),
-        w("tern_packets_sent_total", packets(&wire.read)),
+        w("tern_bytes_received_total", written.len() as u64),
+        w("tern_bytes_sent_total", read.len() as u64),
+        w("tern_packets_received_total", packets(&written)),
+        w("tern_packets_sent_total", packets(&read)),
         w("tern_queued_messages", 0),
         w("tern_inflight_messages", 0),
         w("tern_acks_held", 0),
         w("tern_publishers_waiting", 0),
         w("tern_store_failed", 0),
     ];
-    drop(wire);
     for (qos, size, n) in plan {
         want.push(w(&format!("tern_messages_received_total{{qos=\"{qos}\"}}"), n));
         want.push(w(&format!("tern_messages_sent_total{{qos=\"{qos}\"}}"), 3 * n));
