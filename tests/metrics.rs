@@ -403,3 +403,68 @@ async fn a_bad_bind_names_the_key() {
     let err = tern::start(c).await.err().expect("start must fail").to_string();
     assert!(err.contains("metrics.bind"), "{err}");
 }
+
+#[tokio::test]
+async fn the_grafana_dashboard_uses_only_exported_metrics() {
+    let (_b, http_addr) = metrics_broker(|c| {
+        // A bridge to nowhere, so that its state gauge is exported too.
+        let topic = tern::config::BridgeTopic {
+            pattern: "x/#".into(),
+            direction: Default::default(),
+            qos: 0,
+            local_prefix: String::new(),
+            remote_prefix: String::new(),
+        };
+        c.bridge.push(tern::config::Bridge::new("nowhere", "127.0.0.1:1", Default::default(), vec![topic]));
+    })
+    .await;
+    let (_, _, body) = http(http_addr, "GET", "/metrics").await;
+    let samples = parse_prometheus(&body);
+    assert_eq!(samples.get("tern_bridge_up{bridge=\"nowhere\"}"), Some(&0.0));
+    let exported: HashSet<String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .flat_map(|l| {
+            let (name, kind) = l.split_once(' ').unwrap();
+            let mut names = vec![name.to_string()];
+            if kind == "histogram" {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            }
+            names
+        })
+        .collect();
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/grafana-tern.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let vars: Vec<&str> =
+        dashboard["templating"]["list"].as_array().unwrap().iter().map(|v| v["type"].as_str().unwrap()).collect();
+    assert!(vars.contains(&"datasource"), "no datasource variable: {vars:?}");
+    let mut used = HashSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("tern_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                assert!(exported.contains(&name), "the dashboard uses {name}, which /metrics does not export ({expr})");
+                used.insert(name);
+            }
+        }
+    }
+    for wanted in [
+        "tern_clients_connected",
+        "tern_messages_received_total",
+        "tern_bytes_sent_total",
+        "tern_messages_dropped_total",
+        "tern_queued_messages",
+        "tern_store_commit_seconds_bucket",
+        "tern_bridge_up",
+    ] {
+        assert!(used.contains(wanted), "no panel shows {wanted}");
+    }
+    assert!(dashboard.to_string().contains("histogram_quantile(0.99"), "no commit latency quantiles");
+}

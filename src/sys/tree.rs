@@ -13,20 +13,21 @@ use crate::store::LatencySnapshot;
 
 /// The counters mosquitto keeps load averages of, with their topics under
 /// `$SYS/broker/load/`.
-const LOADS: [&str; 7] = [
+const LOADS: [&str; 8] = [
     "messages/received",
     "messages/sent",
     "bytes/received",
     "bytes/sent",
     "publish/received",
     "publish/sent",
+    "publish/dropped",
     "connections",
 ];
 
 /// The load averages' windows, in minutes.
 const WINDOWS: [(u32, &str); 3] = [(1, "1min"), (5, "5min"), (15, "15min")];
 
-fn load_counters(s: &Stats) -> [u64; 7] {
+fn load_counters(s: &Stats) -> [u64; 8] {
     [
         s.packets_received,
         s.packets_sent,
@@ -34,6 +35,7 @@ fn load_counters(s: &Stats) -> [u64; 7] {
         s.bytes_sent,
         s.publish_received.iter().sum(),
         s.publish_sent.iter().sum(),
+        s.dropped_total(),
         s.connections_total,
     ]
 }
@@ -44,9 +46,9 @@ pub(super) struct Tree {
     /// The payload last published on each topic.
     published: HashMap<String, String>,
     /// The counters of `LOADS` at the last update, and when.
-    previous: Option<(Instant, [u64; 7])>,
+    previous: Option<(Instant, [u64; 8])>,
     /// Per counter, per window: events per minute, decaying.
-    loads: [[f64; 3]; 7],
+    loads: [[f64; 3]; 8],
     /// Most sessions seen at once (mosquitto's `clients/maximum`, sampled at each update).
     maximum: u64,
     commits: LatencySnapshot,
@@ -67,7 +69,10 @@ impl Tree {
         put("clients/expired", s.sessions_expired.to_string());
         put("messages/received", s.packets_received.to_string());
         put("messages/sent", s.packets_sent.to_string());
-        put("messages/stored", (s.queued_messages + s.inflight + s.retained).to_string());
+        put("messages/inflight", s.inflight.to_string());
+        let stored = (s.queued_messages + s.inflight + s.retained).to_string();
+        put("messages/stored", stored.clone());
+        put("store/messages/count", stored);
         put("subscriptions/count", s.subscriptions.to_string());
         put("retained messages/count", s.retained.to_string());
         put("bytes/received", s.bytes_received.to_string());
