@@ -4,9 +4,10 @@
 //   TERN_BIN=/path/to/release/tern node tests/browser/status.test.mjs
 //
 // Makes a temporary directory with a config (MQTT and metrics listeners on port 0: tern's log
-// says which ports it got), starts tern, connects 3 clients, publishes 5 retained messages and
-// keeps a trickle of messages going, then checks in the page: the numbers (clients connected,
-// sessions, retained, subscriptions, version, store state) reach the expected values within
+// says which ports it got; a bridge to a peer that is not there), starts tern, connects 3
+// clients, publishes 5 retained messages and keeps a trickle of messages going, then checks in
+// the page: the numbers (clients connected, sessions, retained, subscriptions, version, store
+// state, the bridge's state) reach the expected values within
 // a deadline, the rate chart draws lines, a client leaving shows, and the page fetched
 // nothing but its own listener (it must work offline). A screenshot goes to $SCREENSHOT, or
 // to the temporary directory (kept when a check fails). One line per check, every wait
@@ -87,9 +88,9 @@ async function startTern(configPath) {
   const port = (re) => { const m = ternLog.match(re); return m ? Number(m[1].slice(m[1].lastIndexOf(':') + 1)) : null; };
   await until(() => {
     if (exited) throw new Error(`tern ${exited} before listening:\n${ternLog}`);
-    return port(/ listening addr=(\S+) kind=tcp/) && port(/status page listening addr=(\S+)/);
+    return port(/ listening addr=(\S+) kind="?tcp/) && port(/status page listening addr=(\S+)/);
   }, DEADLINE_MS, 'tern listening');
-  return { mqttPort: port(/ listening addr=(\S+) kind=tcp/), httpPort: port(/status page listening addr=(\S+)/) };
+  return { mqttPort: port(/ listening addr=(\S+) kind="?tcp/), httpPort: port(/status page listening addr=(\S+)/) };
 }
 
 async function stopTern() {
@@ -131,6 +132,9 @@ async function main() {
     '[[listener]]', 'bind = "127.0.0.1:0"', '',
     '[storage]', `dir = ${JSON.stringify(path.join(work, 'data'))}`, '',
     '[metrics]', 'bind = "127.0.0.1:0"', 'sys_interval = 1', '',
+    // A bridge whose peer is not there: the page shows it down. Its local session counts as
+    // a session (away) with one subscription.
+    '[[bridge]]', 'name = "cloud"', 'addresses = ["127.0.0.1:1"]', '[[bridge.topics]]', 'pattern = "site/#"', '',
   ].join('\n'));
   const { mqttPort, httpPort } = await startTern(config);
   const base = `http://127.0.0.1:${httpPort}`;
@@ -139,14 +143,16 @@ async function main() {
   const [sensor, display] = [await connect(mqttPort, 'sensor'), await connect(mqttPort, 'display')];
   const leaving = await connect(mqttPort, 'leaving');
   await display.subscribeAsync('site/#', { qos: 1 });
+  await leaving.subscribeAsync('site/events', { qos: 0 });
   for (let i = 1; i <= 5; i++) {
     await sensor.publishAsync(`site/room${i}/temperature`, String(20 + i), { qos: 1, retain: true });
   }
   let n = 0;
   trickle = setInterval(() => {
     n += 1;
-    // A varying rate, so the chart has a shape: 3 to 12 messages every 250 ms.
-    for (let k = 0; k < 3 + (Math.floor(n / 8) % 4) * 3; k++) sensor.publish('site/events', `tick ${n}`, { qos: 0 });
+    // A varying rate, so the chart has a shape: 2 to 10 messages every 250 ms.
+    const burst = Math.round(6 + 4 * Math.sin(n / 12) + 2 * Math.random() - 1);
+    for (let k = 0; k < burst; k++) sensor.publish('site/events', `tick ${n}`, { qos: 0 });
   }, 250);
 
   browser = await chromium.launch({
@@ -162,9 +168,10 @@ async function main() {
   await page.goto(`${base}/`, { timeout: DEADLINE_MS });
 
   await check('the page shows 3 connected clients', () => waitText(page, 'clients-connected', '3'));
-  await check('the page shows 3 sessions', () => waitText(page, 'sessions-count', '3'));
+  await check('the page shows 4 sessions (the bridge\'s included)', () => waitText(page, 'sessions-count', '4'));
   await check('the page shows 5 retained messages', () => waitText(page, 'retained-count', '5'));
-  await check('the page shows 1 subscription', () => waitText(page, 'subscriptions-count', '1'));
+  await check('the page shows 3 subscriptions', () => waitText(page, 'subscriptions-count', '3'));
+  await check('the page shows the bridge down', () => waitText(page, 'bridge-cloud', 'down'));
   await check(`the page shows version ${version}`, () => waitText(page, 'version', version));
   await check('the page shows the store ok', () => waitText(page, 'store-state', 'ok'));
   await check('messages received count up', async () => {
