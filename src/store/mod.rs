@@ -793,6 +793,12 @@ mod tests {
         backend.panic.store(true, Ordering::SeqCst);
         let b = store.submit([session("b")]);
         assert!(!wait_for(&store, b), "the batch the thread died on is not durable");
+        // `declare_fatal` marks the numbers failed before it records the error: poll for the
+        // error, with a deadline (it raced under load).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.fatal().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let err = store.fatal().expect("fatal");
         assert!(matches!(*err, StoreError::CommitThread(_)), "{err}");
         assert!(err.to_string().contains("backend bug"), "{err}");
