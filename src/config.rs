@@ -35,6 +35,30 @@ pub struct Config {
     pub priority: Vec<Priority>,
     /// Connections to peer brokers (`[[bridge]]`), with mosquitto's meaning.
     pub bridge: Vec<Bridge>,
+    /// `$SYS` topics and the HTTP listener of `/metrics` and the status page.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: what tern tells about itself.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Seconds between updates of the `$SYS/broker/...` topics (mosquitto's `sys_interval`);
+    /// 0 = no `$SYS` topics.
+    pub sys_interval: u64,
+    /// `host:port` of the HTTP listener serving `/metrics` (Prometheus), the status page `/`
+    /// and `/api/status`; empty = no listener.
+    pub bind: String,
+    /// HTTP connections served at once; more are closed unanswered.
+    pub max_connections: usize,
+    /// Seconds an HTTP connection may take to send its request and receive the answer.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { sys_interval: 10, bind: String::new(), max_connections: 16, request_timeout_secs: 10 }
+    }
 }
 
 /// `[[bridge]]`: tern connects to a peer broker as a client and forwards messages between
@@ -423,6 +447,7 @@ impl Default for Config {
             mqtt: Mqtt::default(),
             priority: Vec::new(),
             bridge: Vec::new(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -662,6 +687,25 @@ impl Config {
             // Below one read buffer's worth, nearly every read would wait for a commit.
             return bad("storage.max_pending_bytes", format!("must be at least {MIN_PENDING_BYTES} (64 KiB)"));
         }
+        let m = &self.metrics;
+        if !m.bind.is_empty() && m.bind.parse::<SocketAddr>().is_err() {
+            return bad(
+                "metrics.bind",
+                format!(
+                    "`{}` is not an IP address and port, e.g. \"127.0.0.1:9883\"; leave it empty for no HTTP listener",
+                    m.bind
+                ),
+            );
+        }
+        if m.sys_interval > 86_400 {
+            return bad("metrics.sys_interval", "must be at most 86400 seconds (0 turns $SYS off)".into());
+        }
+        if m.max_connections == 0 {
+            return bad("metrics.max_connections", "must be at least 1".into());
+        }
+        if m.request_timeout_secs == 0 {
+            return bad("metrics.request_timeout_secs", "must be at least 1 second".into());
+        }
         let mut names = std::collections::HashSet::new();
         for (i, b) in self.bridge.iter().enumerate() {
             if b.name.is_empty() || b.name.contains(['/', '+', '#']) || !names.insert(&b.name) {
@@ -828,6 +872,16 @@ mod tests {
     fn bad_bind_names_key_and_fix() {
         let err = Config::from_toml("[[listener]]\nbind = \"localhost\"\n", "y.toml").unwrap_err().to_string();
         assert!(err.contains("listener[0].bind") && err.contains("y.toml") && err.contains("127.0.0.1:1883"), "{err}");
+    }
+
+    #[test]
+    fn metrics_settings_are_checked() {
+        let c = Config::from_toml("[metrics]\nbind = \"127.0.0.1:9883\"\nsys_interval = 0\n", "m.toml").unwrap();
+        assert_eq!((c.metrics.bind.as_str(), c.metrics.sys_interval), ("127.0.0.1:9883", 0));
+        let err = Config::from_toml("[metrics]\nbind = \"localhost\"\n", "m.toml").unwrap_err().to_string();
+        assert!(err.contains("m.toml") && err.contains("metrics.bind") && err.contains("127.0.0.1:9883"), "{err}");
+        let err = Config::from_toml("[metrics]\nmax_connections = 0\n", "m.toml").unwrap_err().to_string();
+        assert!(err.contains("metrics.max_connections"), "{err}");
     }
 
     #[test]

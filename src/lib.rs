@@ -1,7 +1,7 @@
 //! tern: an MQTT 3.1, 3.1.1 and 5.0 broker.
 //!
 //! Layers (a module uses only those below it): `protocol`, `config`, `message` (L0);
-//! `session`, `topics`, `store` (L1); `broker`, `link`, `transport` (L2); `connection` (L3);
+//! `session`, `topics`, `store` (L1); `broker`, `link`, `transport` (L2); `connection`, `bridge`, `sys` (L3);
 //! `server` (L4). Tests start a broker in-process with [`start`] on port 0; a program that
 //! embeds tern publishes and subscribes in-process with [`BrokerHandle::connect_local`].
 #![deny(unsafe_code)]
@@ -24,6 +24,7 @@ pub(crate) mod link;
 pub(crate) mod message;
 pub(crate) mod protocol;
 pub(crate) mod session;
+pub(crate) mod sys;
 pub(crate) mod topics;
 
 // Entry points for the fuzz targets in fuzz/ only (`cargo fuzz` sets `--cfg fuzzing`); not API.

@@ -36,6 +36,9 @@ pub enum StartError {
     /// A listener address could not be bound.
     #[error("cannot listen on {bind} (config key listener[{index}].bind): {source}")]
     Bind { bind: String, index: usize, source: io::Error },
+    /// The HTTP listener of metrics.bind could not be bound.
+    #[error("cannot listen on {bind} (config key metrics.bind): {source}")]
+    MetricsBind { bind: String, source: io::Error },
     /// The store in storage.dir could not be opened or read.
     #[error("{0} (config key storage.dir)")]
     Store(#[from] StoreError),
@@ -97,6 +100,8 @@ pub struct BrokerHandle {
     /// Set once when the store becomes fatal.
     failed: watch::Receiver<Option<Arc<StoreError>>>,
     recovery: RecoverySummary,
+    /// Where `/metrics` and the status page are served (`metrics.bind`).
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl BrokerHandle {
@@ -107,9 +112,9 @@ impl BrokerHandle {
         crate::LocalClient::connect(&self.broker, opts)
     }
 
-    /// Retained messages held (in memory or only indexed).
+    /// Retained messages held (in memory or only indexed), but for the `$SYS` tree.
     pub fn retained_count(&self) -> usize {
-        self.broker.retained_count()
+        self.broker.app_retained_count()
     }
 
     /// Retained messages held whole in memory (the rest are read from the store on demand).
@@ -173,6 +178,12 @@ impl BrokerHandle {
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Address of the HTTP listener serving `/metrics` and the status page, when
+    /// `metrics.bind` is set (tests bind port 0 and ask).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Reads the password file, the ACL file and every TLS listener's certificates again
@@ -428,8 +439,20 @@ async fn run(
     }
     // Bridges once the listeners are up: a bridge to this very broker must find it.
     crate::bridge::start_all(&broker, bridges);
+    let metrics_addr = match crate::sys::start(&broker, rx.clone()).await {
+        Ok(Some((addr, task))) => {
+            tasks.push(task);
+            Some(addr)
+        }
+        Ok(None) => None,
+        Err(source) => {
+            let _ = tx.send(true);
+            broker.kick_all(crate::protocol::reason::SERVER_SHUTTING_DOWN);
+            return Err(StartError::MetricsBind { bind: config.metrics.bind.clone(), source });
+        }
+    };
     let tls = acceptors.into_iter().flatten().collect();
-    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls, failed, recovery })
+    Ok(BrokerHandle { addrs, shutdown: tx, tasks, broker, tls, failed, recovery, metrics_addr })
 }
 
 /// The one line that says what recovery brought back and how long it took.

@@ -65,8 +65,10 @@ pub(crate) fn start_all(broker: &Arc<Broker>, tls: Vec<Option<Arc<TlsConnector>>
     }
 }
 
-/// The state topic mosquitto uses: `1` while connected, `0` otherwise (retained).
+/// The state topic mosquitto uses: `1` while connected, `0` otherwise (retained); also shown
+/// by the broker's reporters (`tern_bridge_up`, the status page).
 fn publish_state(broker: &Broker, name: &str, up: bool) {
+    broker.metrics.set_bridge(name, up);
     let msg = Message::received(
         ByteString::from(format!("$SYS/broker/connection/{name}/state")),
         Bytes::from_static(if up { b"1" } else { b"0" }),

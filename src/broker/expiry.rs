@@ -187,6 +187,7 @@ impl Broker {
                 if let Some(handle) = handle.upgrade() {
                     if still_away(&handle, connection_id) {
                         self.end_session(&handle);
+                        self.metrics.sessions_expired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }

@@ -18,6 +18,7 @@
 
 mod expiry;
 mod keep_alive;
+mod metrics;
 mod recovery;
 mod session_handle;
 
@@ -30,6 +31,7 @@ use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
+pub use metrics::{DropCause, Metrics, Stats};
 pub use recovery::RecoverySummary;
 pub use session_handle::{signal, ConnControl, Delivered, DurableWaiters, SessionHandle};
 
@@ -53,21 +55,6 @@ pub fn client_id_reserved(id: &str) -> bool {
 
 /// Session Expiry Interval meaning "never" (v5 3.1.2.11.2); 3.1.1 persistent sessions too.
 pub const EXPIRY_NEVER: u32 = u32::MAX;
-
-/// Counters read by tests, logs and (later) $SYS.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub messages_received: AtomicU64,
-    pub messages_sent: AtomicU64,
-    pub messages_dropped: AtomicU64,
-    pub connections_total: AtomicU64,
-    /// Subscribers disconnected because their full queue made no progress
-    /// (`limits.slow_consumer_secs`).
-    pub slow_consumers: AtomicU64,
-    /// Acknowledgements connections hold until the store has made their effects durable
-    /// (a gauge; each connection holds at most `limits.max_held_acks`).
-    pub acks_held: AtomicU64,
-}
 
 pub struct Broker {
     pub config: Arc<Config>,
@@ -143,7 +130,7 @@ pub struct RetainedBatch {
 enum Placement {
     Memory,
     Backlog(Queued),
-    Dropped,
+    Dropped(DropCause),
 }
 
 /// Outcome of one filter of a SUBSCRIBE.
@@ -165,6 +152,7 @@ impl Broker {
         policy: Arc<dyn Policy>,
     ) -> Self {
         let queue_memory = Arc::new(MemoryBudget::new(config.limits.max_queued_memory));
+        let metrics = Metrics::new(&config);
         Broker {
             config,
             auth,
@@ -182,7 +170,7 @@ impl Broker {
             expiry: Arc::default(),
             shutting_down: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
-            metrics: Metrics::default(),
+            metrics,
         }
     }
 
@@ -223,10 +211,6 @@ impl Broker {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
-    }
-
-    pub fn retained_count(&self) -> usize {
-        self.retained.read().map(|r| r.len()).unwrap_or(0)
     }
 
     /// Signals `control` (DURABLE) once `ticket` is processed. Check `outcome` after calling:
@@ -538,7 +522,7 @@ impl Broker {
                 Placement::Backlog(q) => {
                     let _ = target.backlogged(q);
                 }
-                Placement::Dropped => {}
+                Placement::Dropped(_) => {}
             }
         }
     }
@@ -724,10 +708,38 @@ impl Broker {
         extra: Option<Op>,
         full: &mut Vec<Arc<SessionHandle>>,
     ) -> (usize, u64) {
-        self.metrics.messages_received.fetch_add(1, Ordering::Relaxed);
+        self.metrics.publish_in(msg.qos, msg.payload.len());
+        self.fan_out(msg, extra, full, true)
+    }
+
+    /// Publishes the broker's own `$SYS/...` value: retained (in memory only: nothing is
+    /// written to the store, and it is not counted as received), QoS 0, delivered like any
+    /// message, so the policy's read check decides who sees it.
+    pub fn publish_sys(&self, topic: &str, payload: String) {
+        let msg = Message::received(
+            ByteString::from(topic),
+            Bytes::from(payload),
+            QoS::AtMostOnce,
+            true,
+            crate::protocol::Properties::default(),
+            ByteString::new(),
+        );
+        self.fan_out(Arc::new(msg), None, &mut Vec::new(), false);
+    }
+
+    /// `publish_flow` once counted. `durable` false is for the broker's own `$SYS` values: a
+    /// retained one stays out of the store (and whole in memory), and one that does not
+    /// reach an away session is not counted as dropped (it is no client's message).
+    fn fan_out(
+        &self,
+        msg: Arc<Message>,
+        extra: Option<Op>,
+        full: &mut Vec<Arc<SessionHandle>>,
+        durable: bool,
+    ) -> (usize, u64) {
         let mut ops: Vec<Op> = extra.into_iter().collect();
         if msg.retain {
-            self.update_retained(&msg, &mut ops);
+            self.update_retained(&msg, &mut ops, durable);
         }
         let mut matches: Vec<Entry<Arc<SessionHandle>>> = Vec::new();
         {
@@ -777,7 +789,7 @@ impl Broker {
             }
             self.submit(ops)
         };
-        if msg.retain && !msg.payload.is_empty() {
+        if msg.retain && durable && !msg.payload.is_empty() {
             self.retained_loaded.lock().unwrap_or_else(|e| e.into_inner()).push_back((Arc::downgrade(&msg), seq));
             self.shed_retained();
         }
@@ -787,13 +799,15 @@ impl Broker {
             let delivered = match place {
                 Placement::Memory => target.deliver(d),
                 Placement::Backlog(q) => target.backlogged(q),
-                Placement::Dropped => Delivered::Dropped,
+                Placement::Dropped(cause) => Delivered::Dropped(cause),
             };
             match delivered {
                 Delivered::Queued => {}
                 Delivered::Full => full.push(target),
-                Delivered::Dropped => {
-                    self.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                Delivered::Dropped(cause) => {
+                    if durable {
+                        self.metrics.drop_n(cause, 1);
+                    }
                     if let (Some(seq), Placement::Memory) = (seq, place) {
                         cleanup.push(Op::DeleteQueued { client: target.client_id.clone(), seq });
                     }
@@ -838,11 +852,11 @@ impl Broker {
                 let connected = cell.owner != 0;
                 match cell.state.backlog_push(seq, d.msg.held_bytes(), connected) {
                     Ok(q) => Placement::Backlog(q),
-                    Err(_) => {
+                    Err(why) => {
                         if cell.state.dropped.is_power_of_two() {
                             tracing::warn!(client_id = %target.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
                         }
-                        return Placement::Dropped;
+                        return Placement::Dropped(why.into());
                     }
                 }
             } else {
@@ -1003,15 +1017,18 @@ impl Broker {
         })
     }
 
-    fn update_retained(&self, msg: &Arc<Message>, ops: &mut Vec<Op>) {
+    fn update_retained(&self, msg: &Arc<Message>, ops: &mut Vec<Op>, durable: bool) {
         let mut trie = self.retained.write().unwrap_or_else(|e| e.into_inner());
         if msg.payload.is_empty() {
             // An empty retained payload clears the topic [MQTT-3.3.1-10].
-            if trie.remove(&msg.topic).is_some() {
+            if trie.remove(&msg.topic).is_some() && durable {
                 ops.push(Op::DeleteRetained { topic: msg.topic.clone() });
             }
         } else {
             trie.insert(&msg.topic, Retained::Loaded(Arc::clone(msg)));
+            if !durable {
+                return;
+            }
             let mut b = BytesMut::new();
             records::encode_message(msg, &mut b);
             ops.push(Op::PutRetained { topic: msg.topic.clone(), value: b.freeze() });

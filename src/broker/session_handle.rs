@@ -297,7 +297,7 @@ pub enum Delivered {
     Full,
     /// Not queued (counted): the session ended, its hard limit is reached, or it is QoS 0 for a
     /// client that is away.
-    Dropped,
+    Dropped(super::DropCause),
 }
 
 pub struct SessionHandle {
@@ -352,16 +352,16 @@ impl SessionHandle {
     pub fn deliver(&self, d: Delivery) -> Delivered {
         let mut cell = self.lock();
         if cell.ended || (cell.owner == 0 && d.qos == QoS::AtMostOnce) {
-            return Delivered::Dropped;
+            return Delivered::Dropped(super::DropCause::Offline);
         }
         let connected = cell.owner != 0;
         let queued = match cell.state.enqueue(d, connected) {
             Ok(q) => q,
-            Err(_) => {
+            Err(why) => {
                 if cell.state.dropped.is_power_of_two() {
                     tracing::warn!(client_id = %self.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
                 }
-                return Delivered::Dropped;
+                return Delivered::Dropped(why.into());
             }
         };
         cell.signal(signal::DELIVERY);

@@ -24,6 +24,25 @@ pub(super) struct Flow {
     deadline: Pin<Box<tokio::time::Sleep>>,
     /// The client closed its end; the connection ends once what was put aside is handled.
     closed: bool,
+    /// Counts this wait in `publishers_waiting` while it lasts.
+    _waiting: Waiting,
+}
+
+/// A connection counted in `publishers_waiting` until this is dropped.
+struct Waiting(Arc<Broker>);
+
+impl Waiting {
+    fn new(broker: &Arc<Broker>) -> Waiting {
+        broker.metrics.publishers_waiting.fetch_add(1, Ordering::Relaxed);
+        broker.metrics.flow_waits.fetch_add(1, Ordering::Relaxed);
+        Waiting(Arc::clone(broker))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.metrics.publishers_waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A subscriber waited on, with its progress count when it last moved, and since when.
@@ -68,6 +87,7 @@ impl Conn {
                 continue;
             }
             let Some(progress) = handle.wait_for_room(&self.link.control) else { continue };
+            let broker = &self.link.broker;
             let flow = self.flow.get_or_insert_with(|| {
                 Box::new(Flow {
                     targets: Vec::new(),
@@ -75,6 +95,7 @@ impl Conn {
                     stashed: 0,
                     deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
                     closed: false,
+                    _waiting: Waiting::new(broker),
                 })
             });
             if !flow.targets.iter().any(|w| Arc::ptr_eq(&w.handle, &handle)) {

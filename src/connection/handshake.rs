@@ -12,19 +12,22 @@ pub(super) async fn read_connect<S: AsyncRead + Unpin>(
     stream: &mut S,
     rbuf: &mut BytesMut,
     max_packet: usize,
+    read: &mut usize,
 ) -> Result<Box<Connect>, ConnectError> {
-    match read_packet(stream, rbuf, None, max_packet).await? {
+    match read_packet(stream, rbuf, None, max_packet, read).await? {
         Packet::Connect(c) => Ok(c),
         _ => Err(ConnectError::Decode(DecodeError::Protocol("first packet must be CONNECT"))),
     }
 }
 
-/// Reads one whole packet during the handshake (before the main loop owns the socket).
+/// Reads one whole packet during the handshake (before the main loop owns the socket);
+/// adds the bytes it read to `read`.
 pub(super) async fn read_packet<S: AsyncRead + Unpin>(
     stream: &mut S,
     rbuf: &mut BytesMut,
     version: Option<ProtocolVersion>,
     max_packet: usize,
+    read: &mut usize,
 ) -> Result<Packet, ConnectError> {
     loop {
         match protocol::decode(rbuf, version, max_packet) {
@@ -35,7 +38,7 @@ pub(super) async fn read_packet<S: AsyncRead + Unpin>(
         rbuf.reserve(1024);
         match stream.read_buf(rbuf).await {
             Ok(0) | Err(_) => return Err(ConnectError::Io),
-            Ok(_) => {}
+            Ok(n) => *read += n,
         }
     }
 }
@@ -344,7 +347,7 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             &mut w,
         );
         send(stream, &w).await.map_err(|_| None)?;
-        match read_packet(stream, rbuf, Some(ProtocolVersion::V5), max_packet).await {
+        match read_packet(stream, rbuf, Some(ProtocolVersion::V5), max_packet, &mut 0).await {
             Ok(Packet::Auth(a))
                 if a.reason == reason::CONTINUE_AUTHENTICATION
                     && a.properties.authentication_method.as_ref() == Some(name) =>

@@ -5,7 +5,17 @@
 use super::*;
 
 impl Conn {
+    /// Handles the whole packets in the read buffer; counts them once for the lot.
     pub(super) fn process_input(&mut self) -> Result<(), Close> {
+        let mut packets = 0u64;
+        let result = self.process_packets(&mut packets);
+        if packets > 0 {
+            self.link.broker.metrics.packets_received.fetch_add(packets, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn process_packets(&mut self, packets: &mut u64) -> Result<(), Close> {
         let max = self.link.broker.config.limits.max_packet_size as usize;
         loop {
             let Some(&first) = self.rbuf.first() else { return Ok(()) };
@@ -19,16 +29,20 @@ impl Conn {
             }
             let before = self.rbuf.len();
             match protocol::decode(&mut self.rbuf, Some(self.version), max) {
-                Ok(Some(p)) => match self.flow.as_mut() {
-                    // Waiting for room: only acknowledgements of this client's own deliveries
-                    // go through (they let its queue drain: two clients publishing to each
-                    // other must not stall each other); the rest waits, in order (a PINGRESP
-                    // tells some clients everything before it was handled).
-                    Some(f) if !matches!(p, Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
-                        f.put_aside(p, before - self.rbuf.len());
+                Ok(Some(p)) => {
+                    *packets += 1;
+                    match self.flow.as_mut() {
+                        // Waiting for room: only acknowledgements of this client's own
+                        // deliveries go through (they let its queue drain: two clients
+                        // publishing to each other must not stall each other); the rest
+                        // waits, in order (a PINGRESP tells some clients everything before it
+                        // was handled).
+                        Some(f) if !matches!(p, Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
+                            f.put_aside(p, before - self.rbuf.len());
+                        }
+                        _ => self.handle_packet(p)?,
                     }
-                    _ => self.handle_packet(p)?,
-                },
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     let what = e.to_string();

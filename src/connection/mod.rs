@@ -82,7 +82,9 @@ enum Close {
 /// CONNACK 0x03 Server unavailable (3.x) or 0x97 Quota exceeded (v5), then closes.
 pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet: usize) {
     let mut rbuf = BytesMut::new();
-    let read = tokio::time::timeout(Duration::from_secs(2), read_connect(&mut stream, &mut rbuf, max_packet));
+    let mut read = 0;
+    let read =
+        tokio::time::timeout(Duration::from_secs(2), read_connect(&mut stream, &mut rbuf, max_packet, &mut read));
     if let Ok(Ok(c)) = read.await {
         let code = if c.protocol.is_v5() { reason::QUOTA_EXCEEDED } else { reason::v3::SERVER_UNAVAILABLE };
         let mut w = BytesMut::new();
@@ -151,7 +153,11 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, start: Box
     let peer = info.peer;
     let max_packet = broker.config.limits.max_packet_size as usize;
     let deadline = Duration::from_secs(broker.config.limits.connect_timeout_secs);
-    let connect = match tokio::time::timeout(deadline, read_connect(stream, &mut rbuf, max_packet)).await {
+    // What the listener read before this task, and what the handshake reads (counted once
+    // the client is in).
+    let early = rbuf.len();
+    let mut read = 0;
+    let connect = match tokio::time::timeout(deadline, read_connect(stream, &mut rbuf, max_packet, &mut read)).await {
         Err(_) => {
             debug!(%peer, "no CONNECT within {}s, closing", deadline.as_secs());
             return None;
@@ -164,6 +170,9 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, start: Box
         Ok(Ok(c)) => c,
     };
     let mut conn = Conn::accept(connect, info, &broker, stream, &mut rbuf).await?;
+    let m = &broker.metrics;
+    m.bytes_received.fetch_add(read.saturating_add(early) as u64, Ordering::Relaxed);
+    m.packets_received.fetch_add(1, Ordering::Relaxed);
     conn.rbuf = rbuf;
     Some(conn)
 }
@@ -389,6 +398,7 @@ impl Conn {
                 Woke::Read(Err(_), _) => return Close::Lost("socket error"),
                 Woke::Read(Ok(n), offered) => {
                     self.link.control.seen(self.link.broker.tick());
+                    self.link.broker.metrics.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                     if n == offered && read_hint < READ_MAX {
                         read_hint *= 2;
                     } else if n < offered / 4 && read_hint > READ_MIN {
@@ -443,6 +453,7 @@ impl Conn {
             return;
         }
         self.paused = true;
+        self.link.broker.metrics.inputs_paused.fetch_add(1, Ordering::Relaxed);
         if self.keep_alive > 0 {
             // Unread by our choice, the client must not be cut off for its silence; watched
             // again from the moment reading resumes.
@@ -454,6 +465,7 @@ impl Conn {
     /// left in the read buffer are handled (they may pause the input again).
     fn resume_input(&mut self) -> Result<(), Close> {
         self.paused = false;
+        self.link.broker.metrics.inputs_paused.fetch_sub(1, Ordering::Relaxed);
         if self.keep_alive > 0 {
             self.link.broker.watch_keep_alive(&self.link.control, self.keep_alive);
         }
@@ -504,6 +516,11 @@ impl Conn {
         if result.is_err() && written > 0 && written < self.wbuf.len() {
             // Cut off mid-packet: anything more would be read as the rest of that packet.
             self.broken_stream = true;
+        }
+        if result.is_ok() {
+            let m = &self.link.broker.metrics;
+            m.bytes_sent.fetch_add(written as u64, Ordering::Relaxed);
+            m.packets_sent.fetch_add(count_packets(&self.wbuf), Ordering::Relaxed);
         }
         if self.wbuf.capacity() > 4 * WRITE_BATCH {
             // A burst grew the buffer; give the memory back rather than keep it per client.
@@ -558,7 +575,34 @@ impl Drop for Conn {
             let n = u64::try_from(self.held.len()).unwrap_or(u64::MAX);
             self.link.broker.metrics.acks_held.fetch_sub(n, Ordering::Relaxed);
         }
+        if self.paused {
+            self.link.broker.metrics.inputs_paused.fetch_sub(1, Ordering::Relaxed);
+        }
     }
+}
+
+/// Packets in `buf`, which holds whole encoded packets: counted by walking their fixed
+/// headers (type byte, remaining length), without decoding them.
+fn count_packets(buf: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut at = 0usize;
+    while at < buf.len() {
+        let mut len = 0usize;
+        let mut shift = 0;
+        let mut i = at + 1;
+        loop {
+            let Some(&b) = buf.get(i) else { return n + 1 };
+            len |= usize::from(b & 0x7F) << shift;
+            i += 1;
+            if b & 0x80 == 0 || shift >= 21 {
+                break;
+            }
+            shift += 7;
+        }
+        n += 1;
+        at = i.saturating_add(len);
+    }
+    n
 }
 
 fn kick_text(reason: u8) -> &'static str {

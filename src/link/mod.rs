@@ -13,14 +13,13 @@
 pub mod local;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytestring::ByteString;
 
 use crate::auth::Principal;
-use crate::broker::{Attached, Broker, ConnControl, RetainedBatch, SessionHandle};
+use crate::broker::{Attached, Broker, ConnControl, DropCause, RetainedBatch, SessionHandle};
 use crate::message::Message;
 use crate::protocol::{reason, topic, QoS, SubscriptionOptions};
 use crate::session::{Ack, Delivery, OutState, Outgoing};
@@ -168,7 +167,12 @@ impl Link {
             return false; // taken over; the kick will end this link
         }
         let now = Instant::now();
-        let mut sent = 0u64;
+        // Counted here and added to the broker's counters once per batch: messages and payload
+        // bytes per QoS, and drops by cause (what the session drops by itself, expired
+        // messages, shows in its own count).
+        let mut sent = [(0u64, 0u64); 3];
+        let (mut revoked, mut too_large) = (0u64, 0u64);
+        let dropped_before = cell.state.dropped;
         let mut ops = Vec::new();
         let full = loop {
             if !out.has_room() {
@@ -185,8 +189,7 @@ impl Link {
                         ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
                     }
                 }
-                cell.state.dropped += 1;
-                self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                revoked += 1;
                 continue;
             }
             let (d, pid) = match next {
@@ -211,13 +214,17 @@ impl Link {
                     ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
                 }
                 if written == Written::TooLarge {
-                    cell.state.dropped += 1;
-                    self.broker.metrics.messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    too_large += 1;
                 }
                 continue;
             }
-            sent += 1;
+            if let Some(s) = sent.get_mut(d.qos as usize) {
+                s.0 += 1;
+                s.1 += d.msg.payload.len() as u64;
+            }
         };
+        let expired = cell.state.dropped.saturating_sub(dropped_before);
+        cell.state.dropped += revoked + too_large;
         for seq in cell.state.take_discarded() {
             ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
         }
@@ -229,8 +236,14 @@ impl Link {
         }
         let ticket = self.broker.persist(ops);
         self.write_ticket = self.write_ticket.max(ticket);
-        if sent > 0 {
-            self.broker.metrics.messages_sent.fetch_add(sent, Ordering::Relaxed);
+        let m = &self.broker.metrics;
+        m.publish_out(&sent);
+        for (cause, n) in
+            [(DropCause::Expired, expired), (DropCause::NotAuthorized, revoked), (DropCause::TooLarge, too_large)]
+        {
+            if n > 0 {
+                m.drop_n(cause, n);
+            }
         }
         full
     }

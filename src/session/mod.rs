@@ -86,7 +86,10 @@ pub enum Ack {
 /// Why a message was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
+    /// The session's own bound (`limits.max_queued_messages`, `max_queued_bytes`).
     QueueFull,
+    /// The broker's memory for queues is spent (twice `limits.max_queued_memory`).
+    Memory,
 }
 
 /// A message that was queued, and whether the queue has reached its bound with it (then the
@@ -151,7 +154,6 @@ impl SessionState {
         }
     }
 
-    #[cfg(test)]
     pub fn inflight_len(&self) -> usize {
         self.inflight.len()
     }
@@ -183,15 +185,19 @@ impl SessionState {
         // loses a message to memory that others hold.
         let over_memory =
             self.queued_bytes + size > budget::FREE && self.limits.budget.as_ref().is_some_and(|b| b.exhausted());
-        if count >= self.limits.max_messages.saturating_mul(factor) || over_bytes || over_memory {
+        if count >= self.limits.max_messages.saturating_mul(factor) || over_bytes {
             self.dropped += 1;
             return Err(Dropped::QueueFull);
+        }
+        if over_memory {
+            self.dropped += 1;
+            return Err(Dropped::Memory);
         }
         Ok(())
     }
 
     /// Messages and bytes waiting, in memory and in the backlog.
-    fn waiting(&self) -> (usize, usize) {
+    pub fn waiting(&self) -> (usize, usize) {
         let (c, b) = self.lazy.as_ref().and_then(|l| l.backlog.as_ref()).map_or((0, 0), |b| (b.count, b.bytes));
         (self.queue.len() + c, self.queued_bytes + b)
     }

@@ -40,6 +40,7 @@
 
 mod failures;
 mod fjall_backend;
+pub mod latency;
 mod memory;
 mod progress;
 pub mod records;
@@ -48,7 +49,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -57,6 +58,7 @@ use tracing::{error, info};
 use failures::Failures;
 
 pub use fjall_backend::FjallBackend;
+pub use latency::{CommitLatency, LatencySnapshot};
 pub use memory::MemoryBackend;
 pub use progress::LoadProgress;
 pub use records::{InflightState, QueuedRecord, SessionRecord, StoredWill, WillOwner};
@@ -296,6 +298,8 @@ struct Shared {
     fatal_hooks: Mutex<Vec<FatalHook>>,
     stop: AtomicBool,
     notify: Box<dyn Fn(u64) + Send + Sync>,
+    /// How long each batch took to write and sync.
+    latency: CommitLatency,
 }
 
 impl Shared {
@@ -365,6 +369,7 @@ impl Store {
             fatal_hooks: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             notify,
+            latency: CommitLatency::default(),
         });
         let s2 = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -481,6 +486,11 @@ impl Store {
         (seq <= processed).then_some(true)
     }
 
+    /// How long the group commits take (write and sync of one batch).
+    pub fn commit_latency(&self) -> &CommitLatency {
+        &self.shared.latency
+    }
+
     /// The error that made the store fatal, if it is.
     pub fn fatal(&self) -> Option<Arc<StoreError>> {
         self.shared.fatal.get().cloned()
@@ -574,6 +584,7 @@ fn commit_loop(
             shared.pending_bytes.store(0, Ordering::Release);
             (std::mem::take(&mut p.ops), p.last_seq)
         };
+        let started = Instant::now();
         let mut result = backend.apply(&ops);
         if result.is_ok() {
             if durability == Durability::Sync {
@@ -582,6 +593,7 @@ fn commit_loop(
                 dirty = true;
             }
         }
+        shared.latency.record(started.elapsed());
         match result {
             Ok(()) => {
                 if failing {
@@ -785,6 +797,12 @@ mod tests {
         backend.panic.store(true, Ordering::SeqCst);
         let b = store.submit([session("b")]);
         assert!(!wait_for(&store, b), "the batch the thread died on is not durable");
+        // `declare_fatal` marks the numbers failed before it records the error: poll for the
+        // error, with a deadline (it raced under load).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.fatal().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let err = store.fatal().expect("fatal");
         assert!(matches!(*err, StoreError::CommitThread(_)), "{err}");
         assert!(err.to_string().contains("backend bug"), "{err}");
