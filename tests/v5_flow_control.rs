@@ -3,7 +3,10 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn client_receive_maximum_limits_unacknowledged_deliveries() {
@@ -122,4 +125,45 @@ async fn client_receive_maximum_applies_to_a_resumed_session_queue() {
     s.ack(&first).await;
     assert_eq!(s.recv_publish().await.payload, b"m3");
     s.expect_silence(QUIET).await;
+}
+
+/// A client that goes on sending after tern disconnects it (the Paho interop suite's flow
+/// control test answers each PUBREC with a PUBREL) still reads the reason: tern closes its
+/// side and reads what the client sends until the client closes, instead of resetting the
+/// connection under it (a reset fails the client's writes and may discard the DISCONNECT
+/// before the client reads it).
+#[tokio::test]
+async fn a_client_still_sending_after_its_disconnect_reads_the_reason() {
+    let b = start_with(|c| c.mqtt.receive_maximum = 2).await;
+    let mut c = connect_v5(b.addr, "rx-chatty").await;
+    let mut bytes = Vec::new();
+    for pid in 1..=3u16 {
+        bytes.extend(publish_full(b"rx/t", b"m", 2, pid, false, false, Some(&[])));
+    }
+    // More behind the publish over the limit, unread when tern decides to disconnect.
+    for pid in 1..=2u16 {
+        bytes.extend(pubrel(pid));
+    }
+    bytes.extend(std::iter::repeat_n([0xC0u8, 0x00], 200).flatten());
+    c.send(&bytes).await;
+    let reason = loop {
+        match c.next_event(WAIT).await {
+            Event::Packet(p) if p[0] == 0x50 => {}
+            Event::Packet(p) if p[0] == 0xE0 => break split_packet(&p).1.first().copied().unwrap_or(0),
+            other => panic!("expected PUBREC or DISCONNECT, got {other:?}"),
+        }
+    };
+    assert_eq!(reason, 0x93, "DISCONNECT reason (Receive Maximum exceeded)");
+    c.expect_closed().await;
+    // tern's side is closed (EOF above) but not torn down: the client's writes keep
+    // succeeding while it has not closed its own side.
+    let mut stream = c.into_stream();
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let wrote = async {
+            stream.write_all(&pubrel(1)).await?;
+            stream.flush().await
+        };
+        assert!(wrote.await.is_ok(), "write {i} after the DISCONNECT failed: tern reset the connection");
+    }
 }

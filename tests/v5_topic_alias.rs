@@ -68,5 +68,10 @@ async fn client_aliases_resolve_and_misuse_is_refused() {
     // The broker announced 10 aliases (config mqtt.topic_alias_maximum); 11 is refused.
     p.send(&publish_full(b"ca/t", b"x", 0, 0, false, false, Some(&prop_u16(TOPIC_ALIAS, 11)))).await;
     p.expect_disconnect(0x94).await;
+    // Alias 0 is never valid [MQTT-3.3.2-8]: the same answer (mosquitto's too).
+    let mut z = Raw::open(b.addr).await;
+    z.handshake(&Connect::v5("ca-zero")).await;
+    z.send(&publish_full(b"ca/t", b"x", 0, 0, false, false, Some(&prop_u16(TOPIC_ALIAS, 0)))).await;
+    z.expect_disconnect(0x94).await;
     s.expect_silence(Duration::from_millis(200)).await;
 }

@@ -68,26 +68,40 @@ impl From<Dropped> for DropCause {
     }
 }
 
+/// A counter on a cache line of its own: the hot ones are written by publishers' and
+/// subscribers' tasks on different cores, and sharing a line would bounce it between them on
+/// every publish and every flush.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Line<T>(pub T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// Counters and gauges kept as things happen. Counters only grow; gauges go up and down.
 #[derive(Debug)]
 pub struct Metrics {
     /// When the broker started (uptime).
     pub started: Instant,
     /// PUBLISH packets received (from clients, bridges, in-process clients and wills), by QoS.
-    pub publish_received: [AtomicU64; 3],
+    pub publish_received: Line<[AtomicU64; 3]>,
     /// Their payload bytes, by QoS.
-    pub publish_bytes_received: [AtomicU64; 3],
+    pub publish_bytes_received: Line<[AtomicU64; 3]>,
     /// PUBLISH packets sent (counted per drained batch), by the QoS they went out with.
-    pub publish_sent: [AtomicU64; 3],
-    pub publish_bytes_sent: [AtomicU64; 3],
+    pub publish_sent: Line<[AtomicU64; 3]>,
+    pub publish_bytes_sent: Line<[AtomicU64; 3]>,
     /// MQTT packets of every kind received from network clients (mosquitto's
     /// `messages/received`), counted per read.
-    pub packets_received: AtomicU64,
+    pub packets_received: Line<AtomicU64>,
     /// MQTT packets of every kind written to network clients, counted per write.
-    pub packets_sent: AtomicU64,
+    pub packets_sent: Line<AtomicU64>,
     /// Bytes read from and written to network clients' sockets.
-    pub bytes_received: AtomicU64,
-    pub bytes_sent: AtomicU64,
+    pub bytes_received: Line<AtomicU64>,
+    pub bytes_sent: Line<AtomicU64>,
     /// Messages that did not reach a subscriber, by `DropCause` (in `DropCause::ALL` order).
     pub dropped: [AtomicU64; 6],
     /// Sessions attached (CONNECTs accepted, in-process and bridge attachments included).
@@ -99,7 +113,7 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// Acknowledgements connections hold until the store has made their effects durable
     /// (a gauge; each connection holds at most `limits.max_held_acks`).
-    pub acks_held: AtomicU64,
+    pub acks_held: Line<AtomicU64>,
     /// Connections whose publishes wait for a full subscriber's queue (flow control), now.
     pub publishers_waiting: AtomicU64,
     /// Times a connection started waiting so.
@@ -119,15 +133,15 @@ impl Metrics {
             publish_bytes_received: Default::default(),
             publish_sent: Default::default(),
             publish_bytes_sent: Default::default(),
-            packets_received: AtomicU64::new(0),
-            packets_sent: AtomicU64::new(0),
-            bytes_received: AtomicU64::new(0),
-            bytes_sent: AtomicU64::new(0),
+            packets_received: Line::default(),
+            packets_sent: Line::default(),
+            bytes_received: Line::default(),
+            bytes_sent: Line::default(),
             dropped: Default::default(),
             connections_total: AtomicU64::new(0),
             sessions_expired: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
-            acks_held: AtomicU64::new(0),
+            acks_held: Line::default(),
             publishers_waiting: AtomicU64::new(0),
             flow_waits: AtomicU64::new(0),
             inputs_paused: AtomicU64::new(0),
@@ -155,7 +169,7 @@ impl Metrics {
 
     /// A drained batch: messages and payload bytes sent per QoS.
     pub fn publish_out(&self, sent: &[(u64, u64); 3]) {
-        for ((n, b), &(count, bytes)) in self.publish_sent.iter().zip(&self.publish_bytes_sent).zip(sent) {
+        for ((n, b), &(count, bytes)) in self.publish_sent.iter().zip(self.publish_bytes_sent.iter()).zip(sent) {
             if count > 0 {
                 n.fetch_add(count, Ordering::Relaxed);
                 b.fetch_add(bytes, Ordering::Relaxed);

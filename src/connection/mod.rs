@@ -102,6 +102,23 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::R
     stream.flush().await
 }
 
+/// How long a connection the broker closed with a DISCONNECT reads (and discards) what its
+/// client still sends, waiting for the client to close its side (`Conn::finish`).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Reads and discards until the peer closes, the stream fails, or `LINGER` has passed.
+async fn drain_until_closed<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Serves one client over `stream` (plain TCP, TLS...) until it goes. `info` is what the
 /// listener learnt of the peer; `rbuf` holds whatever the transport already read of the
 /// client's first bytes; `on_end` is dropped when the connection is over.
@@ -532,7 +549,7 @@ impl Conn {
     }
 
     /// Says goodbye as the close reason requires, publishes the will when due, and detaches.
-    async fn finish<S: AsyncWrite + Unpin>(mut self, close: Close, stream: &mut S) {
+    async fn finish<S: AsyncRead + AsyncWrite + Unpin>(mut self, close: Close, stream: &mut S) {
         let v5 = self.version.is_v5();
         let (publish_will, why, reason_code) = match &close {
             Close::Client { publish_will } => (*publish_will, "client disconnected".to_string(), None),
@@ -543,22 +560,39 @@ impl Conn {
             }
             Close::Silent(what) => (true, what.clone(), None),
         };
+        let mut said = false;
         if let (true, Some(code), false) = (v5, reason_code, self.broken_stream) {
             self.wbuf.clear();
             self.encode(Packet::Disconnect(Disconnect { reason: code, properties: Properties::default() }));
-            let _ = tokio::time::timeout(Duration::from_secs(1), send(stream, &self.wbuf)).await;
+            said = matches!(tokio::time::timeout(Duration::from_secs(1), send(stream, &self.wbuf)).await, Ok(Ok(())));
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        // After telling a client why, read what it still sends until it closes too (or for
+        // LINGER): closing with its bytes unread would answer them with a reset, which makes
+        // its next write fail and can discard our DISCONNECT from its receive buffer before
+        // it reads the reason (a client that keeps publishing, say past Receive Maximum).
+        // Not at shutdown, which must not wait for clients.
+        let linger = said && reason_code != Some(reason::SERVER_SHUTTING_DOWN);
         info!(client_id = %self.link.client_id(), peer = %self.peer, reason = %why, "client disconnected");
         let will = if publish_will { self.will.take() } else { None };
         self.link.detach(self.session_expiry);
-        let Some(w) = will else { return };
+        let Some(w) = will else {
+            if linger {
+                drop(self); // its buffers are not needed while lingering
+                drain_until_closed(stream).await;
+            }
+            return;
+        };
         let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
         let msg = self.will_message(*w);
         // v5 Will Delay: published when the delay or the session ends, whichever is first,
         // unless the client has come back to the same session by then; with its owner's
         // rights at that moment.
         self.link.broker.publish_will(&self.link.handle, msg, delay, Some(Arc::clone(&self.link.principal)));
+        if linger {
+            drop(self);
+            drain_until_closed(stream).await;
+        }
     }
 
     pub(super) fn will_message(&self, w: LastWill) -> Arc<Message> {

@@ -84,7 +84,7 @@ pub(crate) fn read(r: &mut Reader, ctx: Ctx) -> Result<Properties, DecodeError> 
             // byte with the high bit set starts an unknown identifier as well.
             return Err(DecodeError::Malformed("unknown property identifier"));
         };
-        let problem = read_one(&mut section, id, ctx, &mut props)?;
+        let problem = read_one(&mut section, id, &mut props)?;
         if deferred.is_some() {
             continue;
         }
@@ -114,7 +114,7 @@ pub(crate) fn read(r: &mut Reader, ctx: Ctx) -> Result<Properties, DecodeError> 
 
 /// Reads one property value into `props`. Malformations are returned as `Err`; a value the
 /// specification calls a Protocol Error is returned as `Ok(Some(..))` so the caller can rank it.
-fn read_one(r: &mut Reader, id: u8, ctx: Ctx, p: &mut Properties) -> Result<Option<DecodeError>, DecodeError> {
+fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<Option<DecodeError>, DecodeError> {
     let proto = |ok: bool, what| {
         if ok {
             None
@@ -203,8 +203,9 @@ fn read_one(r: &mut Reader, id: u8, ctx: Ctx, p: &mut Properties) -> Result<Opti
         0x23 => {
             let v = r.u16()?;
             p.topic_alias = Some(v);
-            // Only checked where it is allowed; elsewhere "not allowed" is reported instead.
-            proto(v != 0 || ctx != Ctx::Publish, "topic alias 0")
+            // 0 is checked by the receiver with the maximum it announced: both are "Topic
+            // Alias invalid" (0x94), not a protocol error of the packet's form.
+            None
         }
         0x24 => flag(r, &mut p.maximum_qos, "maximum QoS not 0 or 1")?,
         0x25 => flag(r, &mut p.retain_available, "retain available not 0 or 1")?,
@@ -434,7 +435,7 @@ mod tests {
         let mut back = Properties::default();
         while !section.is_empty() {
             let id = section.u8().unwrap();
-            assert_eq!(read_one(&mut section, id, Ctx::Publish, &mut back), Ok(None));
+            assert_eq!(read_one(&mut section, id, &mut back), Ok(None));
         }
         assert_eq!(back, p);
     }
@@ -458,7 +459,8 @@ mod tests {
         protocol(&[0x02, 0x01, 0x02], Ctx::Publish);
         protocol(&[0x03, 0x21, 0x00, 0x00], Ctx::Connect);
         protocol(&[0x05, 0x27, 0, 0, 0, 0], Ctx::Connect);
-        protocol(&[0x03, 0x23, 0x00, 0x00], Ctx::Publish);
+        // Topic alias 0 is the receiver's to refuse (0x94, with its own maximum).
+        assert!(parse(&[0x03, 0x23, 0x00, 0x00], Ctx::Publish).is_ok());
         protocol(&[0x02, 0x17, 0x02], Ctx::Connect);
         protocol(&[0x02, 0x24, 0x02], Ctx::ConnAck);
         protocol(&[0x04, 0x08, 0x00, 0x01, b'#'], Ctx::Publish);

@@ -439,7 +439,6 @@ fn publish_rejections() {
     // duplicated property, invalid values, properties not allowed in PUBLISH
     rejects(v, "32 15 00 05 74 6F 70 69 63 12 34 04 01 01 01 01 70 61 79 6C 6F 61 64", 0x82);
     rejects(v, "32 13 00 05 74 6F 70 69 63 12 34 02 01 02 70 61 79 6C 6F 61 64", 0x82);
-    rejects(v, "32 14 00 05 74 6F 70 69 63 12 34 03 23 00 00 70 61 79 6C 6F 61 64", 0x82);
     rejects(v, "32 15 00 05 74 6F 70 69 63 12 34 04 08 00 01 23 70 61 79 6C 6F 61 64", 0x82);
     rejects(v, "32 15 00 05 74 6F 70 69 63 12 34 04 1F 00 01 70 70 61 79 6C 6F 61 64", 0x82);
     rejects(v, "32 12 00 05 74 6F 70 69 63 12 34 01 01 70 61 79 6C 6F 61 64", 0x81);
