@@ -13,9 +13,11 @@
 
 #![cfg(target_os = "linux")]
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::process::TernProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -51,100 +53,39 @@ const BOUND_KB: u64 = 8 * 1024;
 // The broker process
 // ---------------------------------------------------------------------------------------------
 
-struct Broker {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
+/// Starts the broker at its default configuration and waits until it accepts connections.
+async fn start_broker() -> TernProcess {
+    let mut b = TernProcess::new();
+    // jemalloc returns freed pages to the system at once instead of after its default 10 s
+    // decay (which only advances while the broker allocates, so an idle broker would keep
+    // them): the RSS then follows what is really in use. The name is tikv-jemallocator's
+    // prefixed one; with `--no-default-features` (system allocator) it has no effect.
+    b.start_async(&[("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0"), ("RUST_LOG", "warn")]).await;
+    b
 }
 
-impl Broker {
-    async fn start() -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-            l.local_addr().expect("local addr").port()
-        };
-        let config = format!(
-            "[[listener]]\nbind = \"127.0.0.1:{port}\"\n\n[storage]\ndir = \"{}\"\n",
-            dir.path().join("data").display()
-        );
-        std::fs::write(dir.path().join("tern.toml"), config).expect("write config");
-        let log = std::fs::File::create(dir.path().join("tern.log")).expect("create log");
-        let err = log.try_clone().expect("clone log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
-        cmd.arg("-c").arg(dir.path().join("tern.toml"));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("TERN__") {
-                cmd.env_remove(k);
-            }
-        }
-        // jemalloc returns freed pages to the system at once instead of after its default 10 s
-        // decay (which only advances while the broker allocates, so an idle broker would keep
-        // them): the RSS then follows what is really in use. The name is tikv-jemallocator's
-        // prefixed one; with `--no-default-features` (system allocator) it has no effect.
-        cmd.env("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0");
-        cmd.env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(err));
-        let mut b = Broker { dir, port, child: Some(cmd.spawn().expect("spawn tern")) };
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = b.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
-                b.child = None;
-                panic!("tern exited during start-up with {status}");
-            }
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(b.addr())).await {
-                return b;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "tern not listening on {} after 20 s", b.addr());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn addr(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("broker running").id()
-    }
-
-    /// VmRSS in KiB (panics if the broker is gone).
-    fn rss_kb(&self) -> u64 {
-        let pid = self.pid();
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-        let line = s.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
-        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value")
-    }
-
-    /// Polls the RSS every 100 ms until it has not fallen for 1 s, at most 5 s; the lowest reading.
-    async fn settled_rss_kb(&self) -> u64 {
-        let t0 = Instant::now();
-        let mut low = self.rss_kb();
-        let mut low_at = Instant::now();
-        while t0.elapsed() < Duration::from_secs(5) && low_at.elapsed() < Duration::from_secs(1) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let r = self.rss_kb();
-            if r < low {
-                low = r;
-                low_at = Instant::now();
-            }
-        }
-        low
-    }
+/// VmRSS in KiB (panics if the broker is gone).
+fn rss_kb(b: &TernProcess) -> u64 {
+    let pid = b.pid();
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("VmRSS value")
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.path().join("tern.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            let from = lines.len().saturating_sub(100);
-            eprintln!("----- broker log (last {} lines) -----\n{}", lines.len() - from, lines[from..].join("\n"));
+/// Polls the RSS every 100 ms until it has not fallen for 1 s, at most 5 s; the lowest reading.
+async fn settled_rss_kb(b: &TernProcess) -> u64 {
+    let t0 = Instant::now();
+    let mut low = rss_kb(b);
+    let mut low_at = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) && low_at.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = rss_kb(b);
+        if r < low {
+            low = r;
+            low_at = Instant::now();
         }
     }
+    low
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -239,8 +180,8 @@ async fn phase(addr: std::net::SocketAddr, make: impl Fn(usize) -> (String, u32,
 }
 
 /// The broker's RSS after `what`, polled until it settles, must be within `BOUND_KB` of `start`.
-async fn check(b: &Broker, start: u64, what: &str) {
-    let kb = b.settled_rss_kb().await;
+async fn check(b: &TernProcess, start: u64, what: &str) {
+    let kb = settled_rss_kb(b).await;
     eprintln!("memory: after {what}: {kb} KiB ({:+} KiB from the start)", kb as i64 - start as i64);
     assert!(
         kb <= start + BOUND_KB,
@@ -250,8 +191,8 @@ async fn check(b: &Broker, start: u64, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rss_returns_after_connect_disconnect_cycles() {
-    let b = Broker::start().await;
-    let start = b.settled_rss_kb().await;
+    let b = start_broker().await;
+    let start = settled_rss_kb(&b).await;
     eprintln!("memory: start {start} KiB");
     let t = Instant::now();
     phase(b.addr(), |i| (format!("mem-conn-{i}"), 0, None)).await;
@@ -260,14 +201,14 @@ async fn rss_returns_after_connect_disconnect_cycles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rss_returns_after_persistent_sessions_are_discarded() {
-    let b = Broker::start().await;
+    let b = start_broker().await;
     let addr = b.addr();
-    let start = b.settled_rss_kb().await;
+    let start = settled_rss_kb(&b).await;
     eprintln!("memory: start {start} KiB");
     for round in 1..=2 {
         let t = Instant::now();
         phase(addr, |i| (format!("mem-sess-{i}"), 3600, Some(format!("mem/{i}/cmd")))).await;
-        let held = b.settled_rss_kb().await;
+        let held = settled_rss_kb(&b).await;
         eprintln!(
             "memory: round {round}: {N} sessions held ({:.1} s): {held} KiB ({:+} B per session)",
             t.elapsed().as_secs_f64(),

@@ -8,147 +8,23 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::OpenOptions;
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::TernProcess;
 use common::{hex, puback, pubcomp, publish, publish_full, pubrec, pubrel, read_varint, Connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Longest wait for a single expected packet.
 const WAIT: Duration = Duration::from_secs(5);
-/// Longest wait for the broker process to start listening or to exit.
-const PROCESS_WAIT: Duration = Duration::from_secs(20);
 
-// ---------------------------------------------------------------------------------------------
-// The broker process
-// ---------------------------------------------------------------------------------------------
-
-/// A `tern` process on a fixed port and data directory. Dropping it kills the process and,
-/// when the test is failing, prints what the broker wrote.
-struct BrokerProc {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-    runs: u32,
-}
-
-impl BrokerProc {
-    fn new() -> BrokerProc {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-            l.local_addr().expect("local addr").port()
-        };
-        let config = format!(
-            "[[listener]]\nbind = \"127.0.0.1:{port}\"\n\n[storage]\ndir = \"{}\"\ndurability = \"sync\"\n",
-            dir.path().join("data").display()
-        );
-        std::fs::write(dir.path().join("tern.toml"), config).expect("write config");
-        BrokerProc { dir, port, child: None, runs: 0 }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("tern.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_else(|e| format!("(no log: {e})"))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("broker running").id()
-    }
-
-    /// Starts the broker and waits until its port accepts connections.
-    async fn start(&mut self) {
-        assert!(self.child.is_none(), "broker already running");
-        self.runs += 1;
-        let mut log = OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open log");
-        writeln!(log, "===== tern run {} =====", self.runs).expect("write log");
-        let err = log.try_clone().expect("clone log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
-        cmd.arg("-c").arg(self.dir.path().join("tern.toml"));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("TERN__") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(err));
-        self.child = Some(cmd.spawn().expect("spawn tern"));
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
-                self.child = None;
-                panic!("tern exited during start-up with {status}");
-            }
-            let attempt = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(self.addr())).await;
-            if let Ok(Ok(_)) = attempt {
-                return;
-            }
-            assert!(
-                t0.elapsed() < PROCESS_WAIT,
-                "tern not accepting connections on {} after {PROCESS_WAIT:?}",
-                self.addr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGKILL, and wait until the process is gone.
-    fn kill(&mut self) {
-        let mut child = self.child.take().expect("broker running");
-        child.kill().expect("SIGKILL tern");
-        child.wait().expect("wait for tern");
-    }
-
-    /// SIGTERM, and wait for a clean exit.
-    async fn terminate(&mut self) {
-        let pid = self.pid();
-        let st = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().expect("run kill");
-        assert!(st.success(), "kill -TERM {pid} failed: {st}");
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("try_wait")) {
-                self.child = None;
-                assert!(status.success(), "tern exited with {status} after SIGTERM");
-                return;
-            }
-            assert!(t0.elapsed() < PROCESS_WAIT, "tern still running {PROCESS_WAIT:?} after SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for BrokerProc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            let from = lines.len().saturating_sub(300);
-            eprintln!(
-                "----- broker log ({}, last {} of {} lines) -----\n{}\n----- end of broker log -----",
-                self.log_path().display(),
-                lines.len() - from,
-                lines.len(),
-                lines[from..].join("\n")
-            );
-        }
-    }
+/// A `tern` process whose store commits every write before acknowledging it (the default,
+/// written out because the tests depend on it).
+fn broker() -> TernProcess {
+    TernProcess::with_config("durability = \"sync\"\n")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -564,7 +440,7 @@ fn run_summary(got: &[Got]) -> String {
 ///    numbering; SIGKILL once the subscriber has caught up with the live stream.
 /// 4. Restart; the subscriber comes back (connection 4) and reads until quiet.
 async fn stream_kill_restart(
-    b: &mut BrokerProc,
+    b: &mut TernProcess,
     qos: u8,
     topic: &'static str,
 ) -> (Arc<PubState>, Arc<Mutex<SubState>>) {
@@ -578,7 +454,7 @@ async fn stream_kill_restart(
     let sub_id = format!("crash-sub-q{qos}");
     let ps = Arc::new(PubState::default());
     let ss = Arc::new(Mutex::new(SubState::default()));
-    b.start().await;
+    b.start_async(&[]).await;
     let addr = b.addr();
 
     // 1. Session made, subscriber away, stream starts.
@@ -627,7 +503,7 @@ async fn stream_kill_restart(
     let a_sent = ps.sent.load(Ordering::SeqCst);
 
     // 3. Restart; back online, publisher B continues; killed once the subscriber is live.
-    b.start().await;
+    b.start_async(&[]).await;
     let progress = Arc::new(Progress::default());
     let w = Wire::connect(addr, &sub_id, false, true).await;
     let online = tokio::spawn(subscriber_loop(w, 3, topic, None, Arc::clone(&ss), Arc::clone(&progress)));
@@ -658,7 +534,7 @@ async fn stream_kill_restart(
     end_of_connections(publisher, online).await;
 
     // 4. Restart; the rest is delivered.
-    b.start().await;
+    b.start_async(&[]).await;
     let w = Wire::connect(addr, &sub_id, false, true).await;
     let end = tokio::time::timeout(
         Duration::from_secs(30),
@@ -683,7 +559,7 @@ async fn end_of_connections(publisher: tokio::task::JoinHandle<()>, subscriber: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_stream_survives_kill() {
-    let mut b = BrokerProc::new();
+    let mut b = broker();
     let (ps, ss) = stream_kill_restart(&mut b, 1, "crash/q1").await;
     let acked = ps.acked.lock().unwrap().clone();
     let s = ss.lock().unwrap();
@@ -719,7 +595,7 @@ async fn qos1_stream_survives_kill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_stream_survives_kill_exactly_once() {
-    let mut b = BrokerProc::new();
+    let mut b = broker();
     let (ps, ss) = stream_kill_restart(&mut b, 2, "crash/q2").await;
     let acked = ps.acked.lock().unwrap().clone();
     let s = ss.lock().unwrap();
@@ -768,8 +644,8 @@ async fn qos2_stream_survives_kill_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_survives_kill() {
-    let mut b = BrokerProc::new();
-    b.start().await;
+    let mut b = broker();
+    b.start_async(&[]).await;
     let mut w = Wire::connect(b.addr(), "retainer", true, false).await;
     // 50 retained messages plus one that is set and then cleared, pipelined.
     let mut out = Vec::new();
@@ -795,7 +671,7 @@ async fn retained_survives_kill() {
     }
     b.kill();
 
-    b.start().await;
+    b.start_async(&[]).await;
     let mut w = Wire::connect(b.addr(), "reader", true, false).await;
     assert!(w.send(&common::subscribe_pkt(false, 1, &[("#", 1)])).await);
     let mut got: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -833,14 +709,14 @@ async fn retained_survives_kill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_made_just_before_kill_survives() {
-    let mut b = BrokerProc::new();
-    b.start().await;
+    let mut b = broker();
+    b.start_async(&[]).await;
     let mut w = Wire::connect(b.addr(), "late-sub", false, false).await;
     w.subscribe(7, "late/topic", 1).await;
     b.kill();
     drop(w);
 
-    b.start().await;
+    b.start_async(&[]).await;
     let mut w = Wire::connect(b.addr(), "late-sub", false, true).await;
     let mut p = Wire::connect(b.addr(), "late-pub", true, false).await;
     assert!(p.send(&publish("late/topic", b"after the crash", 1, 1)).await);
@@ -857,8 +733,8 @@ async fn clean_restart_keeps_10000_retained_and_1000_sessions() {
     const RETAINED: usize = 10_000;
     const SESSIONS: usize = 1_000;
     const CONCURRENCY: usize = 50;
-    let mut b = BrokerProc::new();
-    b.start().await;
+    let mut b = broker();
+    b.start_async(&[]).await;
     let addr = b.addr();
     let t0 = Instant::now();
 
@@ -899,10 +775,10 @@ async fn clean_restart_keeps_10000_retained_and_1000_sessions() {
     println!("bulk: {SESSIONS} sessions made in {:?}", t1.elapsed());
 
     let t2 = Instant::now();
-    b.terminate().await;
+    b.terminate_async().await;
     println!("bulk: graceful stop took {:?}", t2.elapsed());
     let t3 = Instant::now();
-    b.start().await;
+    b.start_async(&[]).await;
     println!("bulk: restart took {:?}", t3.elapsed());
     if let Some(line) = b.log().lines().rev().find(|l| l.contains("state recovered")) {
         println!("bulk: {line}");
@@ -995,8 +871,8 @@ async fn clean_restart_keeps_10000_retained_and_1000_sessions() {
 /// DISCONNECT before the crash has no will to publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn will_of_a_client_connected_at_the_crash_is_published_after_restart() {
-    let mut b = BrokerProc::new();
-    b.start().await;
+    let mut b = broker();
+    b.start_async(&[]).await;
     let mut watcher = Wire::connect(b.addr(), "will-watcher", false, false).await;
     watcher.subscribe(1, "wills/#", 1).await;
     watcher.disconnect().await;
@@ -1027,7 +903,7 @@ async fn will_of_a_client_connected_at_the_crash_is_published_after_restart() {
     b.kill();
     drop(doomed);
 
-    b.start().await;
+    b.start_async(&[]).await;
     let mut watcher = Wire::connect(b.addr(), "will-watcher", false, true).await;
     let m = common::parse_publish(&watcher.read("the will of the client connected at the crash").await, false);
     assert_eq!((m.topic.as_str(), m.payload.as_slice()), ("wills/doomed", &b"gone"[..]));
@@ -1043,13 +919,13 @@ async fn will_of_a_client_connected_at_the_crash_is_published_after_restart() {
 /// of two wills accepted before the crash, the one the new ACL no longer allows stays unpublished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovered_wills_keep_their_owners_rights() {
-    let mut b = BrokerProc::new();
+    let mut b = broker();
     let acl = b.dir.path().join("acl");
-    let config = b.dir.path().join("tern.toml");
+    let config = b.config_path();
     let text = std::fs::read_to_string(&config).expect("read config");
     std::fs::write(&config, format!("[auth]\nacl_file = \"{}\"\n{text}", acl.display())).expect("write config");
     std::fs::write(&acl, "user alice\ntopic readwrite wills/#\n\nuser watcher\ntopic read wills/#\n").expect("acl");
-    b.start().await;
+    b.start_async(&[]).await;
     let login = |id: &str| Connect::v311(id).clean(false);
     let mut watcher = Wire::open(b.addr()).await;
     assert!(watcher.send(&login("w").user("watcher").bytes()).await);
@@ -1074,7 +950,7 @@ async fn recovered_wills_keep_their_owners_rights() {
     drop(doomed);
 
     std::fs::write(&acl, "user alice\ntopic readwrite wills/ok/#\n\nuser watcher\ntopic read wills/#\n").expect("acl");
-    b.start().await;
+    b.start_async(&[]).await;
     let mut watcher = Wire::open(b.addr()).await;
     assert!(watcher.send(&login("w").user("watcher").bytes()).await);
     assert_eq!(hex(&watcher.read("CONNACK").await), "20 02 01 00");
@@ -1093,13 +969,13 @@ async fn recovered_wills_keep_their_owners_rights() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
-    let mut b = BrokerProc::new();
-    b.start().await;
+    let mut b = broker();
+    b.start_async(&[]).await;
     let mut w = Wire::connect(b.addr(), "private", true, false).await;
     assert!(w.send(&publish_full(b"secret/t", b"not for others", 1, 1, true, false, None)).await);
     let p = w.read("PUBACK").await;
     assert_eq!(p[0], 0x40, "expected PUBACK, got {}", hex(&p));
-    b.terminate().await;
+    b.terminate_async().await;
 
     let data = b.dir.path().join("data");
     let mode = |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;

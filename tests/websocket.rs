@@ -221,18 +221,7 @@ async fn burst_to_a_slow_websocket_reader_arrives_whole() {
     let mut sub = ws_mqtt(ws_addr(&b), &Connect::v311("slow-ws")).await;
     sub.subscribe(1, "burst", 0).await;
     let mut publisher = connect_v311(b.addr, "fast").await;
-    let payload = vec![b'x'; 16 * 1024];
-    const N: usize = 1000;
-    for i in 0..N {
-        let mut p = payload.clone();
-        p[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        publisher.publish("burst", &p, 0, 0).await;
-    }
-    publisher.ping().await; // the broker has read them all
-    for i in 0..N {
-        let m = sub.recv_publish().await;
-        assert_eq!(&m.payload[..8], &(i as u64).to_be_bytes(), "message {i} of {N}");
-    }
+    burst_to_a_slow_reader(&mut publisher, &mut sub, "burst", 1000).await;
 }
 
 /// [MQTT-6.0.0-2]: a packet may span frames. CONNECT comes as three binary messages, and a

@@ -16,91 +16,22 @@
 // LIVE_SECS=N keeps the workload running N seconds before the screenshot (for
 // docs/status.png, so the chart shows some history).
 
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import mqtt from 'mqtt';
-import { chromium } from 'playwright-core';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO = path.resolve(HERE, '../..');
-const TERN_BIN = process.env.TERN_BIN
-  || path.join(process.env.CARGO_TARGET_DIR ? path.resolve(REPO, process.env.CARGO_TARGET_DIR) : path.join(REPO, 'target'), 'release/tern');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+import { BrowserTest, TERN_BIN, listeningPorts, until } from './lib.mjs';
+
 /** Longest wait for anything that should happen. */
 const DEADLINE_MS = 15_000;
 const LIVE_SECS = Number(process.env.LIVE_SECS || 0);
 
-let passed = 0;
-let failed = 0;
-let tern = null;
-let ternLog = '';
-let browser = null;
-let work = null;
+const t = new BrowserTest('status', { deadlineMs: DEADLINE_MS });
+const check = t.check.bind(t);
 const clients = [];
 let trickle = null;
-
-/** Runs one check: `ok - name` or `FAIL - name: why`. */
-async function check(name, fn) {
-  try {
-    await withDeadline(fn(), DEADLINE_MS * 2, name);
-    passed += 1;
-    console.log(`ok - ${name}`);
-  } catch (e) {
-    failed += 1;
-    console.log(`FAIL - ${name}: ${e && e.message ? e.message : e}`);
-  }
-}
-
-function withDeadline(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-/** Resolves once `cond()` holds, polling every 50 ms; rejects after `ms` with `why()`. */
-async function until(cond, ms, what, why = () => '') {
-  const end = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`${what}: not within ${ms} ms ${why()}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-/** Starts tern; resolves with the MQTT port and the metrics (HTTP) port from its log. */
-async function startTern(configPath) {
-  const child = spawn(TERN_BIN, ['-c', configPath], {
-    cwd: work,
-    env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  tern = child;
-  const onData = (d) => { ternLog += d.toString(); };
-  child.stdout.on('data', onData);
-  child.stderr.on('data', onData);
-  let exited = null;
-  child.once('exit', (code, signal) => { exited = `exited (code ${code}, signal ${signal})`; });
-  const port = (re) => { const m = ternLog.match(re); return m ? Number(m[1].slice(m[1].lastIndexOf(':') + 1)) : null; };
-  await until(() => {
-    if (exited) throw new Error(`tern ${exited} before listening:\n${ternLog}`);
-    return port(/ listening addr=(\S+) kind="?tcp/) && port(/status page listening addr=(\S+)/);
-  }, DEADLINE_MS, 'tern listening');
-  return { mqttPort: port(/ listening addr=(\S+) kind="?tcp/), httpPort: port(/status page listening addr=(\S+)/) };
-}
-
-async function stopTern() {
-  if (!tern || tern.exitCode !== null || tern.signalCode !== null) return;
-  const exited = new Promise((r) => tern.once('exit', r));
-  tern.kill('SIGTERM');
-  const timer = setTimeout(() => tern.kill('SIGKILL'), 5000);
-  await exited;
-  clearTimeout(timer);
-}
 
 /** An MQTT.js client over TCP, connected. */
 async function connect(port, id) {
@@ -125,7 +56,7 @@ async function waitText(page, id, want) {
 }
 
 async function main() {
-  work = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-status-'));
+  const work = t.makeWork('tern-status-');
   const version = execFileSync(TERN_BIN, ['--version']).toString().trim().replace(/^tern /, '');
   const config = path.join(work, 'tern.toml');
   fs.writeFileSync(config, [
@@ -136,7 +67,11 @@ async function main() {
     // a session (away) with one subscription.
     '[[bridge]]', 'name = "cloud"', 'addresses = ["127.0.0.1:1"]', '[[bridge.topics]]', 'pattern = "site/#"', '',
   ].join('\n'));
-  const { mqttPort, httpPort } = await startTern(config);
+  const { mqttPort, httpPort } = await t.tern.start(config, work, (log) => {
+    const [mqttPort] = listeningPorts(log, / listening addr=(\S+) kind="?tcp/g);
+    const [httpPort] = listeningPorts(log, /status page listening addr=(\S+)/g);
+    return mqttPort && httpPort && { mqttPort, httpPort };
+  }, DEADLINE_MS);
   const base = `http://127.0.0.1:${httpPort}`;
 
   // The workload: three clients, five retained messages, one subscription, a trickle.
@@ -155,11 +90,7 @@ async function main() {
     for (let k = 0; k < burst; k++) sensor.publish('site/events', `tick ${n}`, { qos: 0 });
   }, 250);
 
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic',
-      '--no-first-run', '--disable-component-update', '--disable-sync'],
-  });
+  const browser = await t.launchChromium();
   const page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
   const requests = [];
   page.on('request', (r) => requests.push(r.url()));
@@ -203,35 +134,11 @@ async function main() {
   });
 }
 
-async function cleanup() {
-  if (trickle) clearInterval(trickle);
-  for (const c of clients) c.end(true);
-  if (browser) await browser.close().catch(() => {});
-  await stopTern();
-  // Kept when something failed: the screenshot and tern's data may tell why.
-  if (work && failed === 0) fs.rmSync(work, { recursive: true, force: true });
-  else if (work) console.log(`# kept ${work}`);
-}
-
-// Killed from outside (CI's timeout): do not leave tern running.
-for (const signal of ['SIGINT', 'SIGTERM']) {
-  process.once(signal, () => {
-    if (tern) tern.kill('SIGKILL');
-    process.exit(1);
-  });
-}
-
-try {
-  await main();
-} catch (e) {
-  failed += 1;
-  console.log(`FAIL - setup: ${e && e.stack ? e.stack : e}`);
-} finally {
-  await cleanup().catch((e) => console.log(`# cleanup: ${e.message}`));
-}
-if (failed > 0 && ternLog) {
-  console.log('# tern log (last 40 lines):');
-  for (const line of ternLog.trimEnd().split('\n').slice(-40)) console.log(`#   ${line}`);
-}
-console.log(`status: ${passed} passed, ${failed} failed`);
-process.exit(failed > 0 ? 1 : 0);
+// Kept when something failed: the screenshot and tern's data may tell why.
+await t.run(main, {
+  keepWork: true,
+  cleanup: async () => {
+    if (trickle) clearInterval(trickle);
+    for (const c of clients) c.end(true);
+  },
+});

@@ -15,59 +15,20 @@
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import mqtt from 'mqtt';
-import { chromium } from 'playwright-core';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO = path.resolve(HERE, '../..');
-const TERN_BIN = process.env.TERN_BIN
-  || path.join(process.env.CARGO_TARGET_DIR ? path.resolve(REPO, process.env.CARGO_TARGET_DIR) : path.join(REPO, 'target'), 'release/tern');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+import { BrowserTest, HERE, TERN_BIN, listeningPorts, until } from './lib.mjs';
+
 const MQTT_JS = path.join(HERE, 'node_modules/mqtt/dist/mqtt.min.js');
 /** Longest wait for anything that should happen. */
 const DEADLINE_MS = 10_000;
 
-let passed = 0;
-let failed = 0;
-let tern = null;
-let ternLog = '';
-let browser = null;
+const t = new BrowserTest('websocket', { deadlineMs: DEADLINE_MS });
+const check = t.check.bind(t);
 let pageServer = null;
 let tcpClient = null;
-let work = null;
-
-/** Runs one check: `ok - name` or `FAIL - name: why`. */
-async function check(name, fn) {
-  try {
-    await withDeadline(fn(), DEADLINE_MS * 2, name);
-    passed += 1;
-    console.log(`ok - ${name}`);
-  } catch (e) {
-    failed += 1;
-    console.log(`FAIL - ${name}: ${e && e.message ? e.message : e}`);
-  }
-}
-
-function withDeadline(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: not done within ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-/** Resolves once `cond()` holds, polling every 20 ms; rejects after `ms`. */
-async function until(cond, ms, what) {
-  const end = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`${what}: not within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 /** A self-signed certificate for localhost and 127.0.0.1. */
 function makeCertificate(dir) {
@@ -105,37 +66,6 @@ async function startPageServer() {
     server.listen(0, '127.0.0.1', resolve);
   });
   return server;
-}
-
-/** Starts tern with `config`; resolves with the address of each listener, in config order,
- * read from its `listening` log lines. */
-async function startTern(configPath, count) {
-  const child = spawn(TERN_BIN, ['-c', configPath], {
-    cwd: work,
-    env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'info' },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  tern = child;
-  const onData = (d) => { ternLog += d.toString(); };
-  child.stdout.on('data', onData);
-  child.stderr.on('data', onData);
-  let exited = null;
-  child.once('exit', (code, signal) => { exited = `exited (code ${code}, signal ${signal})`; });
-  const listening = () => [...ternLog.matchAll(/listening addr=(\S+) kind="?(\w+)/g)].map((m) => m[1]);
-  await until(() => {
-    if (exited) throw new Error(`tern ${exited} before listening:\n${ternLog}`);
-    return listening().length >= count;
-  }, DEADLINE_MS, 'tern listening');
-  return listening().map((addr) => Number(addr.slice(addr.lastIndexOf(':') + 1)));
-}
-
-async function stopTern() {
-  if (!tern || tern.exitCode !== null || tern.signalCode !== null) return;
-  const exited = new Promise((r) => tern.once('exit', r));
-  tern.kill('SIGTERM');
-  const timer = setTimeout(() => tern.kill('SIGKILL'), 5000);
-  await exited;
-  clearTimeout(timer);
 }
 
 /** mosquitto_pub, bounded by the deadline. */
@@ -216,10 +146,8 @@ async function roundTrip(page, id, prefix) {
 // --- The test --------------------------------------------------------------------------------
 
 async function main() {
-  if (!fs.existsSync(TERN_BIN)) throw new Error(`no tern binary at ${TERN_BIN}; build it (cargo build --release) or set TERN_BIN`);
-  if (!fs.existsSync(CHROMIUM)) throw new Error(`no Chromium at ${CHROMIUM} (apt-get install chromium)`);
   if (!fs.existsSync(MQTT_JS)) throw new Error(`no ${MQTT_JS}; run npm ci in ${HERE}`);
-  work = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-browser-ws-'));
+  const work = t.makeWork('tern-browser-ws-');
   const { cert, key } = makeCertificate(work);
   pageServer = await startPageServer();
   const pagePort = pageServer.address().port;
@@ -234,14 +162,14 @@ async function main() {
     `tls = { cert = "${cert}", key = "${key}" }`, '',
     '[storage]', `dir = "${path.join(work, 'data')}"`, '',
   ].join('\n'));
-  const [tcpPort, wsPort, wssPort] = await startTern(configPath, 3);
+  // Each listener's port, in config order, from its `listening` log line.
+  const [tcpPort, wsPort, wssPort] = await t.tern.start(configPath, work, (log) => {
+    const ports = listeningPorts(log, /listening addr=(\S+) kind="?\w+/g);
+    return ports.length >= 3 && ports;
+  }, DEADLINE_MS);
   console.log(`# tern ${TERN_BIN}: tcp ${tcpPort}, ws ${wsPort}, wss ${wssPort}; page ${pageOrigin}`);
 
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-quic',
-      '--no-first-run', '--disable-component-update', '--disable-sync'],
-  });
+  const browser = await t.launchChromium();
   // The wss listener's certificate is self-signed.
   const context = await browser.newContext({ ignoreHTTPSErrors: true });
   const page = await context.newPage();
@@ -313,7 +241,7 @@ async function main() {
   await check("tern's log names each browser connection's transport (ws, wss)", async () => {
     for (const [id, transport] of [['browser-ws', 'ws'], ['browser-wss', 'wss']]) {
       const line = new RegExp(`client connected client_id=${id} .*transport="?${transport}\\b`);
-      if (!line.test(ternLog)) throw new Error(`no "client connected" line for ${id} with transport=${transport}`);
+      if (!line.test(t.tern.log)) throw new Error(`no "client connected" line for ${id} with transport=${transport}`);
     }
   });
 
@@ -323,41 +251,17 @@ async function main() {
     });
     for (const id of ['browser-ws', 'browser-wss']) {
       const line = new RegExp(`client disconnected client_id=${id} .*reason=client disconnected`);
-      await until(() => line.test(ternLog), DEADLINE_MS, `tern logging the DISCONNECT of ${id}`);
+      await until(() => line.test(t.tern.log), DEADLINE_MS, `tern logging the DISCONNECT of ${id}`);
     }
   });
 }
 
-async function cleanup() {
-  if (tcpClient) await tcpClient.endAsync(true).catch(() => {});
-  if (browser) await browser.close().catch(() => {});
-  if (pageServer) {
-    pageServer.closeAllConnections();
-    await new Promise((r) => pageServer.close(r));
-  }
-  await stopTern();
-  if (work) fs.rmSync(work, { recursive: true, force: true });
-}
-
-// Killed from outside (CI's timeout): do not leave tern running.
-for (const signal of ['SIGINT', 'SIGTERM']) {
-  process.once(signal, () => {
-    if (tern) tern.kill('SIGKILL');
-    process.exit(1);
-  });
-}
-
-try {
-  await main();
-} catch (e) {
-  failed += 1;
-  console.log(`FAIL - setup: ${e && e.stack ? e.stack : e}`);
-} finally {
-  await cleanup().catch((e) => console.log(`# cleanup: ${e.message}`));
-}
-if ((failed > 0 || process.env.SHOW_TERN_LOG) && ternLog) {
-  console.log('# tern log (last 40 lines):');
-  for (const line of ternLog.trimEnd().split('\n').slice(-40)) console.log(`#   ${line}`);
-}
-console.log(`websocket: ${passed} passed, ${failed} failed`);
-process.exit(failed > 0 ? 1 : 0);
+await t.run(main, {
+  cleanup: async () => {
+    if (tcpClient) await tcpClient.endAsync(true).catch(() => {});
+    if (pageServer) {
+      pageServer.closeAllConnections();
+      await new Promise((r) => pageServer.close(r));
+    }
+  },
+});

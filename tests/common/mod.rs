@@ -1015,6 +1015,25 @@ impl Raw {
     }
 }
 
+/// `n` QoS 0 messages of 16 KiB from `publisher` on `topic` (subscribed to by `sub` at QoS 0),
+/// numbered in their first 8 bytes, sent while `sub` is not reading: the broker's writes to
+/// `sub` fill its socket and the layer in between (TLS, WebSocket) keeps the rest. Every
+/// message must still arrive once `sub` reads, in order, which needs the broker to flush that
+/// layer on every write, not just write to it.
+pub async fn burst_to_a_slow_reader(publisher: &mut Raw, sub: &mut Raw, topic: &str, n: usize) {
+    let payload = vec![b'x'; 16 * 1024];
+    for i in 0..n {
+        let mut p = payload.clone();
+        p[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        publisher.publish(topic, &p, 0, 0).await;
+    }
+    publisher.ping().await; // the broker has read them all
+    for i in 0..n {
+        let m = sub.recv_publish().await;
+        assert_eq!(&m.payload[..8], &(i as u64).to_be_bytes(), "message {i} of {n}");
+    }
+}
+
 /// Subscribes to the state topic of the bridge `name` of the broker at `addr`.
 pub async fn bridge_state_watch(addr: SocketAddr, name: &str) -> Raw {
     let mut s = connect_v311(addr, &format!("state-watch-{name}")).await;
