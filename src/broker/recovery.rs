@@ -73,15 +73,13 @@ impl Broker {
             // is due (after its delay, bounded by the session's remaining life).
             if let (None, Some(w)) = (rec.disconnected_at, &rec.will) {
                 // Published with its owner's rights, as it would have been without the restart.
-                let owner = w.owner.as_ref().map_or_else(
-                    || Principal { client_id: client.clone(), username: None, cert_identity: None, listener: 0 },
-                    |o| Principal {
-                        client_id: client.clone(),
-                        username: o.username.as_deref().map(ByteString::from),
-                        cert_identity: o.cert_identity.as_deref().map(Arc::from),
-                        listener: usize::from(o.listener),
-                    },
-                );
+                let o = w.owner.as_ref();
+                let owner = Principal {
+                    client_id: client.clone(),
+                    username: o.and_then(|o| o.username.as_deref()).map(ByteString::from),
+                    cert_identity: o.and_then(|o| o.cert_identity.as_deref()).map(Arc::from),
+                    listener: o.map_or(0, |o| usize::from(o.listener)),
+                };
                 match decode_message(&w.message) {
                     Ok(m) => {
                         wills.push((Arc::clone(&h), Arc::new(m), w.delay.min(rec.expiry_interval), Arc::new(owner)))

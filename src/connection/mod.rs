@@ -576,21 +576,16 @@ impl Conn {
         info!(client_id = %self.link.client_id(), peer = %self.peer, reason = %why, "client disconnected");
         let will = if publish_will { self.will.take() } else { None };
         self.link.detach(self.session_expiry);
-        let Some(w) = will else {
-            if linger {
-                drop(self); // its buffers are not needed while lingering
-                drain_until_closed(stream).await;
-            }
-            return;
-        };
-        let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
-        let msg = self.will_message(*w);
-        // v5 Will Delay: published when the delay or the session ends, whichever is first,
-        // unless the client has come back to the same session by then; with its owner's
-        // rights at that moment.
-        self.link.broker.publish_will(&self.link.handle, msg, delay, Some(Arc::clone(&self.link.principal)));
+        if let Some(w) = will {
+            let delay = w.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
+            let msg = self.will_message(*w);
+            // v5 Will Delay: published when the delay or the session ends, whichever is first,
+            // unless the client has come back to the same session by then; with its owner's
+            // rights at that moment.
+            self.link.broker.publish_will(&self.link.handle, msg, delay, Some(Arc::clone(&self.link.principal)));
+        }
         if linger {
-            drop(self);
+            drop(self); // its buffers are not needed while lingering
             drain_until_closed(stream).await;
         }
     }
