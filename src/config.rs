@@ -54,7 +54,8 @@ pub struct Cluster {
     /// Prefix of every subject, stream and bucket, so two tern clusters can share one NATS.
     #[serde(default = "default_cluster_name")]
     pub name: String,
-    /// JetStream replicas of the streams; default min(3, number of `nats` urls).
+    /// JetStream replicas of the streams; default min(3, number of `nats` urls) for a stream
+    /// this node creates (an existing stream keeps its own unless this is set).
     #[serde(default)]
     pub replicas: Option<usize>,
     #[serde(default)]
@@ -91,7 +92,7 @@ fn default_cluster_max_age_secs() -> u64 {
     24 * 3600
 }
 fn default_cluster_max_bytes() -> i64 {
-    1 << 30
+    256 << 20
 }
 
 impl Cluster {
@@ -901,7 +902,7 @@ impl Config {
             return bad("cluster.max_age_secs", "must be at least 1 second (default 86400)".into());
         }
         if c.max_bytes < 1 << 20 {
-            return bad("cluster.max_bytes", "must be at least 1048576 bytes (default 1073741824)".into());
+            return bad("cluster.max_bytes", "must be at least 1048576 bytes (default 268435456)".into());
         }
         Ok(())
     }

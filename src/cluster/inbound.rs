@@ -81,7 +81,8 @@ fn decode(names: &Names, m: &async_nats::Message, own: bool) -> Option<Message> 
         Err(e) => {
             static LOG: RateLimited = RateLimited::new();
             if let Some(skipped) = LOG.check() {
-                let prefix = [&names.q0, &names.msgs, &names.retained].into_iter().find(|p| m.subject.starts_with(p.as_str()));
+                let prefix =
+                    [&names.q0, &names.msgs, &names.retained].into_iter().find(|p| m.subject.starts_with(p.as_str()));
                 let topic = prefix.and_then(|p| super::subject::decode(p, &m.subject));
                 warn!(error = %e, from = ?origin, topic = ?topic, similar_not_logged = skipped, "undecodable message from the cluster dropped");
             }

@@ -204,7 +204,12 @@ async fn streams(
     cfg: &ClusterConfig,
     names: &Names,
 ) -> Result<(stream::Stream, stream::Stream), async_nats::Error> {
-    let replicas = cfg.replicas();
+    // Without `replicas` in the configuration, an existing stream keeps its own: nodes
+    // listing different NATS urls would otherwise each set theirs, back and forth.
+    let replicas = match (cfg.replicas, js.get_stream(&names.msgs_stream).await) {
+        (None, Ok(mut existing)) => existing.info().await?.config.num_replicas,
+        _ => cfg.replicas(),
+    };
     js.create_or_update_stream(stream::Config {
         name: names.msgs_stream.clone(),
         subjects: vec![format!("{}.>", names.msgs)],
@@ -231,10 +236,7 @@ async fn streams(
 /// This node's durable pull consumer of the messages stream: every QoS 1/2 message of the
 /// cluster (JetStream 2.9 allows one filter per consumer, so a node reads all of them and
 /// keeps what its subscriptions match), acknowledged once its local copies are durable.
-async fn node_consumer(
-    msgs: &stream::Stream,
-    names: &Names,
-) -> Result<consumer::PullConsumer, async_nats::Error> {
+async fn node_consumer(msgs: &stream::Stream, names: &Names) -> Result<consumer::PullConsumer, async_nats::Error> {
     Ok(msgs
         .create_consumer(consumer::pull::Config {
             durable_name: Some(names.node.clone()),

@@ -178,7 +178,9 @@ async fn interest_loop(
                         Arc::clone(&names),
                         broker.clone(),
                     ))),
-                    Err(e) => warn!(subject = %subject, error = %e, "NATS subscription failed; QoS 0 messages of other nodes on it are missed"),
+                    Err(e) => {
+                        warn!(subject = %subject, error = %e, "NATS subscription failed; QoS 0 messages of other nodes on it are missed")
+                    }
                 }
             }
         } else if let Some(entry) = held.get_mut(&filter) {

@@ -196,7 +196,12 @@ impl Collector for Snapshot {
             }
         }
         if let Some(c) = &s.cluster {
-            gauge(e, "tern_cluster_connected", "1 while this node is connected to NATS, else 0.", u64::from(c.connected))?;
+            gauge(
+                e,
+                "tern_cluster_connected",
+                "1 while this node is connected to NATS, else 0.",
+                u64::from(c.connected),
+            )?;
             counter(e, "tern_cluster_forwarded", "Messages of this node's clients handed to NATS.", c.forwarded)?;
             counter(e, "tern_cluster_received", "Messages from other nodes delivered here.", c.received)?;
             counter(
