@@ -195,6 +195,28 @@ impl Collector for Snapshot {
                 m.encode_family(&[("bridge", name.as_str())])?.encode_gauge(&u64::from(*up))?;
             }
         }
+        if let Some(c) = &s.cluster {
+            gauge(
+                e,
+                "tern_cluster_connected",
+                "1 while this node is connected to NATS, else 0.",
+                u64::from(c.connected),
+            )?;
+            counter(e, "tern_cluster_forwarded", "Messages of this node's clients handed to NATS.", c.forwarded)?;
+            counter(e, "tern_cluster_received", "Messages from other nodes delivered here.", c.received)?;
+            counter(
+                e,
+                "tern_cluster_ack_failures",
+                "QoS 1/2 acknowledgements refused: JetStream did not take the message in time.",
+                c.ack_failures,
+            )?;
+            counter(
+                e,
+                "tern_cluster_publish_errors",
+                "QoS 0 messages or retained updates NATS could not take.",
+                c.publish_errors,
+            )?;
+        }
         Ok(())
     }
 }
