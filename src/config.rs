@@ -80,6 +80,10 @@ pub struct Cluster {
     /// Bytes the messages stream keeps at most (oldest dropped first).
     #[serde(default = "default_cluster_max_bytes")]
     pub max_bytes: i64,
+    /// How long a QoS 1/2 message of a shared subscription, taken by a node whose members
+    /// then left, waits before JetStream gives it to another node's members.
+    #[serde(default = "default_share_ack_wait_ms")]
+    pub share_ack_wait_ms: u64,
 }
 
 fn default_cluster_name() -> String {
@@ -93,6 +97,9 @@ fn default_cluster_max_age_secs() -> u64 {
 }
 fn default_cluster_max_bytes() -> i64 {
     256 << 20
+}
+fn default_share_ack_wait_ms() -> u64 {
+    5_000
 }
 
 impl Cluster {
@@ -111,6 +118,7 @@ impl Cluster {
             ack_timeout_ms: default_ack_timeout_ms(),
             max_age_secs: default_cluster_max_age_secs(),
             max_bytes: default_cluster_max_bytes(),
+            share_ack_wait_ms: default_share_ack_wait_ms(),
         }
     }
 
@@ -903,6 +911,9 @@ impl Config {
         }
         if c.max_bytes < 1 << 20 {
             return bad("cluster.max_bytes", "must be at least 1048576 bytes (default 268435456)".into());
+        }
+        if !(100..=600_000).contains(&c.share_ack_wait_ms) {
+            return bad("cluster.share_ack_wait_ms", "must be 100 to 600000 milliseconds (default 5000)".into());
         }
         Ok(())
     }

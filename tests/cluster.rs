@@ -320,3 +320,186 @@ async fn qos1_survives_a_nats_server_and_acks_stop_without_nats() {
     assert!(tern[0].log().contains("disconnected from NATS"), "the loss of NATS is logged");
     drop(tern);
 }
+
+/// The next PUBLISH `c` receives within `dur` (acknowledged as a client does), if any.
+async fn next_pub(c: &mut Raw, v5: bool, dur: Duration) -> Option<Pub> {
+    let deadline = Instant::now() + dur;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        match c.next_event(left).await {
+            Event::Packet(p) if p[0] >> 4 == 3 => {
+                let m = parse_publish(&p, v5);
+                match (m.qos, m.pid) {
+                    (1, Some(id)) => c.send(&puback(id)).await,
+                    (2, Some(id)) => c.send(&pubrec(id)).await,
+                    _ => {}
+                }
+                return Some(m);
+            }
+            Event::Packet(p) if p[0] == 0x62 => {
+                let id = u16::from_be_bytes([p[2], p[3]]);
+                c.send(&pubcomp(id)).await;
+            }
+            Event::Packet(_) => {}
+            Event::Closed => panic!("member connection closed"),
+            Event::Timeout => return None,
+        }
+    }
+}
+
+/// Reads every member in turn into `got` (one list per member) until `done` says enough,
+/// within `limit`; then for `QUIET` more, so that a copy too many would be seen.
+async fn gather(
+    members: &mut [(Raw, bool)],
+    got: &mut [Vec<Pub>],
+    limit: Duration,
+    done: impl Fn(&[Vec<Pub>]) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    while !done(got) {
+        let tallies: Vec<usize> = got.iter().map(Vec::len).collect();
+        assert!(Instant::now() < deadline, "not everything arrived within {limit:?}; received per member: {tallies:?}");
+        for ((c, v5), out) in members.iter_mut().zip(got.iter_mut()) {
+            while let Some(m) = next_pub(c, *v5, Duration::from_millis(20)).await {
+                out.push(m);
+            }
+        }
+    }
+    let quiet = Instant::now() + QUIET;
+    while Instant::now() < quiet {
+        for ((c, v5), out) in members.iter_mut().zip(got.iter_mut()) {
+            while let Some(m) = next_pub(c, *v5, Duration::from_millis(20)).await {
+                out.push(m);
+            }
+        }
+    }
+}
+
+/// How many of `got` carry a payload starting with `prefix`.
+fn tally(got: &[Pub], prefix: &str) -> usize {
+    got.iter().filter(|m| m.payload.starts_with(prefix.as_bytes())).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_members_on_different_nodes_share_the_load() {
+    let Some(nats) = NatsCluster::start(3) else { return };
+    let urls = nats.urls();
+    let tern = nodes("share", |i| vec![urls[i].clone()]).await;
+    let addrs = [tern[0].addr(), tern[1].addr(), tern[2].addr()];
+    let shape = [("m1", true), ("m2", false), ("m3", true)];
+    let mut members = Vec::new();
+    for (addr, (id, v5)) in addrs.iter().zip(shape) {
+        members.push((subscriber(*addr, id, v5, &[("$share/g/t/#", 1)]).await, v5));
+    }
+    // A plain subscriber beside the group: it still gets every message.
+    let mut plain = subscriber(addrs[2], "plain", true, &[("t/#", 1)]).await;
+    let mut p = client(addrs[0], "pub", true).await;
+    let mut got: Vec<Vec<Pub>> = vec![Vec::new(); 3];
+
+    // Members' interest reaches NATS asynchronously: QoS 1 probes until every node takes its
+    // turn, QoS 0 probes until they reach the group.
+    let mut pid = 0u16;
+    let mut n = 0;
+    let t0 = Instant::now();
+    while got.iter().any(|g| tally(g, "probe1-") == 0) {
+        assert!(
+            t0.elapsed() < CROSS,
+            "not every node took a QoS 1 probe: {:?}\nnode 2:\n{}",
+            got.iter().map(Vec::len).collect::<Vec<_>>(),
+            tern[1].log()
+        );
+        n += 1;
+        pid += 1;
+        assert_eq!(publish_v5(&mut p, "t/probe", format!("probe1-{n}").as_bytes(), 1, pid, false, WAIT).await, 0);
+        for ((c, v5), out) in members.iter_mut().zip(got.iter_mut()) {
+            while let Some(m) = next_pub(c, *v5, Duration::from_millis(30)).await {
+                out.push(m);
+            }
+        }
+    }
+    while got.iter().all(|g| tally(g, "probe0-") == 0) {
+        assert!(t0.elapsed() < CROSS * 2, "no QoS 0 probe reached the group");
+        n += 1;
+        p.send(&publish_full(b"t/probe", format!("probe0-{n}").as_bytes(), 0, 0, false, false, Some(&[]))).await;
+        for ((c, v5), out) in members.iter_mut().zip(got.iter_mut()) {
+            while let Some(m) = next_pub(c, *v5, Duration::from_millis(30)).await {
+                out.push(m);
+            }
+        }
+    }
+    let probes: usize = got.iter().map(|g| tally(g, "probe1-")).sum();
+    assert!(probes <= n, "a QoS 1 probe was delivered twice: {probes} deliveries of at most {n} probes");
+
+    const N: usize = 300;
+    for i in 0..N {
+        pid = pid % 60_000 + 1;
+        assert_eq!(
+            publish_v5(&mut p, &format!("t/{}", i % 7), format!("a{i}").as_bytes(), 1, pid, false, WAIT).await,
+            0
+        );
+    }
+    for i in 0..N {
+        p.send(&publish_full(
+            format!("t/{}", i % 7).as_bytes(),
+            format!("b{i}").as_bytes(),
+            0,
+            0,
+            false,
+            false,
+            Some(&[]),
+        ))
+        .await;
+    }
+    let all = |prefix: &'static str| {
+        move |g: &[Vec<Pub>]| {
+            let have: BTreeSet<&[u8]> = g
+                .iter()
+                .flatten()
+                .filter(|m| m.payload.starts_with(prefix.as_bytes()))
+                .map(|m| &m.payload[..])
+                .collect();
+            have.len() == N
+        }
+    };
+    let (all_a, all_b) = (all("a"), all("b"));
+    gather(&mut members, &mut got, CROSS * 2, |g| all_a(g) && all_b(g)).await;
+    let shares: Vec<(usize, usize)> = got.iter().map(|g| (tally(g, "a"), tally(g, "b"))).collect();
+    eprintln!("shares per member (QoS 1, QoS 0): {shares:?}");
+    let mut union: Vec<Pub> = got.iter().flatten().cloned().collect();
+    union.retain(|m| !m.payload.starts_with(b"probe"));
+    for (payload, times) in counts(&union) {
+        assert_eq!(times, 1, "{payload} delivered {times} times in the group; shares {shares:?}");
+    }
+    for (i, (a, b)) in shares.iter().enumerate() {
+        assert!(*a > N / 10 && *b > N / 10, "member on node {} got too small a share: {shares:?}", i + 1);
+    }
+    assert!(got
+        .iter()
+        .flatten()
+        .all(|m| m.qos == 1 || m.payload.starts_with(b"b") || m.payload.starts_with(b"probe0")));
+    let plain_got = collect(&mut plain, true, CROSS, |g| tally(g, "a") == N && tally(g, "b") == N).await;
+    assert_eq!(plain_got.len(), counts(&plain_got).len(), "the plain subscriber got a message twice");
+
+    // The member on node 2 leaves: the others get every QoS 1 message from then on.
+    let (mut m2, _) = members.remove(1);
+    m2.send(&[0xE0, 0x00]).await;
+    drop(m2);
+    got.remove(1);
+    for g in got.iter_mut() {
+        g.clear();
+    }
+    for i in 0..100 {
+        pid = pid % 60_000 + 1;
+        assert_eq!(publish_v5(&mut p, "t/after", format!("c{i}").as_bytes(), 1, pid, false, WAIT).await, 0);
+    }
+    let all_c = |g: &[Vec<Pub>]| g.iter().map(|g| tally(g, "c")).sum::<usize>() >= 100;
+    gather(&mut members, &mut got, CROSS * 2, all_c).await;
+    let union: Vec<Pub> = got.iter().flatten().cloned().collect();
+    let c = counts(&union);
+    assert!((0..100).all(|i| c.get(&format!("c{i}")) == Some(&1)), "after node 2's member left: {c:?}");
+    eprintln!("after the leave (node 1, node 3): {:?}", got.iter().map(|g| tally(g, "c")).collect::<Vec<_>>());
+    drop(tern);
+}

@@ -1,7 +1,9 @@
 //! The broker's seam towards a cluster of nodes (`cluster/`, which drives it): what the
 //! broker tells the cluster (messages published by this node's clients, filters subscribed
 //! here) and how messages from other nodes come in (`Broker::publish_from_cluster`,
-//! `Broker::retain_from_cluster`).
+//! `Broker::retain_from_cluster`, `Broker::publish_to_share`). With a cluster, shared
+//! subscriptions are served by it alone: every fan-out of a message it carries leaves them
+//! out, and it hands each message of a group to one node, which delivers it to one member.
 //!
 //! Knows nothing of NATS: the cluster installs one `ClusterRoutes` at start-up. Without one
 //! (a single node) every call here is one `OnceLock::get` that finds nothing.
@@ -9,7 +11,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{Broker, ConnControl, SessionHandle};
+use super::{Broker, ConnControl, Select, SessionHandle};
 use crate::auth::policy::is_sys_topic;
 use crate::message::Message;
 use crate::protocol::QoS;
@@ -23,10 +25,16 @@ pub trait ClusterRoutes: Send + Sync {
     /// completed once the other nodes' copy is safe (replicated), or failed.
     fn forward(&self, msg: &Arc<Message>, done: Option<Arc<Replicated>>);
 
-    /// A subscription to `filter` (without any `$share/group/` prefix) was added (`added`)
-    /// or removed on this node. Called once per subscription, not per filter: the cluster
-    /// counts them.
+    /// A (non-shared) subscription to `filter` was added (`added`) or removed on this node.
+    /// Called once per subscription, not per filter: the cluster counts them.
     fn interest(&self, filter: &str, added: bool);
+
+    /// A member of the shared subscription `$share/<group>/<filter>` was added or removed on
+    /// this node (once per member: the cluster counts them). The broker's own fan-out leaves
+    /// shared groups out when it forwards a message: while this node has members of a
+    /// group, the cluster gives it some of the group's messages, each to one node, which it
+    /// hands to `Broker::publish_to_share`.
+    fn shared(&self, group: &str, filter: &str, added: bool);
 }
 
 const PENDING: u8 = 0;
@@ -78,7 +86,7 @@ impl Broker {
         for entry in self.sessions.iter() {
             let filters = entry.value().lock().subscriptions.filters();
             for f in filters {
-                routes.interest(plain_filter(&f), true);
+                report(&*routes, &f, true);
             }
         }
         drop(trie);
@@ -99,24 +107,37 @@ impl Broker {
         done
     }
 
-    /// Reports a subscription added or removed to the cluster, if any. Callers hold the
-    /// index's write lock (see `install_cluster`).
+    /// Reports a subscription (`filter` as subscribed, `$share/...` included) added or
+    /// removed to the cluster, if any. Callers hold the index's write lock (see
+    /// `install_cluster`).
     pub(super) fn cluster_interest(&self, filter: &str, added: bool) {
         if let Some(routes) = self.cluster.get() {
-            routes.interest(plain_filter(filter), added);
+            report(&**routes, filter, added);
         }
     }
 
     /// Delivers a message published on another node to this node's matching sessions, with
     /// the same rules as a local publish (policy read checks at delivery, flow control is not
-    /// applied: the cluster does not wait for a full queue, which drops at its bound). The
-    /// retained index is left alone: retained updates come in stream order through
-    /// `retain_from_cluster`. Returns how many sessions it matched and the store ticket that
-    /// makes the persistent sessions' copies durable.
+    /// applied: the cluster does not wait for a full queue, which drops at its bound), shared
+    /// groups left out (they come through `publish_to_share`). The retained index is left
+    /// alone: retained updates come in stream order through `retain_from_cluster`. Returns how
+    /// many sessions it matched and the store ticket that makes the persistent sessions'
+    /// copies durable.
     pub fn publish_from_cluster(&self, msg: Arc<Message>) -> (usize, u64) {
         self.metrics.cluster.received.fetch_add(1, Ordering::Relaxed);
         let mut full: Vec<Arc<SessionHandle>> = Vec::new();
-        self.fan_out_with(msg, None, &mut full, true, false)
+        self.fan_out_with(msg, None, &mut full, true, false, Select::Plain)
+    }
+
+    /// Delivers a message the cluster gave this node for the shared subscription
+    /// `$share/<group>/<filter>` to one of its members here (in turn, as a local publish
+    /// picks one), with the rules of `publish_from_cluster`. Returns 0 sessions when this
+    /// node has no member left (the cluster then gives the message to another node) and the
+    /// store ticket of a persistent member's copy.
+    pub fn publish_to_share(&self, group: &str, filter: &str, msg: Arc<Message>) -> (usize, u64) {
+        self.metrics.cluster.received.fetch_add(1, Ordering::Relaxed);
+        let mut full: Vec<Arc<SessionHandle>> = Vec::new();
+        self.fan_out_with(msg, None, &mut full, true, false, Select::Share { group, filter })
     }
 
     /// Applies a retained update from the cluster's retained stream (this node's own
@@ -133,7 +154,10 @@ impl Broker {
     }
 }
 
-/// The filter a (possibly shared) subscription matches topics with.
-fn plain_filter(filter: &str) -> &str {
-    crate::protocol::topic::parse_shared(filter).map_or(filter, |(_, f)| f)
+/// Tells `routes` of a subscription (`$share/...` or not) added or removed.
+fn report(routes: &dyn ClusterRoutes, filter: &str, added: bool) {
+    match crate::protocol::topic::parse_shared(filter) {
+        Some((group, f)) => routes.shared(group, f, added),
+        None => routes.interest(filter, added),
+    }
 }

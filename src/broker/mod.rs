@@ -609,7 +609,7 @@ impl Broker {
         for f in filters {
             let (group, filter) = split_shared(f);
             if trie.unsubscribe(filter, group, client_id) {
-                self.cluster_interest(filter, false);
+                self.cluster_interest(f, false);
             }
         }
     }
@@ -649,7 +649,7 @@ impl Broker {
             let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
             let existed = trie.subscribe(trie_filter, group, entry);
             if !existed {
-                self.cluster_interest(trie_filter, true);
+                self.cluster_interest(filter, true);
             }
             existed
         };
@@ -668,7 +668,7 @@ impl Broker {
             let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
             let existed = trie.unsubscribe(trie_filter, group, &handle.client_id);
             if existed {
-                self.cluster_interest(trie_filter, false);
+                self.cluster_interest(filter, false);
             }
             existed
         };
@@ -725,7 +725,10 @@ impl Broker {
         full: &mut Vec<Arc<SessionHandle>>,
     ) -> (usize, u64) {
         self.metrics.publish_in(msg.qos, msg.payload.len());
-        self.fan_out_with(msg, extra, full, true, true)
+        // In a cluster, shared groups get what is forwarded through it (once, cluster-wide).
+        let select =
+            if self.cluster.get().is_some() && !is_sys_topic(&msg.topic) { Select::Plain } else { Select::All };
+        self.fan_out_with(msg, extra, full, true, true, select)
     }
 
     /// Publishes the broker's own `$SYS/...` value: retained (in memory only: nothing is
@@ -740,13 +743,14 @@ impl Broker {
             crate::protocol::Properties::default(),
             ByteString::new(),
         );
-        self.fan_out_with(Arc::new(msg), None, &mut Vec::new(), false, true);
+        self.fan_out_with(Arc::new(msg), None, &mut Vec::new(), false, true, Select::All);
     }
 
     /// `publish_flow` once counted. `durable` false is for the broker's own `$SYS` values: a
     /// retained one stays out of the store (and whole in memory), and one that does not
     /// reach an away session is not counted as dropped (it is no client's message).
     /// `retain_index` false leaves the retained index alone (messages from the cluster).
+    /// `select` says which subscriptions it is for.
     fn fan_out_with(
         &self,
         msg: Arc<Message>,
@@ -754,6 +758,7 @@ impl Broker {
         full: &mut Vec<Arc<SessionHandle>>,
         durable: bool,
         retain_index: bool,
+        select: Select<'_>,
     ) -> (usize, u64) {
         let mut ops: Vec<Op> = extra.into_iter().collect();
         if msg.retain && retain_index {
@@ -762,7 +767,14 @@ impl Broker {
         let mut matches: Vec<Entry<Arc<SessionHandle>>> = Vec::new();
         {
             let trie = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
-            trie.matches(&msg.topic, &mut matches);
+            match select {
+                Select::All => trie.matches(&msg.topic, &mut matches),
+                Select::Plain => {
+                    trie.matches(&msg.topic, &mut matches);
+                    matches.retain(|e| e.share.is_none());
+                }
+                Select::Share { group, filter } => matches.extend(trie.pick_shared(filter, group)),
+            }
         }
         // Overlapping subscriptions of one client give one delivery at the highest QoS, with
         // every matching subscription identifier [MQTT-3.3.4-2, 3.3.4-3]. Shared
@@ -1082,6 +1094,17 @@ fn merge(msg: &Arc<Message>, group: &[Entry<Arc<SessionHandle>>]) -> Option<Deli
         maybe_sent: false,
         priority: 0,
     })
+}
+
+/// Which subscriptions a fan-out is for.
+#[derive(Clone, Copy)]
+enum Select<'a> {
+    /// Every matching one (one member of each shared group).
+    All,
+    /// All but shared groups (in a cluster, those get messages through it).
+    Plain,
+    /// One member of one shared group, for a message the cluster gave this node for it.
+    Share { group: &'a str, filter: &'a str },
 }
 
 /// `$share/group/filter` -> (Some(group), filter); anything else -> (None, filter).

@@ -20,7 +20,7 @@ use crate::topics::{Entry, Subscriber, SubscriptionTrie};
 
 /// Messages delivered here whose local copies are not yet durable, at most: the consumer
 /// waits past it (JetStream's `max_ack_pending` bounds it too).
-const MAX_UNACKED: usize = 4_096;
+pub(super) const MAX_UNACKED: usize = 4_096;
 
 /// A filter of this node, as the interest index holds it.
 #[derive(Clone)]
@@ -70,7 +70,7 @@ impl Interest {
 
 /// The message in a NATS message from another node: None for this node's own (already
 /// delivered here) or one that does not decode (logged).
-fn decode(names: &Names, m: &async_nats::Message, own: bool) -> Option<Message> {
+pub(super) fn decode(names: &Names, m: &async_nats::Message, own: bool) -> Option<Message> {
     let (headers, body) = (m.headers.as_ref(), &m.payload[..]);
     let origin = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str());
     if !own && origin == Some(names.node.as_str()) {
@@ -153,7 +153,7 @@ pub(super) async fn follow_messages(broker: Weak<Broker>, consumer: consumer::Pu
 /// Acknowledges consumed messages to JetStream in order, each once the store ticket of its
 /// local copies is done; one whose copies failed to be stored is left unacknowledged (it is
 /// delivered again).
-async fn acker(mut rx: mpsc::Receiver<(u64, jetstream::Message)>, broker: Weak<Broker>) {
+pub(super) async fn acker(mut rx: mpsc::Receiver<(u64, jetstream::Message)>, broker: Weak<Broker>) {
     let control = Arc::new(ConnControl::default());
     let log = RateLimited::new();
     while let Some((ticket, m)) = rx.recv().await {

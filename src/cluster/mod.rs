@@ -8,6 +8,9 @@
 //! (`inbound`): QoS 0 through core subscriptions that follow this node's subscriptions, QoS
 //! 1/2 through this node's durable consumer of the messages stream, retained updates through
 //! an ordered consumer applied in stream order. Topics become subjects by `subject`.
+//! Shared subscriptions (`shares`) take their messages through NATS only, each message to
+//! one node of the group: a core queue subscription for QoS 0, a durable consumer per
+//! (group, filter) pulled by every node with members for QoS 1/2.
 //!
 //! Drives the broker through its cluster seam (`broker::ClusterRoutes`); the broker knows
 //! nothing of NATS. Knows nothing of sockets or MQTT packets. Client-id ownership across
@@ -15,6 +18,7 @@
 
 mod inbound;
 mod routes;
+mod shares;
 pub(crate) mod subject;
 
 use std::sync::atomic::{AtomicU64, Ordering};

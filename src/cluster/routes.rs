@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::inbound::{self, Interest};
+use super::shares;
 use super::{encode, subject, Names, RateLimited, MAX_SUBJECT, NODE_HEADER};
 use crate::broker::{Broker, ClusterRoutes, Replicated};
 use crate::config::Cluster as ClusterConfig;
@@ -33,6 +34,7 @@ struct Outgoing {
 pub(super) struct Routes {
     out: mpsc::Sender<Outgoing>,
     interest: mpsc::UnboundedSender<(Box<str>, bool)>,
+    shares: mpsc::UnboundedSender<shares::Change>,
     broker: Weak<Broker>,
     refused: RateLimited,
 }
@@ -47,10 +49,20 @@ impl Routes {
     ) -> Arc<Routes> {
         let (out, rx) = mpsc::channel(MAX_WAITING);
         let (interest, interest_rx) = mpsc::unbounded_channel();
+        let (shares, shares_rx) = mpsc::unbounded_channel();
         let ack_timeout = Duration::from_millis(cfg.ack_timeout_ms);
+        let share_ack_wait = Duration::from_millis(cfg.share_ack_wait_ms);
+        tokio::spawn(shares::run(
+            shares_rx,
+            client.clone(),
+            js.clone(),
+            share_ack_wait,
+            Arc::clone(&names),
+            Arc::downgrade(broker),
+        ));
         tokio::spawn(publish_loop(rx, client.clone(), js, ack_timeout, Arc::clone(&names), Arc::downgrade(broker)));
         tokio::spawn(interest_loop(interest_rx, client, names, Arc::downgrade(broker)));
-        Arc::new(Routes { out, interest, broker: Arc::downgrade(broker), refused: RateLimited::new() })
+        Arc::new(Routes { out, interest, shares, broker: Arc::downgrade(broker), refused: RateLimited::new() })
     }
 }
 
@@ -64,6 +76,10 @@ impl ClusterRoutes for Routes {
 
     fn interest(&self, filter: &str, added: bool) {
         let _ = self.interest.send((filter.into(), added));
+    }
+
+    fn shared(&self, group: &str, filter: &str, added: bool) {
+        let _ = self.shares.send((group.into(), filter.into(), added));
     }
 }
 

@@ -380,6 +380,26 @@ impl<T: Subscriber> SubscriptionTrie<T> {
         }
     }
 
+    /// One member of the shared group `group` on `filter` (round-robin, as `matches` picks
+    /// one): a cluster hands this node a group's message to deliver to one of its members.
+    pub fn pick_shared(&self, filter: &str, group: &str) -> Option<Entry<T>> {
+        let mut node = &self.root;
+        let mut rest = Some(filter);
+        while let Some(s) = rest {
+            let (head, tail) = split_level(s);
+            node = node.children.get(head)?;
+            rest = tail;
+        }
+        let Subscribers::Many(crowd) = &node.subscribers else { return None };
+        let g = crowd.shared.iter().find(|g| &*g.name == group)?;
+        let members = &g.members.list;
+        if members.is_empty() {
+            return None;
+        }
+        let i = g.next.fetch_add(1, Ordering::Relaxed) % members.len();
+        members.get(i).map(|m| m.entry(Some(&g.share)))
+    }
+
     /// Every member of the shared group `group` on `filter`, so a message left
     /// unacknowledged by a departing member can be handed to another.
     pub fn shared_members(&self, filter: &str, group: &str) -> Vec<Entry<T>> {
@@ -565,6 +585,24 @@ mod tests {
             assert!(t.unsubscribe(f, None, c));
         }
         assert!(t.root.is_empty());
+    }
+
+    #[test]
+    fn one_member_of_a_group_is_picked_in_turn() {
+        let mut t = SubscriptionTrie::new();
+        assert!(t.pick_shared("s/#", "g").is_none());
+        t.subscribe("s/#", None, entry("plain", QoS::AtMostOnce));
+        assert!(t.pick_shared("s/#", "g").is_none());
+        t.subscribe("s/#", Some("g"), entry("a", QoS::AtMostOnce));
+        t.subscribe("s/#", Some("g"), entry("b", QoS::AtMostOnce));
+        t.subscribe("s/#", Some("h"), entry("c", QoS::AtMostOnce));
+        let picks: Vec<String> =
+            (0..4).filter_map(|_| t.pick_shared("s/#", "g")).map(|e| e.client.to_string()).collect();
+        assert_eq!(picks.iter().filter(|c| *c == "a").count(), 2, "{picks:?}");
+        assert_eq!(picks.iter().filter(|c| *c == "b").count(), 2, "{picks:?}");
+        let e = t.pick_shared("s/#", "h").expect("member of h");
+        assert_eq!((&*e.client, e.share.as_deref()), ("c", Some("$share/h/s/#")));
+        assert!(t.pick_shared("s/+", "g").is_none());
     }
 
     #[test]
