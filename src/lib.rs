@@ -19,6 +19,9 @@ pub mod transport;
 
 pub(crate) mod bridge;
 pub(crate) mod broker;
+// Public for the cluster's tests; its API is the `[cluster]` configuration.
+#[doc(hidden)]
+pub mod cluster;
 pub(crate) mod connection;
 pub(crate) mod link;
 pub(crate) mod message;

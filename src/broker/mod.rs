@@ -19,11 +19,12 @@
 mod expiry;
 mod keep_alive;
 mod metrics;
+mod owners;
 mod recovery;
 mod session_handle;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -32,6 +33,7 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
 pub use metrics::{DropCause, Metrics, Stats};
+pub use owners::{Claim, ClusterOwners, Refused};
 pub use recovery::RecoverySummary;
 pub use session_handle::{signal, ConnControl, Delivered, DurableWaiters, SessionHandle};
 
@@ -88,6 +90,8 @@ pub struct Broker {
     shutting_down: AtomicBool,
     next_connection: AtomicU64,
     pub metrics: Metrics,
+    /// Cluster-wide ownership of client ids (`owners.rs`); unset on a single node.
+    owners: OnceLock<Arc<dyn ClusterOwners>>,
 }
 
 /// The result of attaching a connection to a session.
@@ -171,6 +175,7 @@ impl Broker {
             shutting_down: AtomicBool::new(false),
             next_connection: AtomicU64::new(1),
             metrics,
+            owners: OnceLock::new(),
         }
     }
 

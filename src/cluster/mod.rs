@@ -1,0 +1,3 @@
+//! tern as one node of a cluster over NATS JetStream (issue 15).
+
+pub mod owners;
