@@ -4,6 +4,7 @@
 //! Every wait is bounded, so a broken broker fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod process;
 pub mod tls;
 

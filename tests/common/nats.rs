@@ -1,0 +1,232 @@
+//! Real `nats-server` processes for the cluster tests: N servers forming one JetStream cluster
+//! on free loopback ports, each with its own store directory, monitoring port and log file.
+//! A server can be killed (`kill -9`) and started again on the same ports and store, as a
+//! crashed NATS node would come back.
+//!
+//! `nats-server` comes from Debian's package (`/usr/sbin/nats-server`, installed by `.ci/run`).
+//! Without it the tests that need it skip with a message, except in CI (`CI` set), where a
+//! missing server is a failure: CI must never pass by skipping.
+
+use std::fs::OpenOptions;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest wait for a JetStream cluster to elect its leaders and answer healthy.
+pub const NATS_WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+const LOG_TAIL: usize = 80;
+
+/// The `nats-server` binary, or None (with the reason printed) when the test should skip.
+/// Panics in CI: there the binary must be installed.
+pub fn nats_server_binary() -> Option<PathBuf> {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("nats-server")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let found = candidates
+        .into_iter()
+        .chain(["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"].map(PathBuf::from))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        assert!(!ci, "nats-server is not installed (apt-get install nats-server); CI must not skip cluster tests");
+        eprintln!("SKIP: nats-server not installed (apt-get install nats-server)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+pub struct NatsServer {
+    pub name: String,
+    pub port: u16,
+    pub http_port: u16,
+    pub route_port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, bin: &Path) {
+        assert!(self.child.is_none(), "nats-server {} already running", self.name);
+        let mut log = OpenOptions::new().create(true).append(true).open(&self.log).expect("open nats log");
+        writeln!(log, "===== nats-server {} start =====", self.name).expect("write nats log");
+        let err = log.try_clone().expect("clone nats log");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+    }
+
+    /// `GET /healthz` on the monitoring port: 200 once the server's JetStream is current with
+    /// the cluster's meta leader.
+    fn healthy(&self) -> bool {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.http_port));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+            return false;
+        }
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200")
+    }
+}
+
+/// A JetStream cluster of `nats-server` processes, stopped (SIGKILL) when dropped; their logs
+/// are printed when a test fails.
+pub struct NatsCluster {
+    pub dir: tempfile::TempDir,
+    pub servers: Vec<NatsServer>,
+    bin: PathBuf,
+}
+
+impl NatsCluster {
+    /// `n` servers in one JetStream cluster (n = 1: a standalone JetStream server), started and
+    /// healthy. None when nats-server is missing outside CI (the caller returns: a skip).
+    pub fn start(n: usize) -> Option<NatsCluster> {
+        let bin = nats_server_binary()?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
+        let mut servers = Vec::new();
+        for (i, &(port, http_port, route_port)) in ports.iter().enumerate() {
+            let name = format!("nats{}", i + 1);
+            let store = dir.path().join(&name);
+            let mut conf = format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http_port}\n\
+                 jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n",
+                store.display()
+            );
+            if n > 1 {
+                let routes: Vec<String> =
+                    ports.iter().map(|&(_, _, r)| format!("nats-route://127.0.0.1:{r}")).collect();
+                conf.push_str(&format!(
+                    "cluster {{\n  name: tern-test\n  listen: 127.0.0.1:{route_port}\n  routes: [{}]\n}}\n",
+                    routes.join(", ")
+                ));
+            }
+            let config = dir.path().join(format!("{name}.conf"));
+            std::fs::write(&config, conf).expect("write nats config");
+            let log = dir.path().join(format!("{name}.log"));
+            servers.push(NatsServer { name, port, http_port, route_port, config, log, child: None });
+        }
+        let mut cluster = NatsCluster { dir, servers, bin };
+        for i in 0..n {
+            let bin = cluster.bin.clone();
+            cluster.servers[i].spawn(&bin);
+        }
+        cluster.wait_healthy();
+        Some(cluster)
+    }
+
+    /// Every server's client url, in order.
+    pub fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// The urls as a TOML array, for `[cluster] nats = ...`.
+    pub fn urls_toml(&self) -> String {
+        let quoted: Vec<String> = self.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
+    /// SIGKILL server `i` (a crash) and wait until it is gone.
+    pub fn kill(&mut self, i: usize) {
+        let mut child = self.servers[i].child.take().expect("nats-server running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts server `i` again (same ports, same store) and waits until every running server
+    /// answers healthy.
+    pub fn restart(&mut self, i: usize) {
+        let bin = self.bin.clone();
+        self.servers[i].spawn(&bin);
+        self.wait_healthy();
+    }
+
+    /// Waits until every running server answers healthy (JetStream current), up to `NATS_WAIT`.
+    pub fn wait_healthy(&mut self) {
+        let t0 = Instant::now();
+        while !self.healthy_now(t0) {
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// `wait_healthy` for async tests.
+    pub async fn wait_healthy_async(&mut self) {
+        let t0 = Instant::now();
+        while !self.healthy_now(t0) {
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// `restart` for async tests.
+    pub async fn restart_async(&mut self, i: usize) {
+        let bin = self.bin.clone();
+        self.servers[i].spawn(&bin);
+        self.wait_healthy_async().await;
+    }
+
+    /// Whether every running server is healthy; panics if one exited or `NATS_WAIT` passed.
+    fn healthy_now(&mut self, t0: Instant) -> bool {
+        for s in &mut self.servers {
+            if let Some(c) = s.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("nats-server {} exited with {status}:\n{}", s.name, tail(&s.log()));
+                }
+            }
+        }
+        if self.servers.iter().filter(|s| s.running()).all(NatsServer::healthy) {
+            return true;
+        }
+        assert!(t0.elapsed() < NATS_WAIT, "nats-servers not healthy after {NATS_WAIT:?}:\n{}", self.logs());
+        false
+    }
+
+    pub fn logs(&self) -> String {
+        self.servers.iter().map(|s| format!("--- {} ---\n{}", s.name, tail(&s.log()))).collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n")
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("===== nats-server logs =====\n{}", self.logs());
+        }
+    }
+}
