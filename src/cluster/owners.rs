@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{kv, stream};
 use base64::prelude::{Engine, BASE64_URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -141,22 +141,29 @@ impl Owners {
         broker: &Arc<Broker>,
     ) -> Result<Arc<Owners>, OwnersError> {
         let bucket = format!("{name}_owners");
-        let config = kv::Config {
-            bucket: bucket.clone(),
-            description: "tern: which node serves each client id".into(),
-            history: 1,
+        // The bucket's stream is made here as async-nats' `create_key_value` would make it:
+        // that call first asks for the account's info, whose reply from nats-server 2.9
+        // async-nats 0.46 cannot parse. Creating is idempotent for an identical configuration;
+        // a bucket made with another (say, other replicas) is bound as it is.
+        let stream = stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("tern: which node serves each client id".into()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
             num_replicas: replicas.max(1),
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
             ..Default::default()
         };
-        // Create is idempotent for an identical configuration; a bucket made with another
-        // (say, other replicas) is bound as it is.
-        let kv = match js.create_key_value(config).await {
-            Ok(kv) => kv,
-            Err(created) => js.get_key_value(&bucket).await.map_err(|e| {
-                debug!(error = %created, "creating the owners bucket failed");
-                OwnersError::Bucket { bucket: bucket.clone(), source: e.into() }
-            })?,
-        };
+        if let Err(e) = js.create_stream(stream).await {
+            debug!(error = %e, "creating the owners bucket's stream failed; binding it as it is");
+        }
+        let kv = js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| OwnersError::Bucket { bucket: bucket.clone(), source: e.into() })?;
         let subject_prefix = format!("{name}.own.");
         let subject = format!("{subject_prefix}{node}");
         let requests = client
