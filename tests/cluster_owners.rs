@@ -23,6 +23,10 @@ struct Node {
 
 /// One nats-server and `n` tern nodes named a, b, c... None = skip.
 async fn cluster(n: usize) -> Option<(NatsCluster, Vec<Node>)> {
+    cluster_with(n, 1024).await
+}
+
+async fn cluster_with(n: usize, max_pending_claims: usize) -> Option<(NatsCluster, Vec<Node>)> {
     let nats = tokio::task::spawn_blocking(|| NatsCluster::start(1)).await.expect("nats start")?;
     let url = nats.urls()[0].clone();
     let mut nodes = Vec::new();
@@ -32,7 +36,7 @@ async fn cluster(n: usize) -> Option<(NatsCluster, Vec<Node>)> {
         let node = ((b'a' + i as u8) as char).to_string();
         let owners = broker
             .handle
-            .start_cluster_owners(client.clone(), &node, "tern", 1, 1024)
+            .start_cluster_owners(client.clone(), &node, "tern", 1, max_pending_claims)
             .await
             .expect("owners start");
         nodes.push(Node { broker, owners, nats: client });
@@ -205,4 +209,43 @@ async fn long_client_ids_are_owned_by_their_hash() {
     let _second = connect_with(nodes[1].broker.addr, &Connect::v311(&id)).await;
     first.expect_closed().await;
     wait_owner(&nodes[0], &id, Some("b")).await;
+}
+
+#[tokio::test]
+async fn claims_past_max_pending_are_refused_with_server_unavailable() {
+    let Some((_nats, nodes)) = cluster_with(2, 1).await else { return };
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // Node a holds "slow" without a connection: b's claim of it waits for a's answer, which
+    // comes only when a lets go (here, after its bound).
+    let n1 = a.owners.claim("slow").await.expect("claim on a");
+    let mut slow = Raw::open(b.broker.addr).await;
+    slow.send(&Connect::v5("slow").bytes()).await;
+    poll_until(WAIT, "b's claim reached a", || !a.owners.holds("slow", n1)).await;
+    // The one claim b may have in progress is taken: another CONNECT is refused at once.
+    let mut v5 = Raw::open(b.broker.addr).await;
+    assert_eq!(v5.handshake(&Connect::v5("other")).await.code, 0x88, "v5: Server unavailable");
+    let mut v3 = Raw::open(b.broker.addr).await;
+    assert_eq!(v3.handshake(&Connect::v311("other")).await.code, 0x03, "3.1.1: Server unavailable");
+    assert_eq!(b.owners.stats.refused_busy.load(std::sync::atomic::Ordering::Relaxed), 2);
+    a.owners.released("slow", n1);
+    let ack = parse_connack(&slow.read_packet().await, true);
+    assert_eq!(ack.code, 0);
+    // With the claim done, b accepts again.
+    connect_v5(b.broker.addr, "other").await.ping().await;
+}
+
+#[tokio::test]
+async fn connect_is_refused_while_nats_is_unreachable() {
+    let Some((mut nats, nodes)) = cluster(1).await else { return };
+    let a = &nodes[0];
+    connect_v5(a.broker.addr, "before").await.ping().await;
+    nats.kill(0);
+    // Ownership cannot be checked: serving the client could serve it twice in the cluster.
+    let t0 = Instant::now();
+    let mut v5 = Raw::open(a.broker.addr).await;
+    assert_eq!(v5.handshake(&Connect::v5("during")).await.code, 0x88);
+    let mut v3 = Raw::open(a.broker.addr).await;
+    assert_eq!(v3.handshake(&Connect::v311("during")).await.code, 0x03);
+    assert!(t0.elapsed() < Duration::from_secs(8), "refusals took {:?}", t0.elapsed());
+    assert!(a.owners.stats.refused_unavailable.load(std::sync::atomic::Ordering::Relaxed) >= 2);
 }

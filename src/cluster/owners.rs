@@ -362,8 +362,7 @@ impl Owners {
         match self.client.send_request(subject, request).await {
             Ok(_) => Ok(()),
             Err(e) => match e.kind() {
-                async_nats::client::RequestErrorKind::NoResponders
-                | async_nats::client::RequestErrorKind::TimedOut => {
+                async_nats::client::RequestErrorKind::NoResponders | async_nats::client::RequestErrorKind::TimedOut => {
                     info!(client_id, node, error = %e, "owner of a client id did not answer; taking the id over");
                     Ok(())
                 }
