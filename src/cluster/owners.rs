@@ -448,8 +448,13 @@ fn encode_value(owner: &Owner) -> Bytes {
     Bytes::from(serde_json::to_vec(owner).unwrap_or_default())
 }
 
+/// The owner a value names; None for a value tern did not write, including one whose node
+/// name could not be a subject token (it becomes part of the release request's subject).
 fn decode_value(value: &[u8]) -> Option<Owner> {
-    serde_json::from_slice(value).ok()
+    let owner: Owner = serde_json::from_slice(value).ok()?;
+    let token_ok = (1..=64).contains(&owner.node.len())
+        && owner.node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    token_ok.then_some(owner)
 }
 
 #[cfg(test)]
@@ -504,5 +509,9 @@ mod tests {
         let o = Owner { node: "n2".into(), nonce: 7, id: None };
         assert_eq!(decode_value(&encode_value(&o)), Some(o));
         assert_eq!(decode_value(b"\xff not json"), None);
+        for node in ["", "a.b", "n>", "*", "has space"] {
+            let o = Owner { node: node.into(), nonce: 1, id: None };
+            assert_eq!(decode_value(&encode_value(&o)), None, "node {node:?} is no subject token");
+        }
     }
 }
