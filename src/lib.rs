@@ -19,9 +19,7 @@ pub mod transport;
 
 pub(crate) mod bridge;
 pub(crate) mod broker;
-// Public for the cluster's tests; its API is the `[cluster]` configuration.
-#[doc(hidden)]
-pub mod cluster;
+pub(crate) mod cluster;
 pub(crate) mod connection;
 pub(crate) mod link;
 pub(crate) mod message;
@@ -39,6 +37,8 @@ pub use broker::RecoverySummary;
 // The cluster's ownership seam, for the cluster's tests.
 #[doc(hidden)]
 pub use broker::{ClusterOwners, Refused};
+#[doc(hidden)]
+pub use cluster::owners::{Owner, Owners, OwnersError};
 pub use config::Config;
 pub use link::local::{LocalClient, LocalError, LocalOptions, Received};
 pub use protocol::QoS;

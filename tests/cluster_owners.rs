@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsCluster;
 use common::*;
-use tern::cluster::owners::{Owner, Owners};
 use tern::ClusterOwners;
+use tern::{Owner, Owners};
 
 struct Node {
     broker: TestBroker,
