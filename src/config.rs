@@ -37,6 +37,101 @@ pub struct Config {
     pub bridge: Vec<Bridge>,
     /// `$SYS` topics and the HTTP listener of `/metrics` and the status page.
     pub metrics: MetricsConfig,
+    /// Several tern nodes as one broker over NATS JetStream (`[cluster]`); absent = one node.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`: this node's place in a tern cluster that routes messages over NATS (core
+/// NATS for QoS 0, JetStream for QoS 1/2 and retained messages).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// NATS server urls (`nats://host:port`, `tls://host:port`); the client fails over between them.
+    pub nats: Vec<String>,
+    /// This node's name, unique in the cluster: its durable consumer and the origin of what
+    /// it publishes.
+    pub node: String,
+    /// Prefix of every subject, stream and bucket, so two tern clusters can share one NATS.
+    #[serde(default = "default_cluster_name")]
+    pub name: String,
+    /// JetStream replicas of the streams; default min(3, number of `nats` urls) for a stream
+    /// this node creates (an existing stream keeps its own unless this is set).
+    #[serde(default)]
+    pub replicas: Option<usize>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A NATS `.creds` file (JWT and nkey seed).
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    /// CA certificates (PEM) that NATS servers' certificates are checked against; implies TLS.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// How long a QoS 1/2 publisher's acknowledgement waits for JetStream's before it is
+    /// answered as a store failure.
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// Seconds a QoS 1/2 message is kept in the messages stream (for nodes catching up).
+    #[serde(default = "default_cluster_max_age_secs")]
+    pub max_age_secs: u64,
+    /// Bytes the messages stream keeps at most (oldest dropped first).
+    #[serde(default = "default_cluster_max_bytes")]
+    pub max_bytes: i64,
+    /// CONNECTs whose client id is being claimed in the cluster at once; past it a CONNECT is
+    /// refused with 0x88 Server unavailable (3.1.1: 0x03), so that a reconnect storm cannot
+    /// pile up unbounded requests to NATS.
+    #[serde(default = "default_max_pending_claims")]
+    pub max_pending_claims: usize,
+}
+
+fn default_cluster_name() -> String {
+    "tern".into()
+}
+fn default_ack_timeout_ms() -> u64 {
+    5_000
+}
+fn default_cluster_max_age_secs() -> u64 {
+    24 * 3600
+}
+fn default_max_pending_claims() -> usize {
+    1024
+}
+fn default_cluster_max_bytes() -> i64 {
+    256 << 20
+}
+
+impl Cluster {
+    /// `[cluster]` with `nats` and `node` and every other key at its default.
+    pub fn new(nats: Vec<String>, node: &str) -> Cluster {
+        Cluster {
+            nats,
+            node: node.into(),
+            name: default_cluster_name(),
+            replicas: None,
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            tls_ca_file: None,
+            ack_timeout_ms: default_ack_timeout_ms(),
+            max_age_secs: default_cluster_max_age_secs(),
+            max_bytes: default_cluster_max_bytes(),
+            max_pending_claims: default_max_pending_claims(),
+        }
+    }
+
+    /// JetStream replicas: as configured, else min(3, number of NATS urls).
+    pub fn replicas(&self) -> usize {
+        self.replicas.unwrap_or_else(|| self.nats.len().clamp(1, 3))
+    }
+}
+
+/// A cluster, node or stream name: a NATS subject token and stream name both accept it.
+fn cluster_name_ok(s: &str) -> bool {
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `[metrics]`: what tern tells about itself.
@@ -448,6 +543,7 @@ impl Default for Config {
             priority: Vec::new(),
             bridge: Vec::new(),
             metrics: MetricsConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -774,6 +870,52 @@ impl Config {
                 }
             }
         }
+        if let Some(c) = &self.cluster {
+            self.validate_cluster(c, origin)?;
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self, c: &Cluster, origin: &str) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, message: String| Err(ConfigError::Invalid { origin: origin.into(), key: key.into(), message });
+        if c.nats.is_empty() {
+            return bad("cluster.nats", "at least one NATS url is required, e.g. [\"nats://127.0.0.1:4222\"]".into());
+        }
+        if let Some(u) = c.nats.iter().find(|u| u.parse::<async_nats::ServerAddr>().is_err()) {
+            return bad("cluster.nats", format!("`{u}` is not a NATS url: write \"nats://host:4222\""));
+        }
+        if !cluster_name_ok(&c.node) {
+            return bad(
+                "cluster.node",
+                format!("`{}` is not a node name: 1 to 32 of A-Z a-z 0-9 _ -, unique in the cluster", c.node),
+            );
+        }
+        if !cluster_name_ok(&c.name) {
+            return bad("cluster.name", format!("`{}` is not a cluster name: 1 to 32 of A-Z a-z 0-9 _ -", c.name));
+        }
+        if c.replicas.is_some_and(|r| !(1..=5).contains(&r)) {
+            return bad("cluster.replicas", "must be 1 to 5 (JetStream's limit); 3 for a 3-server NATS cluster".into());
+        }
+        if c.token.is_some() && (c.user.is_some() || c.password.is_some()) {
+            return bad("cluster.token", "use either `token` or `user` and `password`, not both".into());
+        }
+        if c.user.is_some() != c.password.is_some() {
+            let missing = if c.user.is_some() { "password" } else { "user" };
+            return bad(&format!("cluster.{missing}"), "`user` and `password` go together: set both or neither".into());
+        }
+        if c.ack_timeout_ms == 0 || c.ack_timeout_ms > 600_000 {
+            return bad("cluster.ack_timeout_ms", "must be 1 to 600000 milliseconds (default 5000)".into());
+        }
+        if c.max_age_secs == 0 {
+            return bad("cluster.max_age_secs", "must be at least 1 second (default 86400)".into());
+        }
+        if c.max_bytes < 1 << 20 {
+            return bad("cluster.max_bytes", "must be at least 1048576 bytes (default 268435456)".into());
+        }
+        if c.max_pending_claims == 0 {
+            return bad("cluster.max_pending_claims", "must be at least 1 (default 1024)".into());
+        }
         Ok(())
     }
 
@@ -872,6 +1014,32 @@ mod tests {
     fn bad_bind_names_key_and_fix() {
         let err = Config::from_toml("[[listener]]\nbind = \"localhost\"\n", "y.toml").unwrap_err().to_string();
         assert!(err.contains("listener[0].bind") && err.contains("y.toml") && err.contains("127.0.0.1:1883"), "{err}");
+    }
+
+    #[test]
+    fn cluster_is_absent_by_default_and_checked_when_given() {
+        assert!(Config::default().cluster.is_none());
+        let ok = "[cluster]\nnats = [\"nats://127.0.0.1:4222\", \"nats://127.0.0.1:4223\"]\nnode = \"n1\"\n";
+        let c = Config::from_toml(ok, "c.toml").unwrap().cluster.unwrap();
+        assert_eq!((c.node.as_str(), c.name.as_str(), c.replicas(), c.ack_timeout_ms), ("n1", "tern", 2, 5000));
+        assert_eq!(c.max_pending_claims, 1024);
+        for (text, key) in [
+            ("[cluster]\nnats = []\nnode = \"n1\"\n", "cluster.nats"),
+            ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n.1\"\n", "cluster.node"),
+            ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nname = \"\"\n", "cluster.name"),
+            ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nreplicas = 0\n", "cluster.replicas"),
+            ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nuser = \"u\"\n", "cluster.password"),
+            ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nack_timeout_ms = 0\n", "cluster.ack_timeout_ms"),
+            (
+                "[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nmax_pending_claims = 0\n",
+                "cluster.max_pending_claims",
+            ),
+        ] {
+            let err = Config::from_toml(text, "c.toml").unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("c.toml"), "{key}: {err}");
+        }
+        let err = Config::from_toml("[cluster]\nnode = \"n1\"\n", "c.toml").unwrap_err().to_string();
+        assert!(err.contains("nats"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! tern: an MQTT 3.1, 3.1.1 and 5.0 broker.
 //!
 //! Layers (a module uses only those below it): `protocol`, `config`, `message` (L0);
-//! `session`, `topics`, `store` (L1); `broker`, `link`, `transport` (L2); `connection`, `bridge`, `sys` (L3);
+//! `session`, `topics`, `store` (L1); `broker`, `link`, `transport` (L2); `connection`, `bridge`, `cluster`, `sys` (L3);
 //! `server` (L4). Tests start a broker in-process with [`start`] on port 0; a program that
 //! embeds tern publishes and subscribes in-process with [`BrokerHandle::connect_local`].
 #![deny(unsafe_code)]

@@ -432,6 +432,11 @@ async fn run(
         RecoverySummary { records: progress.records(), bytes: progress.bytes(), took: started.elapsed(), ..restored };
     log_recovery(&recovery, &progress);
     tokio::spawn(Arc::clone(&broker).run_keep_alive());
+    // A cluster node joins before its listeners accept: its clients must see the cluster's
+    // retained messages and reach the other nodes from their first packet.
+    if let Some(cluster) = &config.cluster {
+        crate::cluster::start(&broker, cluster).await;
+    }
     let (tx, rx) = watch::channel(false);
     let live = Arc::new(AtomicUsize::new(0));
     let mut addrs = Vec::new();

@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 
 use crate::mqtt;
-use crate::net::SyncStream;
+use crate::net::{self, SyncStream};
 use crate::stats::{quantile, CpuMeter, Report, Tracker};
 use crate::{Args, Outcome};
 
 const TOPIC: &str = "bench/lat";
+/// Where probes go when publisher and subscriber are on different brokers (`await_path`).
+const PROBE_TOPIC: &str = "bench/lat-probe";
 
 /// xorshift64*: a tiny deterministic generator (no crate needed for exponential gaps).
 struct Rng(u64);
@@ -60,9 +62,9 @@ struct SyncConn {
 }
 
 impl SyncConn {
-    fn open(a: &Args, id: &str, deadline: Instant) -> io::Result<SyncConn> {
+    fn open(a: &Args, ep: &net::Endpoint, id: &str, deadline: Instant) -> io::Result<SyncConn> {
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let s = SyncStream::connect(&a.ep, left)?;
+        let s = SyncStream::connect(ep, left)?;
         s.tcp().set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut c = SyncConn {
             s,
@@ -140,6 +142,26 @@ impl SyncConn {
     }
 }
 
+/// Across brokers (a bridge, the nodes of a cluster) a new subscription takes a while to reach
+/// the publisher's broker: a QoS 0 probe every 100 ms on a topic of its own until one gets
+/// through, so that the run measures the path and not its set-up.
+fn await_path(sub: &mut SyncConn, publ: &mut SyncConn, a: &Args, deadline: Instant) -> io::Result<f64> {
+    let t0 = Instant::now();
+    mqtt::subscribe(&mut sub.wbuf, 2, PROBE_TOPIC, 0, a.v5);
+    sub.flush()?;
+    sub.expect(mqtt::SUBACK, deadline)?;
+    loop {
+        mqtt::publish(&mut publ.wbuf, PROBE_TOPIC.as_bytes(), 0, false, 0, a.v5, a.size, (u32::MAX, 0, 0));
+        publ.flush()?;
+        let next = (Instant::now() + Duration::from_millis(100)).min(deadline);
+        match sub.expect(mqtt::PUBLISH, next) {
+            Ok(_) => return Ok(t0.elapsed().as_secs_f64()),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub fn run(a: &Args) -> Outcome {
     let rates = if a.sweep.is_empty() { vec![a.rate] } else { a.sweep.clone() };
     let mut code = 0;
@@ -177,7 +199,7 @@ fn one_rate(a: &Args, rate: f64, run: u64) -> (String, u8) {
         rep.kv("error", format!("{what}:{}", e.to_string().replace(char::is_whitespace, "_")));
         (rep.line(), if e.kind() == io::ErrorKind::TimedOut { 2 } else { 1 })
     };
-    let mut sub = match SyncConn::open(a, &format!("bench-lat-sub-{run}"), deadline) {
+    let mut sub = match SyncConn::open(a, &a.sub_eps[0], &format!("bench-lat-sub-{run}"), deadline) {
         Ok(c) => c,
         Err(e) => return fail(rep, "subscriber_connect", e),
     };
@@ -190,10 +212,19 @@ fn one_rate(a: &Args, rate: f64, run: u64) -> (String, u8) {
         Ok(_) => return fail(rep, "suback", mqtt::bad("refused")),
         Err(e) => return fail(rep, "subscribe", e),
     }
-    let mut publ = match SyncConn::open(a, &format!("bench-lat-pub-{run}"), deadline) {
+    let mut publ = match SyncConn::open(a, &a.pub_eps[0], &format!("bench-lat-pub-{run}"), deadline) {
         Ok(c) => c,
         Err(e) => return fail(rep, "publisher_connect", e),
     };
+
+    if a.sub_eps[0].addr != a.pub_eps[0].addr {
+        match await_path(&mut sub, &mut publ, a, deadline) {
+            Ok(secs) => {
+                rep.f("path_ms", secs * 1e3, 0);
+            }
+            Err(e) => return fail(rep, "path_check", e),
+        }
+    }
 
     let cpu = CpuMeter::start(a.pid);
     let done = Arc::new(AtomicBool::new(false));
@@ -213,12 +244,17 @@ fn one_rate(a: &Args, rate: f64, run: u64) -> (String, u8) {
                 if f.kind == mqtt::PUBLISH {
                     let p = mqtt::parse_publish(f.flags, f.body, v5)?;
                     let st = p.stamp();
-                    if let Some((_, seq, t)) = st {
-                        if let Some(slot) = o.lat_ns.get_mut(seq as usize) {
-                            *slot = now_ns.saturating_sub(t);
+                    match st {
+                        // A late probe of `await_path`.
+                        Some((u32::MAX, _, _)) => {}
+                        Some((_, seq, t)) => {
+                            if let Some(slot) = o.lat_ns.get_mut(seq as usize) {
+                                *slot = now_ns.saturating_sub(t);
+                            }
+                            o.tracker.record(st, p.retain);
                         }
+                        None => o.tracker.record(st, p.retain),
                     }
-                    o.tracker.record(st, p.retain);
                     if p.qos == 1 {
                         mqtt::puback(&mut sub.wbuf, p.packet_id);
                     }

@@ -49,9 +49,11 @@ options (defaults in brackets):
   --tls-server-name NAME [localhost]  name the broker's certificate must be valid for
   --tls-resume   allow TLS session resumption (default: off, every handshake is a full one)
   --pid PID  broker process: its CPU (and for conns and overload its RSS) is reported
-  --pub-addr H:P  --sub-addr H:P  fanin/fanout/overload/durable: publishers connect to one
-             broker, subscribers to another (default: both to --host/--port), e.g. across a
-             bridge; the run starts once a probe message got through
+  --pub-addr H:P[,H:P...]  --sub-addr H:P[,H:P...]  fanin/fanout/overload/durable/latency:
+             publishers connect to one broker, subscribers to another (default: both to
+             --host/--port), e.g. across a bridge or between cluster nodes; with a list,
+             publisher/subscriber i takes address i modulo its length. fanin/fanout start once a
+             probe message got from the first publisher to a subscriber on each address
   --pid2 PID  a second broker process (with --sub-addr: the subscribers'): broker2_cpu
   --timeout S [60] hard limit on the run   --drain-ms MS [2000] QoS 0 quiet time before giving up";
 
@@ -60,10 +62,11 @@ pub struct Args {
     pub scenario: String,
     /// The broker's address and, with `--tls-ca`, the TLS client settings.
     pub ep: net::Endpoint,
-    /// Where the throughput scenarios' publishers and subscribers connect: `ep`, unless
-    /// `--pub-addr` / `--sub-addr` split them between two brokers (e.g. across a bridge).
-    pub pub_ep: net::Endpoint,
-    pub sub_ep: net::Endpoint,
+    /// Where publishers and subscribers connect: `ep`, unless `--pub-addr` / `--sub-addr`
+    /// split them between brokers (across a bridge, or the nodes of a cluster: publisher or
+    /// subscriber i takes address i modulo the list's length).
+    pub pub_eps: Vec<net::Endpoint>,
+    pub sub_eps: Vec<net::Endpoint>,
     pub v5: bool,
     pub qos: u8,
     pub pubs: usize,
@@ -114,8 +117,8 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         scenario,
         ep: net::Endpoint { addr: "127.0.0.1:1883".parse().unwrap(), tls: None },
-        pub_ep: net::Endpoint { addr: "127.0.0.1:1883".parse().unwrap(), tls: None },
-        sub_ep: net::Endpoint { addr: "127.0.0.1:1883".parse().unwrap(), tls: None },
+        pub_eps: Vec::new(),
+        sub_eps: Vec::new(),
         v5: false,
         qos: 0,
         pubs: def_pubs,
@@ -198,19 +201,22 @@ fn parse_args() -> Result<Args, String> {
     if let Some(ca) = &tls_ca {
         a.ep.tls = Some(net::TlsClient::new(ca, &tls_name, tls_resume)?);
     }
-    let resolve = |k: &str, hp: &Option<String>| -> Result<net::Endpoint, String> {
-        let mut ep = a.ep.clone();
-        if let Some(hp) = hp {
-            ep.addr = hp
-                .to_socket_addrs()
-                .map_err(|e| format!("{k} {hp}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("{k} {hp}: no address"))?;
-        }
-        Ok(ep)
+    let resolve = |k: &str, list: &Option<String>| -> Result<Vec<net::Endpoint>, String> {
+        let Some(list) = list else { return Ok(vec![a.ep.clone()]) };
+        list.split(',')
+            .map(|hp| {
+                let mut ep = a.ep.clone();
+                ep.addr = hp
+                    .to_socket_addrs()
+                    .map_err(|e| format!("{k} {hp}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("{k} {hp}: no address"))?;
+                Ok(ep)
+            })
+            .collect()
     };
-    a.pub_ep = resolve("--pub-addr", &pub_addr)?;
-    a.sub_ep = resolve("--sub-addr", &sub_addr)?;
+    a.pub_eps = resolve("--pub-addr", &pub_addr)?;
+    a.sub_eps = resolve("--sub-addr", &sub_addr)?;
     Ok(a)
 }
 

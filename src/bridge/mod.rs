@@ -29,9 +29,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::auth::Principal;
-use crate::broker::{signal, Broker, EXPIRY_NEVER};
+use crate::broker::{signal, Broker, Replicated, EXPIRY_NEVER};
 use crate::config::{Bridge as BridgeConfig, BridgeProtocol};
-use crate::link::{Link, Outbox, RetainedCollector, Written};
+use crate::link::{Link, Outbox, RetainedCollector, Routed, Written};
 use crate::message::Message;
 use crate::protocol::{
     self, reason, topic, Connect, Packet, Properties, ProtocolVersion, PubResp, Publish, PublishOut, QoS, Subscribe,
@@ -226,7 +226,7 @@ struct Peer<'a> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Acknowledgements to the peer waiting for a store ticket, in order.
-    held: std::collections::VecDeque<(u64, Packet)>,
+    held: std::collections::VecDeque<(u64, Option<Arc<Replicated>>, Packet)>,
     /// Largest packet the peer accepts.
     peer_max_packet: usize,
 }
@@ -441,7 +441,7 @@ impl<'a> Peer<'a> {
             if let Err(e) = self.write(stream).await {
                 return Ended::Failed(e);
             }
-            let durable = self.held.front().map(|(t, _)| *t).filter(|&t| t > 0);
+            let durable = self.held.front().map(|(t, _, _)| *t).filter(|&t| t > 0);
             let durable = durable.into_iter().chain((!link.write_ready()).then(|| link.write_ticket())).min();
             if let Some(t) = durable {
                 link.broker.wait_durable(t, &link.control);
@@ -511,16 +511,15 @@ impl<'a> Peer<'a> {
         }
     }
 
-    /// Sends the held acknowledgements whose store work is done; a failed write ends the
-    /// connection (the peer then sends the message again).
+    /// Sends the held acknowledgements whose store work (and cluster copy) is done; a failed
+    /// write ends the connection (the peer then sends the message again).
     fn release_held(&mut self, link: &Link) -> Result<(), String> {
-        while let Some((ticket, _)) = self.held.front() {
-            let ok = if *ticket == 0 { Some(true) } else { link.broker.outcome(*ticket) };
-            match ok {
+        while let Some((ticket, replicated, _)) = self.held.front() {
+            match Routed::outcome(&link.broker, *ticket, replicated.as_deref()) {
                 None => break,
                 Some(false) => return Err("a message from the peer could not be stored".into()),
                 Some(true) => {
-                    if let Some((_, p)) = self.held.pop_front() {
+                    if let Some((_, _, p)) = self.held.pop_front() {
                         protocol::encode(&p, self.version, &mut self.wbuf);
                     }
                 }
@@ -529,11 +528,11 @@ impl<'a> Peer<'a> {
         Ok(())
     }
 
-    fn respond(&mut self, ticket: u64, p: Packet) {
-        if ticket == 0 && self.held.is_empty() {
+    fn respond(&mut self, ticket: u64, replicated: Option<Arc<Replicated>>, p: Packet) {
+        if ticket == 0 && replicated.is_none() && self.held.is_empty() {
             protocol::encode(&p, self.version, &mut self.wbuf);
         } else {
-            self.held.push_back((ticket, p));
+            self.held.push_back((ticket, replicated, p));
         }
     }
 
@@ -551,14 +550,14 @@ impl<'a> Peer<'a> {
                 let (ack, ticket) = link.pubrec(r.packet_id, success);
                 check(ack)?;
                 if success {
-                    self.respond(ticket, Packet::PubRel(PubResp::new(r.packet_id)));
+                    self.respond(ticket, None, Packet::PubRel(PubResp::new(r.packet_id)));
                 }
                 Ok(())
             }
             Packet::PubComp(r) => check(link.pubcomp(r.packet_id)),
             Packet::PubRel(r) => {
                 let ticket = link.qos2_released(r.packet_id);
-                self.respond(ticket, Packet::PubComp(PubResp::new(r.packet_id)));
+                self.respond(ticket, None, Packet::PubComp(PubResp::new(r.packet_id)));
                 Ok(())
             }
             Packet::SubAck(a) => {
@@ -587,7 +586,7 @@ impl<'a> Peer<'a> {
         let crossed = p.properties.user_properties.iter().any(|(k, _)| k == HOP_KEY);
         let local = map_topic(self.cfg, &p.topic, Side::Remote);
         let allowed = !crossed && local.as_deref().is_some_and(|t| link.may_publish(t));
-        let mut ticket = 0;
+        let (mut ticket, mut replicated) = (0, None);
         if let (true, Some(local)) = (allowed, local) {
             p.properties.topic_alias = None;
             p.properties.subscription_identifiers.clear();
@@ -607,11 +606,15 @@ impl<'a> Peer<'a> {
                 QoS::AtMostOnce => {
                     link.publish(msg, None, full);
                 }
-                QoS::AtLeastOnce => ticket = link.publish(msg, None, full).1,
+                QoS::AtLeastOnce => {
+                    let routed = link.publish(msg, None, full);
+                    (ticket, replicated) = (routed.ticket, routed.replicated);
+                }
                 QoS::ExactlyOnce => {
                     let r = link.qos2_received(pid);
                     if r.first {
-                        ticket = link.publish(msg, r.record, full).1;
+                        let routed = link.publish(msg, r.record, full);
+                        (ticket, replicated) = (routed.ticket, routed.replicated);
                     }
                 }
             }
@@ -620,8 +623,8 @@ impl<'a> Peer<'a> {
         }
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.respond(ticket, Packet::PubAck(PubResp::new(pid))),
-            QoS::ExactlyOnce => self.respond(ticket, Packet::PubRec(PubResp::new(pid))),
+            QoS::AtLeastOnce => self.respond(ticket, replicated, Packet::PubAck(PubResp::new(pid))),
+            QoS::ExactlyOnce => self.respond(ticket, replicated, Packet::PubRec(PubResp::new(pid))),
         }
         Ok(())
     }

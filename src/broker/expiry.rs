@@ -198,6 +198,7 @@ impl Broker {
                     cell.owner != 0 && !cell.ended
                 });
                 if !resumed && owner.as_ref().is_none_or(|o| self.may_publish(o, &will.topic)) {
+                    self.forward(&will, None);
                     self.publish(will, None);
                 }
             }

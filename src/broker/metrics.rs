@@ -123,6 +123,30 @@ pub struct Metrics {
     pub inputs_paused: AtomicU64,
     /// Each `[[bridge]]`'s name (config order) and whether it is connected to its peer.
     pub bridges: Box<[(Box<str>, AtomicBool)]>,
+    /// The cluster's routes (`[cluster]`); all zero on a single node.
+    pub cluster: ClusterMetrics,
+}
+
+/// What the cluster (`[cluster]`) counts. Written on the cluster's own tasks, never per
+/// delivery.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// 1 while connected to a NATS server.
+    pub connected: AtomicBool,
+    /// Messages of this node's clients handed to NATS.
+    pub forwarded: AtomicU64,
+    /// Messages from other nodes delivered here.
+    pub received: AtomicU64,
+    /// QoS 1/2 publishes whose acknowledgement was refused because NATS/JetStream did not
+    /// take the message in time (`cluster.ack_timeout_ms`) or was unreachable.
+    pub ack_failures: AtomicU64,
+    /// QoS 0 messages or retained updates NATS could not take (lost for other nodes).
+    pub publish_errors: AtomicU64,
+    /// Client ids this node took over from another node (its client closed with 0x8E).
+    pub takeovers: AtomicU64,
+    /// CONNECTs refused because their client id could not be claimed (too many claims at
+    /// once, NATS unreachable, or lost to another node's claim).
+    pub claims_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -146,6 +170,7 @@ impl Metrics {
             flow_waits: AtomicU64::new(0),
             inputs_paused: AtomicU64::new(0),
             bridges: config.bridge.iter().map(|b| (b.name.clone().into_boxed_str(), AtomicBool::new(false))).collect(),
+            cluster: ClusterMetrics::default(),
         }
     }
 
@@ -235,6 +260,20 @@ pub struct Stats {
     pub store_failure: Option<String>,
     pub commit_latency: LatencySnapshot,
     pub bridges: Vec<(String, bool)>,
+    /// Some in a cluster: connected to NATS, forwarded, received, ack failures, publish errors.
+    pub cluster: Option<ClusterStats>,
+}
+
+/// The cluster's part of `Stats`.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterStats {
+    pub connected: bool,
+    pub forwarded: u64,
+    pub received: u64,
+    pub ack_failures: u64,
+    pub publish_errors: u64,
+    pub takeovers: u64,
+    pub claims_refused: u64,
 }
 
 impl Stats {
@@ -272,6 +311,15 @@ impl Broker {
             queued_memory: self.queued_memory() as u64,
             retained: self.app_retained_count() as u64,
             bridges: m.bridges.iter().map(|(n, up)| (n.to_string(), up.load(Ordering::Relaxed))).collect(),
+            cluster: self.config.cluster.is_some().then(|| ClusterStats {
+                connected: m.cluster.connected.load(Ordering::Relaxed),
+                forwarded: load(&m.cluster.forwarded),
+                received: load(&m.cluster.received),
+                ack_failures: load(&m.cluster.ack_failures),
+                publish_errors: load(&m.cluster.publish_errors),
+                takeovers: load(&m.cluster.takeovers),
+                claims_refused: load(&m.cluster.claims_refused),
+            }),
             ..Stats::default()
         };
         for entry in self.sessions.iter() {

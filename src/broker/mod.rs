@@ -16,6 +16,7 @@
 //! happen. Calls that need an acknowledgement held back return a store ticket (0 = nothing
 //! to wait for).
 
+mod cluster;
 mod expiry;
 mod keep_alive;
 mod metrics;
@@ -32,6 +33,7 @@ use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
+pub use cluster::{ClusterRoutes, Replicated};
 pub use metrics::{DropCause, Metrics, Stats};
 pub use owners::{Claim, ClusterOwners, Refused};
 pub use recovery::RecoverySummary;
@@ -92,6 +94,8 @@ pub struct Broker {
     pub metrics: Metrics,
     /// Cluster-wide ownership of client ids (`owners.rs`); unset on a single node.
     owners: OnceLock<Arc<dyn ClusterOwners>>,
+    /// The cluster this node is part of (`[cluster]`), installed once at start-up.
+    cluster: std::sync::OnceLock<Arc<dyn ClusterRoutes>>,
 }
 
 /// The result of attaching a connection to a session.
@@ -176,6 +180,7 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             metrics,
             owners: OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -569,6 +574,7 @@ impl Broker {
     ) {
         if delay == 0 {
             if owner.as_ref().is_none_or(|o| self.may_publish(o, &will.topic)) {
+                self.forward(&will, None);
                 self.publish(will, None);
             }
             return;
@@ -607,7 +613,9 @@ impl Broker {
         let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
         for f in filters {
             let (group, filter) = split_shared(f);
-            trie.unsubscribe(filter, group, client_id);
+            if trie.unsubscribe(filter, group, client_id) {
+                self.cluster_interest(filter, false);
+            }
         }
     }
 
@@ -644,7 +652,11 @@ impl Broker {
         };
         let existed = {
             let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
-            trie.subscribe(trie_filter, group, entry)
+            let existed = trie.subscribe(trie_filter, group, entry);
+            if !existed {
+                self.cluster_interest(trie_filter, true);
+            }
+            existed
         };
         Subscribed { existed, shared: group.is_some(), ticket }
     }
@@ -659,7 +671,11 @@ impl Broker {
         };
         let existed = {
             let mut trie = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
-            trie.unsubscribe(trie_filter, group, &handle.client_id)
+            let existed = trie.unsubscribe(trie_filter, group, &handle.client_id);
+            if existed {
+                self.cluster_interest(trie_filter, false);
+            }
+            existed
         };
         if persistent && existed {
             self.persist(vec![Op::DeleteSubscription { client: handle.client_id.clone(), filter: filter.clone() }]);
@@ -714,7 +730,7 @@ impl Broker {
         full: &mut Vec<Arc<SessionHandle>>,
     ) -> (usize, u64) {
         self.metrics.publish_in(msg.qos, msg.payload.len());
-        self.fan_out(msg, extra, full, true)
+        self.fan_out_with(msg, extra, full, true, true)
     }
 
     /// Publishes the broker's own `$SYS/...` value: retained (in memory only: nothing is
@@ -729,21 +745,23 @@ impl Broker {
             crate::protocol::Properties::default(),
             ByteString::new(),
         );
-        self.fan_out(Arc::new(msg), None, &mut Vec::new(), false);
+        self.fan_out_with(Arc::new(msg), None, &mut Vec::new(), false, true);
     }
 
     /// `publish_flow` once counted. `durable` false is for the broker's own `$SYS` values: a
     /// retained one stays out of the store (and whole in memory), and one that does not
     /// reach an away session is not counted as dropped (it is no client's message).
-    fn fan_out(
+    /// `retain_index` false leaves the retained index alone (messages from the cluster).
+    fn fan_out_with(
         &self,
         msg: Arc<Message>,
         extra: Option<Op>,
         full: &mut Vec<Arc<SessionHandle>>,
         durable: bool,
+        retain_index: bool,
     ) -> (usize, u64) {
         let mut ops: Vec<Op> = extra.into_iter().collect();
-        if msg.retain {
+        if msg.retain && retain_index {
             self.update_retained(&msg, &mut ops, durable);
         }
         let mut matches: Vec<Entry<Arc<SessionHandle>>> = Vec::new();
@@ -794,7 +812,7 @@ impl Broker {
             }
             self.submit(ops)
         };
-        if msg.retain && durable && !msg.payload.is_empty() {
+        if msg.retain && retain_index && durable && !msg.payload.is_empty() {
             self.retained_loaded.lock().unwrap_or_else(|e| e.into_inner()).push_back((Arc::downgrade(&msg), seq));
             self.shed_retained();
         }

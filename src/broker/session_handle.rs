@@ -278,6 +278,16 @@ impl Subscriptions {
         removed
     }
 
+    /// Every subscription's filter.
+    pub fn filters(&self) -> Vec<Box<str>> {
+        match self.0.as_deref() {
+            None => Vec::new(),
+            Some(SubscriptionSet::One(f, _)) => vec![f.clone()],
+            Some(SubscriptionSet::Few(list)) => list.iter().map(|(f, _)| f.clone()).collect(),
+            Some(SubscriptionSet::Many(map)) => map.keys().cloned().collect(),
+        }
+    }
+
     /// Takes every subscription out, leaving none; returns their filters.
     pub fn take_filters(&mut self) -> Vec<Box<str>> {
         match self.0.take().map(|b| *b) {

@@ -274,6 +274,9 @@ impl Owners {
     async fn claim_id(&self, client_id: &str) -> Result<u64, Refused> {
         let Ok(_permit) = self.pending.try_acquire() else {
             self.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+            if let Some(b) = self.broker.upgrade() {
+                b.metrics.cluster.claims_refused.fetch_add(1, Ordering::Relaxed);
+            }
             return Err(Refused::Busy);
         };
         let nonce = self.nonce();
@@ -300,6 +303,9 @@ impl Owners {
                     Refused::Lost => &self.stats.refused_lost,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(b) = self.broker.upgrade() {
+                    b.metrics.cluster.claims_refused.fetch_add(1, Ordering::Relaxed);
+                }
                 // A key written before the failure names a claim nobody holds: a later
                 // claim asks this node, finds nothing, and takes it at once.
                 self.forget(client_id, nonce);
@@ -314,6 +320,7 @@ impl Owners {
         let hashed = key.starts_with(HASHED);
         let value = encode_value(&Owner { node: self.node.clone(), nonce, id: hashed.then(|| client_id.to_string()) });
         for _ in 0..MAX_ROUNDS {
+            let mut took_over = false;
             let entry = match tokio::time::timeout(OP_TIMEOUT, self.kv.entry(key.clone())).await {
                 Ok(Ok(e)) => e,
                 Ok(Err(e)) => {
@@ -333,12 +340,18 @@ impl Owners {
                 }
                 if owner.node != self.node {
                     self.ask_release(&owner.node, client_id).await?;
+                    took_over = true;
                 }
             } else if let Some(None) = owner {
                 warn!(client_id, "owners bucket holds a value tern cannot read; overwritten");
             }
             match tokio::time::timeout(OP_TIMEOUT, self.kv.update(&key, value.clone(), revision)).await {
-                Ok(Ok(_)) => return Ok(()),
+                Ok(Ok(_)) => {
+                    if let (true, Some(b)) = (took_over, self.broker.upgrade()) {
+                        b.metrics.cluster.takeovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
                 Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     debug!(client_id, "owner changed while claiming; reading again");
                 }

@@ -210,19 +210,20 @@ impl Conn {
                 }
             }
             QoS::AtLeastOnce => {
-                let mut ticket = 0;
+                let (mut ticket, mut replicated) = (0, None);
                 if ack_reason == reason::SUCCESS {
-                    let (n, t) = self.route(p, None);
-                    ticket = t;
-                    if n == 0 && v5 {
+                    let routed = self.route(p, None);
+                    (ticket, replicated) = (routed.ticket, routed.replicated);
+                    // In a cluster, other nodes' subscribers are not known here.
+                    if routed.matched == 0 && v5 && replicated.is_none() {
                         ack_reason = reason::NO_MATCHING_SUBSCRIBERS;
                     }
                 }
                 let ack = PubResp { packet_id: pid, reason: ack_reason, properties: Properties::default() };
-                self.respond(ticket, Packet::PubAck(ack), None);
+                self.respond_after(ticket, replicated, Packet::PubAck(ack), None);
             }
             QoS::ExactlyOnce => {
-                let mut ticket = 0;
+                let (mut ticket, mut replicated) = (0, None);
                 if ack_reason == reason::SUCCESS {
                     let Qos2Received { first, pending, record } = self.link.qos2_received(pid);
                     if first {
@@ -241,13 +242,14 @@ impl Conn {
                         // The id is stored with the message's effects, so after a crash a
                         // resent PUBLISH is still recognised as a duplicate. PUBREC stays 0x00
                         // without subscribers (mosquitto sends 0x10 only in PUBACK).
-                        ticket = self.route(p, record).1;
+                        let routed = self.route(p, record);
+                        (ticket, replicated) = (routed.ticket, routed.replicated);
                     }
                     // A duplicate (same id before PUBREL) is acknowledged again but not
                     // delivered again [MQTT-4.3.3-9].
                 }
                 let ack = PubResp { packet_id: pid, reason: ack_reason, properties: Properties::default() };
-                self.respond(ticket, Packet::PubRec(ack), None);
+                self.respond_after(ticket, replicated, Packet::PubRec(ack), None);
             }
         }
         Ok(())
@@ -264,9 +266,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Hands a client's PUBLISH to the broker; returns how many sessions it reached and the
-    /// store ticket its acknowledgement waits for.
-    pub(super) fn route(&mut self, p: Publish, extra: Option<Op>) -> (usize, u64) {
+    /// Hands a client's PUBLISH to the broker; returns how many sessions it reached and what
+    /// its acknowledgement waits for.
+    pub(super) fn route(&mut self, p: Publish, extra: Option<Op>) -> Routed {
         let mut props = p.properties;
         props.topic_alias = None;
         let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id().clone());

@@ -32,8 +32,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 
 use crate::auth::{AuthExchange, AuthMethod, AuthStep, Login, Principal, Refusal};
-use crate::broker::{signal, Broker, RetainedBatch, SessionHandle, EXPIRY_NEVER};
-use crate::link::{Link, Outbox, Qos2Received, RetainedCollector, Written};
+use crate::broker::{signal, Broker, Replicated, RetainedBatch, SessionHandle, EXPIRY_NEVER};
+use crate::link::{Link, Outbox, Qos2Received, RetainedCollector, Routed, Written};
 use crate::message::Message;
 use crate::protocol::{
     self, reason, topic, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, Properties,
@@ -266,6 +266,8 @@ struct Conn {
 /// (a SUBACK precedes the retained messages of its subscription).
 struct HeldAck {
     ticket: u64,
+    /// In a cluster: the other nodes' copy of the publish this acknowledges.
+    replicated: Option<Arc<Replicated>>,
     packet: Packet,
     /// Retained messages of a SUBSCRIBE, queued once its SUBACK is sent.
     then: Option<Box<RetainedBatch>>,

@@ -8,18 +8,31 @@ impl Conn {
     /// acknowledgement already held, to keep their order).
     /// While publishes wait for room (flow control), every acknowledgement is held too.
     pub(super) fn respond(&mut self, ticket: u64, packet: Packet, then: Option<Box<RetainedBatch>>) {
-        if ticket == 0 && self.held.is_empty() && self.flow.is_none() {
+        self.respond_after(ticket, None, packet, then);
+    }
+
+    /// `respond`, also waiting for the cluster's copy of a publish (`replicated`), which
+    /// wakes the connection when it is done.
+    pub(super) fn respond_after(
+        &mut self,
+        ticket: u64,
+        replicated: Option<Arc<Replicated>>,
+        packet: Packet,
+        then: Option<Box<RetainedBatch>>,
+    ) {
+        if ticket == 0 && replicated.is_none() && self.held.is_empty() && self.flow.is_none() {
             self.encode(packet);
             if let Some(batch) = then {
                 self.link.queue_retained(*batch);
             }
         } else {
-            self.held.push_back(HeldAck { ticket, packet, then });
+            self.held.push_back(HeldAck { ticket, replicated, packet, then });
             self.link.broker.metrics.acks_held.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Sends the held acknowledgements whose store work is done. A failed store write turns
+    /// Sends the held acknowledgements whose store work (and cluster copy) is done. A failed
+    /// store write, or a cluster that did not take the message, turns
     /// PUBACK/PUBREC/SUBACK into failures (v5 reason 0x80, 3.1.1 SUBACK 0x80); a 3.1.1
     /// publisher has no way to hear "not stored" but losing its connection, so it does.
     pub(super) fn release_held(&mut self) -> Result<(), Close> {
@@ -27,7 +40,7 @@ impl Conn {
             return Ok(());
         }
         while let Some(front) = self.held.front() {
-            let Some(ok) = self.link.broker.outcome(front.ticket) else { break };
+            let Some(ok) = Routed::outcome(&self.link.broker, front.ticket, front.replicated.as_deref()) else { break };
             let Some(HeldAck { mut packet, then, .. }) = self.held.pop_front() else { break };
             self.link.broker.metrics.acks_held.fetch_sub(1, Ordering::Relaxed);
             if !ok {

@@ -192,6 +192,30 @@ impl LocalClient {
         }
     }
 
+    /// Waits until the cluster has the other nodes' copy of a message: Ok when it does.
+    async fn replicated(link: &Link, r: &crate::broker::Replicated) -> Result<(), LocalError> {
+        // Other signals (deliveries, flow) are for `recv`: kept, and raised again at the end
+        // (raised at once, they would wake this wait again and again until the answer).
+        let mut other = 0;
+        let result = loop {
+            match r.outcome() {
+                Some(true) => break Ok(()),
+                Some(false) => break Err(LocalError::NotStored),
+                None => {}
+            }
+            let bits = Self::signals(link).await;
+            if bits & signal::KICK != 0 {
+                other |= signal::KICK;
+                break Err(LocalError::Disconnected(link.control.reason()));
+            }
+            other |= bits & !signal::DURABLE;
+        };
+        if other != 0 {
+            link.control.signal(other);
+        }
+        result
+    }
+
     /// Publishes a message. At QoS 1 and 2 it returns once the message is stored (it is then
     /// as safe as an acknowledged network publish); while subscribers' queues are full it
     /// waits for room, as a network publisher is slowed (at most `limits.slow_consumer_secs`).
@@ -228,12 +252,16 @@ impl LocalClient {
             link.client_id().clone(),
         );
         let mut full = Vec::new();
-        let (_, ticket) = link.publish(msg, None, &mut full);
+        let routed = link.publish(msg, None, &mut full);
         link.wait_for_room(full).await;
         if qos == QoS::AtMostOnce {
             return Ok(());
         }
-        Self::durable(link, ticket).await
+        Self::durable(link, routed.ticket).await?;
+        match routed.replicated {
+            Some(r) => Self::replicated(link, &r).await,
+            None => Ok(()),
+        }
     }
 
     /// Subscribes to `filter` (`$share/group/filter` for a shared subscription). Returns the

@@ -19,7 +19,7 @@ use std::time::Instant;
 use bytestring::ByteString;
 
 use crate::auth::Principal;
-use crate::broker::{Attached, Broker, ConnControl, DropCause, RetainedBatch, SessionHandle};
+use crate::broker::{Attached, Broker, ConnControl, DropCause, Replicated, RetainedBatch, SessionHandle};
 use crate::message::Message;
 use crate::protocol::{reason, topic, QoS, SubscriptionOptions};
 use crate::session::{Ack, Delivery, OutState, Outgoing};
@@ -61,6 +61,29 @@ pub struct Link {
     /// Store ticket that what was written must wait for: QoS 2 PUBLISHes of persistent
     /// sessions go out only once their packet id is durable. 0 = nothing to wait for.
     write_ticket: u64,
+}
+
+/// What became of a message a link published (`Link::publish`).
+pub struct Routed {
+    /// Sessions of this node it reached.
+    pub matched: usize,
+    /// Store ticket its acknowledgement waits for (0 = none).
+    pub ticket: u64,
+    /// In a cluster, at QoS 1/2: the other nodes' copy, which the acknowledgement also waits for.
+    pub replicated: Option<Arc<Replicated>>,
+}
+
+impl Routed {
+    /// Whether everything the acknowledgement waits for is done: None = not yet, Some(false)
+    /// = something failed (answered as a store failure).
+    pub fn outcome(broker: &Broker, ticket: u64, replicated: Option<&Replicated>) -> Option<bool> {
+        let stored = if ticket == 0 { true } else { broker.outcome(ticket)? };
+        let copied = match replicated {
+            Some(r) => r.outcome()?,
+            None => true,
+        };
+        Some(stored && copied)
+    }
 }
 
 /// How an inbound QoS 2 PUBLISH relates to the ids awaiting PUBREL.
@@ -370,11 +393,15 @@ impl Link {
         self.broker.may_publish(&self.principal, topic)
     }
 
-    /// Hands a message from this client to the broker. Returns how many sessions it reached
-    /// and the store ticket its acknowledgement waits for; adds to `full` the connected
-    /// subscribers whose queues it filled (the endpoint should wait for them: flow control).
-    pub fn publish(&self, msg: Message, extra: Option<Op>, full: &mut Vec<Arc<SessionHandle>>) -> (usize, u64) {
-        self.broker.publish_flow(Arc::new(msg), extra, full)
+    /// Hands a message from this client to the broker (and, in a cluster, to the other
+    /// nodes). Returns how many sessions of this node it reached and what its acknowledgement
+    /// waits for; adds to `full` the connected subscribers whose queues it filled (the
+    /// endpoint should wait for them: flow control).
+    pub fn publish(&self, msg: Message, extra: Option<Op>, full: &mut Vec<Arc<SessionHandle>>) -> Routed {
+        let msg = Arc::new(msg);
+        let replicated = self.broker.forward(&msg, Some(&self.control));
+        let (matched, ticket) = self.broker.publish_flow(msg, extra, full);
+        Routed { matched, ticket, replicated }
     }
 
     /// Waits until the subscribers whose queues a publish filled have room, each for at most

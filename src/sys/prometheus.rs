@@ -195,6 +195,35 @@ impl Collector for Snapshot {
                 m.encode_family(&[("bridge", name.as_str())])?.encode_gauge(&u64::from(*up))?;
             }
         }
+        if let Some(c) = &s.cluster {
+            gauge(
+                e,
+                "tern_cluster_connected",
+                "1 while this node is connected to NATS, else 0.",
+                u64::from(c.connected),
+            )?;
+            counter(e, "tern_cluster_forwarded", "Messages of this node's clients handed to NATS.", c.forwarded)?;
+            counter(e, "tern_cluster_received", "Messages from other nodes delivered here.", c.received)?;
+            counter(
+                e,
+                "tern_cluster_ack_failures",
+                "QoS 1/2 acknowledgements refused: JetStream did not take the message in time.",
+                c.ack_failures,
+            )?;
+            counter(
+                e,
+                "tern_cluster_publish_errors",
+                "QoS 0 messages or retained updates NATS could not take.",
+                c.publish_errors,
+            )?;
+            counter(e, "tern_cluster_takeovers", "Client ids this node took over from another node.", c.takeovers)?;
+            counter(
+                e,
+                "tern_cluster_claims_refused",
+                "CONNECTs refused (0x88/0x03): client id not claimable (busy, NATS unreachable, lost race).",
+                c.claims_refused,
+            )?;
+        }
         Ok(())
     }
 }

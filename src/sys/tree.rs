@@ -125,6 +125,15 @@ impl Tree {
         }
         put("tern/queued/messages", s.queued_messages.to_string());
         put("tern/queued/bytes", s.queued_bytes.to_string());
+        if let Some(c) = &s.cluster {
+            put("tern/cluster/state", if c.connected { "connected" } else { "disconnected" }.to_string());
+            put("tern/cluster/forwarded", c.forwarded.to_string());
+            put("tern/cluster/received", c.received.to_string());
+            put("tern/cluster/ack failures", c.ack_failures.to_string());
+            put("tern/cluster/publish errors", c.publish_errors.to_string());
+            put("tern/cluster/takeovers", c.takeovers.to_string());
+            put("tern/cluster/claims refused", c.claims_refused.to_string());
+        }
         v
     }
 

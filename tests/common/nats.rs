@@ -191,6 +191,19 @@ impl NatsCluster {
         self.wait_healthy_async().await;
     }
 
+    /// Starts every stopped server (same ports, same stores), then waits until all answer
+    /// healthy: a JetStream cluster whose servers all stopped is healthy only once a quorum
+    /// is back, so they cannot be restarted one by one with a wait after each.
+    pub async fn restart_all_async(&mut self) {
+        let bin = self.bin.clone();
+        for s in &mut self.servers {
+            if !s.running() {
+                s.spawn(&bin);
+            }
+        }
+        self.wait_healthy_async().await;
+    }
+
     /// Whether every running server is healthy; panics if one exited or `NATS_WAIT` passed.
     fn healthy_now(&mut self, t0: Instant) -> bool {
         for s in &mut self.servers {
