@@ -39,7 +39,9 @@ async fn takeover(v5: bool) {
     let id = if v5 { "mover-5" } else { "mover-311" };
     let connect = |id: &str| if v5 { Connect::v5(id) } else { Connect::v311(id) };
 
+    let t0 = Instant::now();
     let (mut first, _) = connect_with(nodes[0].addr(), &connect(id)).await;
+    eprintln!("first connect (v5: {v5}), free id: CONNECT to CONNACK in {:?}", t0.elapsed());
     first.subscribe(1, "fleet/cmd", 1).await;
     let t0 = Instant::now();
     let (mut second, ack) = connect_with(nodes[1].addr(), &connect(id)).await;
@@ -56,6 +58,7 @@ async fn takeover(v5: bool) {
     }
     assert!(t1.elapsed() < Duration::from_millis(200), "first client closed {:?} after the CONNACK", t1.elapsed());
     assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+    eprintln!("takeover (v5: {v5}): CONNECT to CONNACK on node 2 in {took:?}");
 
     second.subscribe(1, "fleet/cmd", 1).await;
     let mut publisher = connect_with(nodes[0].addr(), &connect("publisher")).await.0;

@@ -196,7 +196,8 @@ impl Owners {
     }
 
     /// Answers release requests until the NATS client is closed. Each is served on its own
-    /// task: waiting for one connection to stop must not hold up the others.
+    /// task: waiting for one connection to stop must not hold up the others. They are as many
+    /// as the other nodes' claims in progress, each bounded by its `max_pending_claims`.
     async fn serve(self: Arc<Self>, mut requests: async_nats::Subscriber) {
         while let Some(msg) = requests.next().await {
             let Some(reply) = msg.reply.clone() else { continue };
