@@ -427,6 +427,12 @@ impl ClusterOwners for Owners {
             return;
         }
         let Some(me) = self.me.upgrade() else { return };
+        // At shutdown every connection ends at once: its keys are left (a later claim asks
+        // this node, finds no one answering, and takes the id at once) rather than sent as
+        // one delete per client while the node is going away.
+        if self.broker.upgrade().is_none_or(|b| b.shutting_down()) {
+            return;
+        }
         let client_id = client_id.to_string();
         // Called from a connection's drop, which cannot wait: the delete goes on its own.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
