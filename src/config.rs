@@ -84,6 +84,11 @@ pub struct Cluster {
     /// then left, waits before JetStream gives it to another node's members.
     #[serde(default = "default_share_ack_wait_ms")]
     pub share_ack_wait_ms: u64,
+    /// CONNECTs whose client id is being claimed in the cluster at once; past it a CONNECT is
+    /// refused with 0x88 Server unavailable (3.1.1: 0x03), so that a reconnect storm cannot
+    /// pile up unbounded requests to NATS.
+    #[serde(default = "default_max_pending_claims")]
+    pub max_pending_claims: usize,
 }
 
 fn default_cluster_name() -> String {
@@ -94,6 +99,9 @@ fn default_ack_timeout_ms() -> u64 {
 }
 fn default_cluster_max_age_secs() -> u64 {
     24 * 3600
+}
+fn default_max_pending_claims() -> usize {
+    1024
 }
 fn default_cluster_max_bytes() -> i64 {
     256 << 20
@@ -119,6 +127,7 @@ impl Cluster {
             max_age_secs: default_cluster_max_age_secs(),
             max_bytes: default_cluster_max_bytes(),
             share_ack_wait_ms: default_share_ack_wait_ms(),
+            max_pending_claims: default_max_pending_claims(),
         }
     }
 
@@ -915,6 +924,9 @@ impl Config {
         if !(100..=600_000).contains(&c.share_ack_wait_ms) {
             return bad("cluster.share_ack_wait_ms", "must be 100 to 600000 milliseconds (default 5000)".into());
         }
+        if c.max_pending_claims == 0 {
+            return bad("cluster.max_pending_claims", "must be at least 1 (default 1024)".into());
+        }
         Ok(())
     }
 
@@ -1021,6 +1033,7 @@ mod tests {
         let ok = "[cluster]\nnats = [\"nats://127.0.0.1:4222\", \"nats://127.0.0.1:4223\"]\nnode = \"n1\"\n";
         let c = Config::from_toml(ok, "c.toml").unwrap().cluster.unwrap();
         assert_eq!((c.node.as_str(), c.name.as_str(), c.replicas(), c.ack_timeout_ms), ("n1", "tern", 2, 5000));
+        assert_eq!(c.max_pending_claims, 1024);
         for (text, key) in [
             ("[cluster]\nnats = []\nnode = \"n1\"\n", "cluster.nats"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n.1\"\n", "cluster.node"),
@@ -1028,6 +1041,10 @@ mod tests {
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nreplicas = 0\n", "cluster.replicas"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nuser = \"u\"\n", "cluster.password"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nack_timeout_ms = 0\n", "cluster.ack_timeout_ms"),
+            (
+                "[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nmax_pending_claims = 0\n",
+                "cluster.max_pending_claims",
+            ),
         ] {
             let err = Config::from_toml(text, "c.toml").unwrap_err().to_string();
             assert!(err.contains(key) && err.contains("c.toml"), "{key}: {err}");

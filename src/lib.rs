@@ -34,6 +34,11 @@ pub(crate) mod topics;
 pub mod fuzzing;
 
 pub use broker::RecoverySummary;
+// The cluster's ownership seam, for the cluster's tests.
+#[doc(hidden)]
+pub use broker::{ClusterOwners, Refused};
+#[doc(hidden)]
+pub use cluster::owners::{Owner, Owners, OwnersError};
 pub use config::Config;
 pub use link::local::{LocalClient, LocalError, LocalOptions, Received};
 pub use protocol::QoS;

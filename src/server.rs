@@ -112,6 +112,21 @@ impl BrokerHandle {
         crate::LocalClient::connect(&self.broker, opts)
     }
 
+    /// Makes this broker one node of a cluster's client id ownership (`cluster::owners`),
+    /// over a NATS connection the caller made. For tests of ownership alone.
+    #[doc(hidden)]
+    pub async fn start_cluster_owners(
+        &self,
+        client: async_nats::Client,
+        node: &str,
+        name: &str,
+        replicas: usize,
+        max_pending_claims: usize,
+    ) -> Result<Arc<crate::cluster::owners::Owners>, crate::cluster::owners::OwnersError> {
+        let js = async_nats::jetstream::new(client.clone());
+        crate::cluster::owners::Owners::start(client, js, node, name, replicas, max_pending_claims, &self.broker).await
+    }
+
     /// Retained messages held (in memory or only indexed), but for the `$SYS` tree.
     pub fn retained_count(&self) -> usize {
         self.broker.app_retained_count()

@@ -130,3 +130,25 @@ async fn overlapping_filters_of_one_subscribe_get_each_retained_message_once() {
     got.sort();
     assert_eq!(got, vec!["r/1", "r/2", "r/3"]);
 }
+
+/// The first filter's retained messages are gathered without an index (one filter matches
+/// each topic once); a later filter must still find them, merge, and raise their QoS.
+#[tokio::test]
+async fn a_later_filter_raises_the_qos_of_retained_messages_an_earlier_one_matched() {
+    let b = start().await;
+    let mut p = connect_v311(b.addr, "ret-pub2").await;
+    for t in ["r/1", "r/2", "s/1"] {
+        p.publish_retain(t, t.as_bytes(), 1, 1, true).await;
+    }
+    let mut s = connect_v311(b.addr, "ret-sub2").await;
+    assert_eq!(s.subscribe_many(1, &[("r/+", 0), ("#", 1)]).await, vec![0, 1]);
+    let mut got = Vec::new();
+    while let Event::Packet(pk) = s.next_event(QUIET).await {
+        let m = parse_publish(&pk, false);
+        assert_eq!(m.qos, 1, "{}: highest QoS of the matching filters", m.topic);
+        s.ack(&m).await;
+        got.push(m.topic);
+    }
+    got.sort();
+    assert_eq!(got, vec!["r/1", "r/2", "s/1"]);
+}

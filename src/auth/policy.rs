@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -85,6 +86,10 @@ pub struct FilePolicy {
     /// Shared with the SCRAM method, which must see the same users.
     passwords: Arc<ArcSwapOption<PasswordFile>>,
     acl: ArcSwapOption<Acl>,
+    /// Whether `acl` holds rules: without an ACL file (the usual case) the per-delivery
+    /// `may_receive` answers from this plain load instead of an `ArcSwap` load (~75
+    /// instructions per delivery in a fan-out profile).
+    has_acl: AtomicBool,
     /// Password hashing is slow and memory-hungry on purpose; a CONNECT flood queues here.
     checks: tokio::sync::Semaphore,
 }
@@ -98,6 +103,7 @@ impl FilePolicy {
             acl_path: config.auth.acl_file.clone(),
             passwords: Arc::new(ArcSwapOption::empty()),
             acl: ArcSwapOption::empty(),
+            has_acl: AtomicBool::new(false),
             checks: tokio::sync::Semaphore::new(config.auth.max_concurrent_password_checks),
         };
         policy.read_files()?;
@@ -114,6 +120,8 @@ impl FilePolicy {
         let passwords = self.password_path.as_deref().map(PasswordFile::load).transpose()?;
         let acl = self.acl_path.as_deref().map(Acl::load).transpose()?;
         self.passwords.store(passwords.map(Arc::new));
+        // A delivery racing a reload sees the old rules or the new ones, as before.
+        self.has_acl.store(acl.is_some(), Ordering::Release);
         self.acl.store(acl.map(Arc::new));
         Ok(())
     }
@@ -164,6 +172,9 @@ impl Policy for FilePolicy {
     }
 
     fn may_receive(&self, who: &Principal, topic: &str) -> bool {
+        if !self.has_acl.load(Ordering::Acquire) {
+            return true;
+        }
         match &*self.acl.load() {
             None => true,
             Some(acl) => acl.may_receive(who.username.as_deref(), &who.client_id, topic),

@@ -142,6 +142,11 @@ pub struct ClusterMetrics {
     pub ack_failures: AtomicU64,
     /// QoS 0 messages or retained updates NATS could not take (lost for other nodes).
     pub publish_errors: AtomicU64,
+    /// Client ids this node took over from another node (its client closed with 0x8E).
+    pub takeovers: AtomicU64,
+    /// CONNECTs refused because their client id could not be claimed (too many claims at
+    /// once, NATS unreachable, or lost to another node's claim).
+    pub claims_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -267,6 +272,8 @@ pub struct ClusterStats {
     pub received: u64,
     pub ack_failures: u64,
     pub publish_errors: u64,
+    pub takeovers: u64,
+    pub claims_refused: u64,
 }
 
 impl Stats {
@@ -310,6 +317,8 @@ impl Broker {
                 received: load(&m.cluster.received),
                 ack_failures: load(&m.cluster.ack_failures),
                 publish_errors: load(&m.cluster.publish_errors),
+                takeovers: load(&m.cluster.takeovers),
+                claims_refused: load(&m.cluster.claims_refused),
             }),
             ..Stats::default()
         };

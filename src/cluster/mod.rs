@@ -14,9 +14,10 @@
 //!
 //! Drives the broker through its cluster seam (`broker::ClusterRoutes`); the broker knows
 //! nothing of NATS. Knows nothing of sockets or MQTT packets. Client-id ownership across
-//! nodes is not here (`owners`, built beside it).
+//! nodes is `owners`: a JetStream key-value bucket written by compare-and-set.
 
 mod inbound;
+pub mod owners;
 mod routes;
 mod shares;
 pub(crate) mod subject;
@@ -81,6 +82,19 @@ pub async fn start(broker: &Arc<Broker>, cfg: &ClusterConfig) {
     let node_consumer = retry("node consumer set-up", || node_consumer(&msgs, &names)).await;
     inbound::load_retained(broker, retained, &names).await;
     tokio::spawn(inbound::follow_messages(Arc::downgrade(broker), node_consumer, Arc::clone(&names)));
+    // Before any client is accepted: every CONNECT claims its client id from now on.
+    retry("client id owners set-up", || {
+        owners::Owners::start(
+            client.clone(),
+            js.clone(),
+            &cfg.node,
+            &cfg.name,
+            cfg.replicas(),
+            cfg.max_pending_claims,
+            broker,
+        )
+    })
+    .await;
     let routes = routes::Routes::start(broker, client, js, cfg, names);
     if broker.install_cluster(routes).is_err() {
         warn!("cluster routes were already installed; the second start is ignored");

@@ -160,6 +160,18 @@ impl Conn {
                 failure = Some(refuse(reason::v3::NOT_AUTHORIZED, reason::QUOTA_EXCEEDED));
             }
         }
+        // In a cluster, the id must be this node's before its session is touched: another
+        // node serving it is told to let go first (its client gets 0x8E).
+        let mut claim = 0;
+        if let (None, Some(owners)) = (failure, broker.owners()) {
+            match owners.claim(&client_id).await {
+                Ok(nonce) => claim = nonce,
+                Err(why) => {
+                    info!(client_id = %client_id, %peer, ?why, "client id not claimed in the cluster");
+                    failure = Some(refuse(reason::v3::SERVER_UNAVAILABLE, reason::SERVER_UNAVAILABLE));
+                }
+            }
+        }
         if let Some(code) = failure {
             info!(client_id = %c.client_id, %peer, transport = info.kind.name(), protocol = v.name(), code, "connection refused");
             let mut w = BytesMut::new();
@@ -202,6 +214,15 @@ impl Conn {
             stored_will.as_ref().map(|(m, d)| (&**m, *d, &*principal)),
         );
         let session_present = attached.session_present;
+        if let (true, Some(owners)) = (claim != 0, broker.owners()) {
+            // Another node asked for the id between the claim and the attach: it found no
+            // connection to close then, so this one closes itself (the owners hook marks the
+            // claim before it looks for a connection, and the attach set the connection
+            // before this looks at the claim: one of the two sees the other).
+            if !owners.holds(&client_id, claim) {
+                attached.control.kick(reason::SESSION_TAKEN_OVER);
+            }
+        }
 
         let mut keep_alive = c.keep_alive;
         let mut props = Properties::default();
@@ -289,6 +310,7 @@ impl Conn {
             flow: None,
             broken_stream: false,
             paused: false,
+            claim,
         };
         // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
         let session_present = session_present && v != ProtocolVersion::V31;

@@ -27,6 +27,14 @@ impl Conn {
             if let Some(close) = self.unexpected_packet_type(first) {
                 return Err(close);
             }
+            // Handled as `Packet::PubAck` below would be (an acknowledgement is never put
+            // aside), without the `Packet`.
+            if let Some(id) = protocol::bare_puback(&self.rbuf).filter(|_| max >= 4) {
+                bytes::Buf::advance(&mut self.rbuf, 4);
+                *packets += 1;
+                Self::check_ack(self.link.puback(id), "PUBACK")?;
+                continue;
+            }
             let before = self.rbuf.len();
             match protocol::decode(&mut self.rbuf, Some(self.version), max) {
                 Ok(Some(p)) => {

@@ -257,6 +257,9 @@ struct Conn {
     /// packets may wait in `rbuf`, and the keep-alive is not watched (the client's silence
     /// is ours).
     paused: bool,
+    /// The cluster claim of this connection's client id (`ClusterOwners`), given back when
+    /// the connection is dropped, after its session is detached; 0 = none (a single node).
+    claim: u64,
 }
 
 /// An acknowledgement waiting for a store ticket, and retained messages to queue after it
@@ -608,6 +611,11 @@ impl Drop for Conn {
         }
         if self.paused {
             self.link.broker.metrics.inputs_paused.fetch_sub(1, Ordering::Relaxed);
+        }
+        // Here rather than in `finish`, so that a connection that never gets there (its
+        // task dropped) still gives its claim back: the id must not look served for ever.
+        if let (true, Some(owners)) = (self.claim != 0, self.link.broker.owners()) {
+            owners.released(self.link.client_id(), self.claim);
         }
     }
 }

@@ -102,6 +102,10 @@ pub struct Qos2Received {
 #[derive(Default)]
 pub struct RetainedCollector {
     batch: RetainedBatch,
+    /// Where each topic sits in the batch, built only once a second filter adds messages:
+    /// one filter matches each retained topic once, so a one-filter SUBSCRIBE (the usual
+    /// kind, and `#` over 100,000 retained messages hashes every topic) needs no index.
+    indexed: bool,
     loaded: HashMap<ByteString, usize>,
     stored: HashMap<ByteString, usize>,
     /// Filters matched so far, with the QoS they were matched at.
@@ -133,8 +137,20 @@ impl RetainedCollector {
             }
             return;
         }
+        let first = self.matched.is_empty();
         self.matched.insert(ByteString::from(filter), qos);
         let matches = broker.retained_matches(filter);
+        if first {
+            self.batch.loaded.extend(matches.loaded.into_iter().map(|m| (m, qos)));
+            self.batch.stored.extend(matches.stored.into_iter().map(|t| (t, qos)));
+            return;
+        }
+        if !self.indexed {
+            self.indexed = true;
+            let b = &self.batch;
+            self.loaded.extend(b.loaded.iter().enumerate().map(|(i, (m, _))| (m.topic.clone(), i)));
+            self.stored.extend(b.stored.iter().enumerate().map(|(i, (t, _))| (t.clone(), i)));
+        }
         for m in matches.loaded {
             match self.loaded.get(&m.topic) {
                 Some(&i) => self.batch.loaded[i].1 = self.batch.loaded[i].1.max(qos),

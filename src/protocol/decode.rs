@@ -114,6 +114,18 @@ pub fn decode(
     Ok(Some(packet))
 }
 
+/// The packet id of a bare PUBACK at the front of `buf` (fixed header `40 02`, a non-zero
+/// id, no reason code or properties): how nearly every QoS 1 delivery is acknowledged, in
+/// 3.1.1 and 5.0 alike. Read without building a `Packet` (v5 properties inline make it
+/// several hundred bytes): `decode` spent ~750 instructions on each such PUBACK, moving and
+/// dropping it. Anything else, a malformed one included, is left to `decode`.
+pub fn bare_puback(buf: &[u8]) -> Option<u16> {
+    match *buf {
+        [0x40, 0x02, hi, lo, ..] if (hi, lo) != (0, 0) => Some(u16::from_be_bytes([hi, lo])),
+        _ => None,
+    }
+}
+
 fn decode_after_connect(kind: u8, flags: u8, r: Reader, v: ProtocolVersion) -> Result<Packet, DecodeError> {
     Ok(match kind {
         2 => Packet::ConnAck(body::connack(r, v)?),

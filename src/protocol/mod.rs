@@ -16,6 +16,6 @@ pub mod topic;
 #[cfg(test)]
 mod tests;
 
-pub use decode::{decode, DecodeError};
+pub use decode::{bare_puback, decode, DecodeError};
 pub use encode::{encode, encode_property_list, encoded_len, PublishOut};
 pub use packet::*;

@@ -676,3 +676,24 @@ fn a_bridge_connect_sets_the_top_bit_of_the_level_and_decodes_back() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The connection's shortcut for bare PUBACKs takes exactly what `decode` reads as a PUBACK
+/// with only a packet id, and leaves everything else (errors included) to `decode`.
+#[test]
+fn bare_puback_is_what_decode_reads_as_a_plain_puback() {
+    for v in [ProtocolVersion::V311, ProtocolVersion::V5] {
+        let mut buf = BytesMut::from(&[0x40, 0x02, 0x01, 0x02][..]);
+        assert_eq!(bare_puback(&buf), Some(0x0102));
+        let Ok(Some(Packet::PubAck(r))) = decode(&mut buf, Some(v), 1024) else { panic!("a PUBACK") };
+        assert_eq!((r.packet_id, r.reason), (0x0102, 0));
+    }
+    for bytes in [
+        &[0x40, 0x02, 0x00, 0x00][..],       // packet id 0: decode's protocol error
+        &[0x40, 0x03, 0x00, 0x05, 0x10][..], // v5 reason code
+        &[0x42, 0x02, 0x00, 0x05][..],       // flags set
+        &[0x50, 0x02, 0x00, 0x05][..],       // PUBREC
+        &[0x40, 0x02, 0x00][..],             // incomplete
+    ] {
+        assert_eq!(bare_puback(bytes), None, "{bytes:02x?}");
+    }
+}

@@ -211,7 +211,16 @@ impl SessionState {
             && !(self.queued_bytes > budget::FREE && self.limits.budget.as_ref().is_some_and(|b| b.full()))
     }
 
+    /// After every push and pop. Inline for the usual case: a queue under its free part with
+    /// nothing boxed has nothing to count against the budget and nothing to tidy.
+    #[inline]
     fn held_changed(&mut self) {
+        if self.lazy.is_some() || self.queued_bytes > budget::FREE {
+            self.held_changed_slow();
+        }
+    }
+
+    fn held_changed_slow(&mut self) {
         if let Some(b) = &self.limits.budget {
             if self.queued_bytes > budget::FREE || self.lazy.as_ref().is_some_and(|l| !l.reservation.is_zero()) {
                 let l = self.lazy.get_or_insert_with(Default::default);

@@ -216,6 +216,13 @@ impl Collector for Snapshot {
                 "QoS 0 messages or retained updates NATS could not take.",
                 c.publish_errors,
             )?;
+            counter(e, "tern_cluster_takeovers", "Client ids this node took over from another node.", c.takeovers)?;
+            counter(
+                e,
+                "tern_cluster_claims_refused",
+                "CONNECTs refused (0x88/0x03): client id not claimable (busy, NATS unreachable, lost race).",
+                c.claims_refused,
+            )?;
         }
         Ok(())
     }

@@ -131,6 +131,8 @@ impl Tree {
             put("tern/cluster/received", c.received.to_string());
             put("tern/cluster/ack failures", c.ack_failures.to_string());
             put("tern/cluster/publish errors", c.publish_errors.to_string());
+            put("tern/cluster/takeovers", c.takeovers.to_string());
+            put("tern/cluster/claims refused", c.claims_refused.to_string());
         }
         v
     }

@@ -17,7 +17,7 @@ mod subscriptions;
 use children::Children;
 
 pub use retained::RetainedTrie;
-pub use subscriptions::{Entry, Subscriber, SubscriptionTrie};
+pub use subscriptions::{Entry, Match, Subscriber, SubscriptionTrie};
 
 /// Splits off the first level of a topic or filter: `a/b/c` -> (`a`, Some(`b/c`)),
 /// `a` -> (`a`, None), `a/` -> (`a`, Some(``)).

@@ -55,13 +55,29 @@ impl<T: Subscriber> Stored<T> {
     }
 
     #[inline]
-    fn entry(&self, share: Option<&ByteString>) -> Entry<T> {
+    fn lend<'a>(&'a self, share: Option<&'a ByteString>) -> Match<'a, T> {
+        Match { target: &self.target, options: self.options, subscription_id: self.subscription_id, share }
+    }
+}
+
+/// One subscription matching a topic, borrowed from the trie (`visit_matches`).
+pub struct Match<'a, T> {
+    pub target: &'a T,
+    pub options: SubscriptionOptions,
+    pub subscription_id: Option<NonZeroU32>,
+    /// The full `$share/group/filter` of a shared subscription; None for a plain one.
+    pub share: Option<&'a ByteString>,
+}
+
+impl<T: Subscriber> Match<'_, T> {
+    /// An owned copy.
+    pub fn entry(&self) -> Entry<T> {
         Entry {
-            client: self.client().clone(),
+            client: self.target.client().clone(),
             target: self.target.clone(),
             options: self.options,
             subscription_id: self.subscription_id.map(NonZeroU32::get),
-            share: share.cloned(),
+            share: self.share.cloned(),
         }
     }
 }
@@ -350,7 +366,15 @@ impl<T: Subscriber> SubscriptionTrie<T> {
 
     /// Every subscription matching `topic`: all non-shared ones, and one member of each shared
     /// group (round-robin). A client may appear several times; merging is the caller's choice.
+    /// Owned copies, for tests; the broker borrows with `visit_matches`.
+    #[cfg(test)]
     pub fn matches(&self, topic: &str, out: &mut Vec<Entry<T>>) {
+        self.visit_matches(topic, |m| out.push(m.entry()));
+    }
+
+    /// `matches` without copies: each matching subscription is lent to `f`, which takes only
+    /// what it needs (the publish path keeps a target and its options, not client names).
+    pub fn visit_matches<'a>(&'a self, topic: &str, mut f: impl FnMut(Match<'a, T>)) {
         // [MQTT-4.7.2-1] a leading wildcard never matches a topic starting with '$'.
         let dollar = topic.starts_with('$');
         // Depth first with the pending branches on the heap; `+` is pushed last so it is
@@ -361,11 +385,11 @@ impl<T: Subscriber> SubscriptionTrie<T> {
             if wildcards {
                 // `a/#` also matches `a` itself [MQTT-4.7.1-2].
                 if let Some(hash) = node.children.get("#") {
-                    push_node(hash, out);
+                    visit_node(hash, &mut f);
                 }
             }
             let Some(s) = rest else {
-                push_node(node, out);
+                visit_node(node, &mut f);
                 continue;
             };
             let (head, tail) = split_level(s);
@@ -382,7 +406,7 @@ impl<T: Subscriber> SubscriptionTrie<T> {
 
     /// One member of the shared group `group` on `filter` (round-robin, as `matches` picks
     /// one): a cluster hands this node a group's message to deliver to one of its members.
-    pub fn pick_shared(&self, filter: &str, group: &str) -> Option<Entry<T>> {
+    pub fn pick_shared(&self, filter: &str, group: &str) -> Option<Match<'_, T>> {
         let mut node = &self.root;
         let mut rest = Some(filter);
         while let Some(s) = rest {
@@ -397,7 +421,7 @@ impl<T: Subscriber> SubscriptionTrie<T> {
             return None;
         }
         let i = g.next.fetch_add(1, Ordering::Relaxed) % members.len();
-        members.get(i).map(|m| m.entry(Some(&g.share)))
+        members.get(i).map(|m| m.lend(Some(&g.share)))
     }
 
     /// Every member of the shared group `group` on `filter`, so a message left
@@ -415,29 +439,31 @@ impl<T: Subscriber> SubscriptionTrie<T> {
         }
         let Subscribers::Many(crowd) = &node.subscribers else { return Vec::new() };
         match crowd.shared.iter().find(|g| &*g.name == group) {
-            Some(g) => g.members.list.iter().map(|m| m.entry(Some(&g.share))).collect(),
+            Some(g) => g.members.list.iter().map(|m| m.lend(Some(&g.share)).entry()).collect(),
             None => Vec::new(),
         }
     }
 }
 
-fn push_node<T: Subscriber>(node: &Node<T>, out: &mut Vec<Entry<T>>) {
+fn visit_node<'a, T: Subscriber>(node: &'a Node<T>, f: &mut impl FnMut(Match<'a, T>)) {
     let crowd = match &node.subscribers {
         Subscribers::None => return,
         Subscribers::One(one) => {
-            out.push(one.entry(None));
+            f(one.lend(None));
             return;
         }
         Subscribers::Many(crowd) => crowd,
     };
-    out.extend(crowd.plain.list.iter().map(|s| s.entry(None)));
+    crowd.plain.list.iter().for_each(|s| f(s.lend(None)));
     for g in &crowd.shared {
         let members = &g.members.list;
         if members.is_empty() {
             continue;
         }
         let i = g.next.fetch_add(1, Ordering::Relaxed) % members.len();
-        out.extend(members.get(i).map(|m| m.entry(Some(&g.share))));
+        if let Some(m) = members.get(i) {
+            f(m.lend(Some(&g.share)));
+        }
     }
 }
 
@@ -600,7 +626,7 @@ mod tests {
             (0..4).filter_map(|_| t.pick_shared("s/#", "g")).map(|e| e.client.to_string()).collect();
         assert_eq!(picks.iter().filter(|c| *c == "a").count(), 2, "{picks:?}");
         assert_eq!(picks.iter().filter(|c| *c == "b").count(), 2, "{picks:?}");
-        let e = t.pick_shared("s/#", "h").expect("member of h");
+        let e = t.pick_shared("s/#", "h").expect("member of h").entry();
         assert_eq!((&*e.client, e.share.as_deref()), ("c", Some("$share/h/s/#")));
         assert!(t.pick_shared("s/+", "g").is_none());
     }

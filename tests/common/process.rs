@@ -95,8 +95,11 @@ impl TernProcess {
     }
 
     /// Whether the port accepts a connection now.
+    /// A connection to our own port from an ephemeral port that happens to be the same one
+    /// is the kernel's TCP simultaneous open: it "succeeds" with nobody listening (a few
+    /// percent of runs of a long start-up's polling), so it does not count.
     pub fn accepts(&self) -> bool {
-        TcpStream::connect_timeout(&self.addr(), CONNECT_WAIT).is_ok()
+        TcpStream::connect_timeout(&self.addr(), CONNECT_WAIT).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
     }
 
     /// Starts the process and waits until its port accepts connections.
@@ -115,7 +118,7 @@ impl TernProcess {
         let t0 = Instant::now();
         while !matches!(
             tokio::time::timeout(CONNECT_WAIT, tokio::net::TcpStream::connect(self.addr())).await,
-            Ok(Ok(_))
+            Ok(Ok(s)) if s.local_addr().ok() != s.peer_addr().ok()
         ) {
             self.still_starting(t0);
             tokio::time::sleep(POLL).await;

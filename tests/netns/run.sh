@@ -28,6 +28,12 @@
 #     and is started again on the same data directory; the publisher (a persistent session)
 #     reconnects and sends again what was not acknowledged. Every acknowledged number must
 #     reach the subscriber, and in the end all N must have been acknowledged.
+#   cluster-partition: tern nodes n1 (in A) and n2 (in B, with three nats-servers forming one
+#     JetStream cluster) of one tern cluster; a QoS 1 publisher on n1, a persistent subscriber
+#     on n2. The link is cut for 6.5 s: once n1's ack timeout (2 s) has passed, no success
+#     PUBACK may reach the publisher until the link is back (n1 answers 0x80: it cannot
+#     replicate); afterwards n1 acknowledges again, and every acknowledged number reaches n2's
+#     subscriber. Needs nats-server (Debian package).
 # Every wait polls with a deadline. Namespaces, qdiscs and processes are removed on exit; the
 # brokers' logs are printed when a scenario fails. The last line is `netns: N passed, M
 # failed`. Needs root, iproute2 (ip, tc) and python3 with paho-mqtt 2.x. Without `ip netns`
@@ -45,7 +51,7 @@ TERN_BIN=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 HERE=$(cd "$(dirname "$0")" && pwd)
 COUNT=${NETNS_COUNT:-3000}
 RATE=${NETNS_RATE:-200}
-SCENARIOS=${NETNS_SCENARIOS:-linkcut-v5 linkcut-v311 kill9-v5 kill9-v311}
+SCENARIOS=${NETNS_SCENARIOS:-linkcut-v5 linkcut-v311 kill9-v5 kill9-v311 cluster-partition}
 export PATH="$PATH:/usr/sbin:/sbin"
 START=$SECONDS
 
@@ -337,13 +343,102 @@ kill9() {
     return $ok
 }
 
+# --- cluster: a tern node cut off from NATS stops acknowledging ------------------------------
+# Three nats-servers (one JetStream cluster) and tern node n2 in B, tern node n1 in A: n1
+# reaches NATS only across the link. A persistent subscriber on n2, a QoS 1 publisher on n1.
+# Cut the link: within n1's `cluster.ack_timeout_ms` (2 s here) n1 stops giving success
+# PUBACKs (it answers 0x80, as when its store fails) instead of acknowledging what it could not
+# replicate; restored, it acknowledges again; every number acknowledged reaches n2's subscriber.
+ACK_TIMEOUT_MS=2000
+start_nats() {
+    local i routes="nats-route://$ADDR_B:16221, nats-route://$ADDR_B:16222, nats-route://$ADDR_B:16223"
+    NATS_URLS="\"nats://$ADDR_B:14221\", \"nats://$ADDR_B:14222\", \"nats://$ADDR_B:14223\""
+    for i in 1 2 3; do
+        cat >"$DIR/nats$i.conf" <<EOF
+server_name: nats$i
+listen: $ADDR_B:1422$i
+http: 127.0.0.1:1822$i
+jetstream { store_dir: "$DIR/nats$i", max_memory_store: 64MB, max_file_store: 1GB }
+cluster { name: netns, listen: $ADDR_B:1622$i, routes: [$routes] }
+EOF
+        in_ns "$NS_B" "$DIR/nats$i.log" nats-server -c "$DIR/nats$i.conf"
+    done
+    for i in 1 2 3; do
+        wait_for 30 "nats$i healthy" ip netns exec "$NS_B" python3 -c \
+            "import urllib.request; urllib.request.urlopen('http://127.0.0.1:1822$i/healthz', timeout=1)" 2>/dev/null || return 1
+    done
+}
+cluster_node() { # NAME BIND
+    cat >"$DIR/$1.toml" <<EOF
+[[listener]]
+bind = "$2:1883"
+
+[storage]
+dir = "$DIR/$1-data"
+
+[auth]
+allow_anonymous = true
+
+[cluster]
+nats = [$NATS_URLS]
+node = "$1"
+ack_timeout_ms = $ACK_TIMEOUT_MS
+EOF
+}
+partition() {
+    DIR=$WORK/$SCENARIO
+    mkdir -p "$DIR"
+    command -v nats-server >/dev/null 2>&1 || { echo "  nats-server not installed (apt-get install nats-server)"; return 1; }
+    start_nats || return 1
+    cluster_node n2 "$ADDR_B"
+    cluster_node n1 127.0.0.1
+    in_ns "$NS_B" "$DIR/n2.log" env NO_COLOR=1 RUST_LOG=info "$TERN_BIN" -c "$DIR/n2.toml"
+    ip netns exec "$NS_B" python3 "$HERE/netns.py" wait-ready --host "$ADDR_B" --pid "$LAST_PID" --timeout 30 || return 1
+    in_ns "$NS_B" "$DIR/clients.log" python3 "$HERE/netns.py" sub --host "$ADDR_B" --id "netns-sub-$SCENARIO" \
+        --topic 'out/#' --out "$DIR/received" --ready "$DIR/sub.ready"
+    wait_for 20 "the subscriber" test -e "$DIR/sub.ready" || return 1
+    in_ns "$NS_A" "$DIR/n1.log" env NO_COLOR=1 RUST_LOG=info "$TERN_BIN" -c "$DIR/n1.toml"
+    ip netns exec "$NS_A" python3 "$HERE/netns.py" wait-ready --host 127.0.0.1 --pid "$LAST_PID" --timeout 30 || return 1
+    local count=$((RATE * 10))
+    in_ns "$NS_A" "$DIR/clients.log" python3 "$HERE/netns.py" pub --host 127.0.0.1 --id "netns-pub-$SCENARIO" \
+        --topic "out/$SCENARIO" --count "$count" --rate "$RATE" --acked "$DIR/acked" --timeout 90 --allow-refused
+    PUB_PID=$LAST_PID
+    wait_for 30 "a fifth of the messages at n2's subscriber" at_least "$DIR/received" $((count / 5)) || return 1
+    local acked_cut acked_settled acked_restore acked_end ok=0
+    cut_link || return 1
+    acked_cut=$(lines "$DIR/acked")
+    # What n1 had replicated before the cut may still be acknowledged within the timeout.
+    sleep "$(python3 -c "print($ACK_TIMEOUT_MS / 1000 + 0.5)")"
+    acked_settled=$(lines "$DIR/acked")
+    sleep 4
+    acked_restore=$(lines "$DIR/acked")
+    restore_link
+    echo "  link cut with $acked_cut acknowledged; $acked_settled once n1's ack timeout had passed; $acked_restore when restored 4 s later"
+    if [ "$acked_restore" -ne "$acked_settled" ]; then
+        echo "  n1 acknowledged $((acked_restore - acked_settled)) messages while cut off from NATS"
+        ok=1
+    fi
+    publisher_done || ok=1
+    sed 's/^/  /' "$DIR/clients.log" | grep -E '^  pub:' || true
+    acked_end=$(lines "$DIR/acked")
+    if [ "$acked_end" -le "$acked_restore" ]; then
+        echo "  n1 did not acknowledge again after the link came back ($acked_end acknowledged in all)"
+        ok=1
+    fi
+    ip netns exec "$NS_B" python3 "$HERE/netns.py" check --received "$DIR/received" --acked "$DIR/acked" \
+        --count "$count" --timeout 60 --summary "$DIR/summary.txt" | sed 's/^/  /'
+    [ "${PIPESTATUS[0]}" -eq 0 ] || ok=1
+    FIGURE="$(summary_of "$DIR/summary.txt"); acknowledged: $acked_cut at the cut, $acked_settled after ${ACK_TIMEOUT_MS} ms, $acked_restore at the restore, $acked_end in the end"
+    return $ok
+}
+
 summary_of() {
     if [ -s "$1" ]; then cat "$1"; else echo "no figures"; fi
 }
 
 show_logs() {
     local f
-    for f in "$DIR/site.log" "$DIR/cloud.log" "$DIR/clients.log"; do
+    for f in "$DIR/site.log" "$DIR/cloud.log" "$DIR/n1.log" "$DIR/n2.log" "$DIR/clients.log"; do
         [ -f "$f" ] || continue
         echo "  --- $(basename "$f") (last 60 lines)"
         tail -n 60 "$f" | sed 's/^/  | /'
@@ -360,6 +455,7 @@ for SCENARIO in $SCENARIOS; do
     linkcut-v311) linkcut v311 || status=1 ;;
     kill9-v5) kill9 v5 || status=1 ;;
     kill9-v311) kill9 v311 || status=1 ;;
+    cluster-partition) partition || status=1 ;;
     *)
         echo "  unknown scenario"
         status=1
