@@ -623,7 +623,7 @@ mod tests {
         t.subscribe("s/#", Some("g"), entry("b", QoS::AtMostOnce));
         t.subscribe("s/#", Some("h"), entry("c", QoS::AtMostOnce));
         let picks: Vec<String> =
-            (0..4).filter_map(|_| t.pick_shared("s/#", "g")).map(|e| e.client.to_string()).collect();
+            (0..4).filter_map(|_| t.pick_shared("s/#", "g")).map(|m| m.entry().client.to_string()).collect();
         assert_eq!(picks.iter().filter(|c| *c == "a").count(), 2, "{picks:?}");
         assert_eq!(picks.iter().filter(|c| *c == "b").count(), 2, "{picks:?}");
         let e = t.pick_shared("s/#", "h").expect("member of h").entry();
