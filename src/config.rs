@@ -84,6 +84,13 @@ pub struct Cluster {
     /// then left, waits before JetStream gives it to another node's members.
     #[serde(default = "default_share_ack_wait_ms")]
     pub share_ack_wait_ms: u64,
+    /// How often this node tells the others it is alive (a key in `<name>_nodes`).
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// A node whose heartbeat has not changed for this long is dead: another node
+    /// publishes its clients' wills.
+    #[serde(default = "default_node_timeout_ms")]
+    pub node_timeout_ms: u64,
     /// CONNECTs whose client id is being claimed in the cluster at once; past it a CONNECT is
     /// refused with 0x88 Server unavailable (3.1.1: 0x03), so that a reconnect storm cannot
     /// pile up unbounded requests to NATS.
@@ -109,6 +116,12 @@ fn default_cluster_max_bytes() -> i64 {
 fn default_share_ack_wait_ms() -> u64 {
     5_000
 }
+fn default_heartbeat_ms() -> u64 {
+    1_000
+}
+fn default_node_timeout_ms() -> u64 {
+    5_000
+}
 
 impl Cluster {
     /// `[cluster]` with `nats` and `node` and every other key at its default.
@@ -127,6 +140,8 @@ impl Cluster {
             max_age_secs: default_cluster_max_age_secs(),
             max_bytes: default_cluster_max_bytes(),
             share_ack_wait_ms: default_share_ack_wait_ms(),
+            heartbeat_ms: default_heartbeat_ms(),
+            node_timeout_ms: default_node_timeout_ms(),
             max_pending_claims: default_max_pending_claims(),
         }
     }
@@ -923,6 +938,15 @@ impl Config {
         }
         if !(100..=600_000).contains(&c.share_ack_wait_ms) {
             return bad("cluster.share_ack_wait_ms", "must be 100 to 600000 milliseconds (default 5000)".into());
+        }
+        if !(100..=60_000).contains(&c.heartbeat_ms) {
+            return bad("cluster.heartbeat_ms", "must be 100 to 60000 milliseconds (default 1000)".into());
+        }
+        if c.node_timeout_ms < 2 * c.heartbeat_ms || c.node_timeout_ms > 3_600_000 {
+            return bad(
+                "cluster.node_timeout_ms",
+                "must be at least twice cluster.heartbeat_ms and at most 3600000 (default 5000)".into(),
+            );
         }
         if c.max_pending_claims == 0 {
             return bad("cluster.max_pending_claims", "must be at least 1 (default 1024)".into());

@@ -17,12 +17,17 @@ const CROSS: Duration = Duration::from_secs(15);
 
 /// Three tern nodes `n1..n3` on `nats`; node i lists the NATS urls `urls(i)`.
 async fn nodes(name: &str, urls: impl Fn(usize) -> Vec<String>) -> Vec<TernProcess> {
+    nodes_with(name, urls, "").await
+}
+
+/// `nodes` with more `[cluster]` keys.
+async fn nodes_with(name: &str, urls: impl Fn(usize) -> Vec<String>, extra: &str) -> Vec<TernProcess> {
     let mut out = Vec::new();
     for i in 0..3 {
         let list: Vec<String> = urls(i).iter().map(|u| format!("\"{u}\"")).collect();
         let mut t = TernProcess::with_config(&format!(
             "\n[cluster]\nnats = [{}]\nnode = \"n{}\"\nname = \"{name}\"\nack_timeout_ms = 2000\n\
-             replicas = 3\nmax_bytes = 67108864\n",
+             replicas = 3\nmax_bytes = 67108864\n{extra}",
             list.join(", "),
             i + 1
         ));
@@ -501,5 +506,64 @@ async fn shared_subscription_members_on_different_nodes_share_the_load() {
     let c = counts(&union);
     assert!((0..100).all(|i| c.get(&format!("c{i}")) == Some(&1)), "after node 2's member left: {c:?}");
     eprintln!("after the leave (node 1, node 3): {:?}", got.iter().map(|g| tally(g, "c")).collect::<Vec<_>>());
+    drop(tern);
+}
+
+/// Reads `sub` until `payload` has arrived, then for `settle` more: how many times it came.
+async fn times_received(sub: &mut Raw, payload: &str, limit: Duration, settle: Duration) -> usize {
+    let got = collect(sub, true, limit, |g| has(g, payload)).await;
+    let mut n = counts(&got).get(payload).copied().unwrap_or(0);
+    let end = Instant::now() + settle;
+    while let Some(m) = next_pub(sub, true, end.saturating_duration_since(Instant::now())).await {
+        n += usize::from(m.payload == payload.as_bytes());
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills_are_published_once_by_whichever_node_sees_the_end() {
+    let Some(nats) = NatsCluster::start(3) else { return };
+    let urls = nats.urls();
+    let mut tern =
+        nodes_with("wills", |i| vec![urls[i].clone()], "heartbeat_ms = 300\nnode_timeout_ms = 2000\n").await;
+    let (a1, a2) = (tern[0].addr(), tern[1].addr());
+    let mut sub = subscriber(a2, "watcher", true, &[("will/#", 1)]).await;
+    let settle = Duration::from_secs(2);
+
+    // A client of node 1 whose socket is closed abruptly: its will, once, on node 2.
+    let mut c = Raw::open(a1).await;
+    assert_eq!(c.handshake(&Connect::v5("gone").will(Will::new("will/gone", b"gone", 1))).await.code, 0);
+    drop(c);
+    assert_eq!(times_received(&mut sub, "gone", CROSS, settle).await, 1, "abrupt close");
+
+    // Taken over from node 1 by a CONNECT on node 2: as on one node, the old connection's
+    // will is published (MQTT 5 publishes a will when a connection ends other than by a
+    // normal DISCONNECT, a takeover included), once.
+    let mut old = Raw::open(a1).await;
+    assert_eq!(old.handshake(&Connect::v311("moving").will(Will::new("will/moving", b"moving", 1))).await.code, 0);
+    let mut new = Raw::open(a2).await;
+    assert_eq!(new.handshake(&Connect::v311("moving")).await.code, 0);
+    assert_eq!(times_received(&mut sub, "moving", CROSS, settle).await, 1, "takeover");
+    drop(old);
+    drop(new);
+
+    // Node 1 killed while a v5 and a 3.1.1 client with wills are connected to it: a
+    // surviving node publishes each, once, within node_timeout_ms and a few seconds.
+    let mut v5 = Raw::open(a1).await;
+    assert_eq!(v5.handshake(&Connect::v5("dies5").will(Will::new("will/dies5", b"dies5", 1))).await.code, 0);
+    let mut v3 = Raw::open(a1).await;
+    assert_eq!(v3.handshake(&Connect::v311("dies3").will(Will::new("will/dies3", b"dies3", 1))).await.code, 0);
+    let t0 = Instant::now();
+    tern[0].kill();
+    let got = collect(&mut sub, true, Duration::from_secs(10), |g| has(g, "dies5") && has(g, "dies3")).await;
+    eprintln!("wills of the killed node received after {:?}", t0.elapsed());
+    let mut c = counts(&got);
+    let end = Instant::now() + settle;
+    while let Some(m) = next_pub(&mut sub, true, end.saturating_duration_since(Instant::now())).await {
+        *c.entry(String::from_utf8_lossy(&m.payload).into_owned()).or_default() += 1;
+    }
+    assert_eq!((c.get("dies5"), c.get("dies3")), (Some(&1), Some(&1)), "{c:?}");
+    drop(v5);
+    drop(v3);
     drop(tern);
 }

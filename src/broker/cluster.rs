@@ -11,7 +11,17 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::BytesMut;
+use bytestring::ByteString;
+
 use super::{Broker, ConnControl, Select, SessionHandle};
+use crate::auth::Principal;
+use crate::protocol::ProtocolVersion;
+use crate::store::records;
+use crate::store::{SessionRecord, StoredWill, WillOwner};
 use crate::auth::policy::is_sys_topic;
 use crate::message::Message;
 use crate::protocol::QoS;
@@ -159,5 +169,83 @@ fn report(routes: &dyn ClusterRoutes, filter: &str, added: bool) {
     match crate::protocol::topic::parse_shared(filter) {
         Some((group, f)) => routes.shared(group, f, added),
         None => routes.interest(filter, added),
+    }
+}
+
+/// A boxed will write, so that the hook is object safe: Ok carries the write's revision
+/// (for `ClusterWills::done`), Err means the cluster could not keep it.
+pub type WillWrite<'a> = Pin<Box<dyn Future<Output = Result<u64, ()>> + Send + 'a>>;
+
+/// Where a cluster keeps the wills of this node's connected clients, so that another node
+/// publishes them if this one dies. Installed once (`install_wills`).
+pub trait ClusterWills: Send + Sync {
+    /// Keeps `record` (`Broker::will_record`) for `client_id`'s connection, before its
+    /// CONNACK; an Err refuses the CONNECT.
+    fn put<'a>(&'a self, client_id: &'a str, record: Vec<u8>) -> WillWrite<'a>;
+
+    /// The connection that wrote `revision` is over and this node has dealt with its will
+    /// (published, scheduled or discarded): the kept copy goes, unless a newer connection of
+    /// the client here has replaced it.
+    fn done(&self, client_id: &str, revision: u64);
+}
+
+impl Broker {
+    /// Installs the cluster's will keeper; false when one was installed already.
+    pub fn install_wills(&self, wills: Arc<dyn ClusterWills>) -> bool {
+        self.cluster_wills.set(wills).is_ok()
+    }
+
+    /// The will keeper, when this node is part of a cluster.
+    pub fn cluster_wills(&self) -> Option<&Arc<dyn ClusterWills>> {
+        self.cluster_wills.get()
+    }
+
+    /// A will as the cluster keeps it: the store's session record (will message, delay and
+    /// the owner's rights), so that any node can publish it as this one would have.
+    pub fn will_record(will: &Message, delay: u32, owner: &Principal, protocol: ProtocolVersion) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        records::encode_message(will, &mut b);
+        let owner = WillOwner {
+            username: owner.username.as_deref().map(String::from),
+            cert_identity: owner.cert_identity.as_deref().map(String::from),
+            listener: u16::try_from(owner.listener).unwrap_or(u16::MAX),
+        };
+        records::encode_session(&SessionRecord {
+            protocol,
+            expiry_interval: 0,
+            disconnected_at: None,
+            will: Some(StoredWill { delay, message: b.freeze(), owner: Some(owner) }),
+        })
+    }
+
+    /// Publishes the will of a client of a node that died (`record` from `will_record`), as
+    /// that node would have: after its delay, with its owner's rights at that moment, unless
+    /// the client is connected here again by then. False when the record does not decode.
+    pub fn publish_orphan_will(self: &Arc<Self>, client_id: &str, record: &[u8]) -> bool {
+        let Ok(rec) = records::decode_session(record) else { return false };
+        let Some(w) = rec.will else { return false };
+        let Ok(msg) = records::decode_message(&w.message) else { return false };
+        let o = w.owner.as_ref();
+        let owner = Principal {
+            client_id: ByteString::from(client_id),
+            username: o.and_then(|o| o.username.as_deref()).map(ByteString::from),
+            cert_identity: o.and_then(|o| o.cert_identity.as_deref()).map(Arc::from),
+            listener: o.map_or(0, |o| usize::from(o.listener)),
+        };
+        let (msg, delay) = (Arc::new(msg), w.delay);
+        let weak = Arc::downgrade(self);
+        let client = ByteString::from(client_id);
+        tokio::spawn(async move {
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(delay))).await;
+            }
+            let Some(b) = weak.upgrade() else { return };
+            let back = b.sessions.get(&client).is_some_and(|h| h.value().lock().owner != 0);
+            if !back && b.may_publish(&owner, &msg.topic) {
+                b.forward(&msg, None);
+                b.publish(msg, None);
+            }
+        });
+        true
     }
 }

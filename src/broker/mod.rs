@@ -34,7 +34,7 @@ use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
-pub use cluster::{ClusterRoutes, Replicated};
+pub use cluster::{ClusterRoutes, ClusterWills, Replicated, WillWrite};
 pub use metrics::{DropCause, Metrics, Stats};
 pub use owners::{Claim, ClusterOwners, Refused};
 pub use recovery::RecoverySummary;
@@ -95,6 +95,8 @@ pub struct Broker {
     pub metrics: Metrics,
     /// Cluster-wide ownership of client ids (`owners.rs`); unset on a single node.
     owners: OnceLock<Arc<dyn ClusterOwners>>,
+    /// Where the cluster keeps this node's clients' wills (`[cluster]`), installed once.
+    cluster_wills: OnceLock<Arc<dyn ClusterWills>>,
     /// The cluster this node is part of (`[cluster]`), installed once at start-up.
     cluster: std::sync::OnceLock<Arc<dyn ClusterRoutes>>,
 }
@@ -181,6 +183,7 @@ impl Broker {
             next_connection: AtomicU64::new(1),
             metrics,
             owners: OnceLock::new(),
+            cluster_wills: OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
         }
     }

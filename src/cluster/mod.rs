@@ -20,6 +20,7 @@ mod inbound;
 pub mod owners;
 mod routes;
 mod shares;
+mod wills;
 pub(crate) mod subject;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,6 +96,7 @@ pub async fn start(broker: &Arc<Broker>, cfg: &ClusterConfig) {
         )
     })
     .await;
+    retry("wills set-up", || wills::start(broker, &js, cfg)).await;
     let routes = routes::Routes::start(broker, client, js, cfg, names);
     if broker.install_cluster(routes).is_err() {
         warn!("cluster routes were already installed; the second start is ignored");

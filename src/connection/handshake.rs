@@ -172,6 +172,38 @@ impl Conn {
                 }
             }
         }
+        let session_expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            EXPIRY_NEVER
+        };
+        // In a cluster, the will is kept where the other nodes find it before the client
+        // hears it is connected: if this node dies, one of them publishes it.
+        let mut will_rev = 0;
+        if let (None, Some(wills), Some(w)) = (failure, broker.cluster_wills(), &c.will) {
+            let mut props = w.properties.clone();
+            let delay = props.will_delay_interval.take().unwrap_or(0).min(session_expiry);
+            let m = Message::received(
+                ByteString::from(&*w.topic),
+                bytes::Bytes::copy_from_slice(&w.payload),
+                w.qos,
+                w.retain,
+                props,
+                client_id.clone(),
+            );
+            match wills.put(&client_id, Broker::will_record(&m, delay, &principal, v)).await {
+                Ok(rev) => will_rev = rev,
+                Err(()) => {
+                    info!(client_id = %client_id, %peer, "will not kept in the cluster");
+                    failure = Some(refuse(reason::v3::SERVER_UNAVAILABLE, reason::SERVER_UNAVAILABLE));
+                    if let (true, Some(owners)) = (claim != 0, broker.owners()) {
+                        owners.released(&client_id, claim);
+                    }
+                }
+            }
+        }
         if let Some(code) = failure {
             info!(client_id = %c.client_id, %peer, transport = info.kind.name(), protocol = v.name(), code, "connection refused");
             let mut w = BytesMut::new();
@@ -182,13 +214,6 @@ impl Conn {
             return None;
         }
 
-        let session_expiry = if v5 {
-            c.properties.session_expiry_interval.unwrap_or(0)
-        } else if c.clean_start {
-            0
-        } else {
-            EXPIRY_NEVER
-        };
         // The will as it would be published, for the store (persistent sessions only).
         let stored_will = match (&c.will, session_expiry) {
             (Some(w), e) if e > 0 => {
@@ -311,6 +336,7 @@ impl Conn {
             broken_stream: false,
             paused: false,
             claim,
+            will_rev,
         };
         // MQTT 3.1's CONNACK has no session present flag (the byte is reserved).
         let session_present = session_present && v != ProtocolVersion::V31;

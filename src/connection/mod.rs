@@ -260,6 +260,9 @@ struct Conn {
     /// The cluster claim of this connection's client id (`ClusterOwners`), given back when
     /// the connection is dropped, after its session is detached; 0 = none (a single node).
     claim: u64,
+    /// The revision of this connection's will as the cluster keeps it (`ClusterWills`),
+    /// dropped once the will is dealt with; 0 = none.
+    will_rev: u64,
 }
 
 /// An acknowledgement waiting for a store ticket, and retained messages to queue after it
@@ -588,6 +591,9 @@ impl Conn {
             // unless the client has come back to the same session by then; with its owner's
             // rights at that moment.
             self.link.broker.publish_will(&self.link.handle, msg, delay, Some(Arc::clone(&self.link.principal)));
+        }
+        if let (true, Some(wills)) = (self.will_rev != 0, self.link.broker.cluster_wills()) {
+            wills.done(self.link.client_id(), self.will_rev);
         }
         if linger {
             drop(self); // its buffers are not needed while lingering
