@@ -1065,6 +1065,9 @@ mod tests {
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nreplicas = 0\n", "cluster.replicas"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nuser = \"u\"\n", "cluster.password"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nack_timeout_ms = 0\n", "cluster.ack_timeout_ms"),
+            ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nshare_ack_wait_ms = 0\n", "cluster.share_ack_wait_ms"),
+            ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nheartbeat_ms = 0\n", "cluster.heartbeat_ms"),
+            ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nnode_timeout_ms = 1500\n", "cluster.node_timeout_ms"),
             (
                 "[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nmax_pending_claims = 0\n",
                 "cluster.max_pending_claims",

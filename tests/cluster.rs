@@ -524,8 +524,7 @@ async fn times_received(sub: &mut Raw, payload: &str, limit: Duration, settle: D
 async fn wills_are_published_once_by_whichever_node_sees_the_end() {
     let Some(nats) = NatsCluster::start(3) else { return };
     let urls = nats.urls();
-    let mut tern =
-        nodes_with("wills", |i| vec![urls[i].clone()], "heartbeat_ms = 300\nnode_timeout_ms = 2000\n").await;
+    let mut tern = nodes_with("wills", |i| vec![urls[i].clone()], "heartbeat_ms = 300\nnode_timeout_ms = 2000\n").await;
     let (a1, a2) = (tern[0].addr(), tern[1].addr());
     let mut sub = subscriber(a2, "watcher", true, &[("will/#", 1)]).await;
     let settle = Duration::from_secs(2);

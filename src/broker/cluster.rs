@@ -18,14 +18,14 @@ use bytes::BytesMut;
 use bytestring::ByteString;
 
 use super::{Broker, ConnControl, Select, SessionHandle};
-use crate::auth::Principal;
-use crate::protocol::ProtocolVersion;
-use crate::store::records;
-use crate::store::{SessionRecord, StoredWill, WillOwner};
 use crate::auth::policy::is_sys_topic;
+use crate::auth::Principal;
 use crate::message::Message;
+use crate::protocol::ProtocolVersion;
 use crate::protocol::QoS;
+use crate::store::records;
 use crate::store::Op;
+use crate::store::{SessionRecord, StoredWill, WillOwner};
 
 /// What the broker asks of the cluster. Called on publishers' and subscribers' tasks: an
 /// implementation only hands work to its own tasks, it never waits.

@@ -10,7 +10,8 @@
 //! an ordered consumer applied in stream order. Topics become subjects by `subject`.
 //! Shared subscriptions (`shares`) take their messages through NATS only, each message to
 //! one node of the group: a core queue subscription for QoS 0, a durable consumer per
-//! (group, filter) pulled by every node with members for QoS 1/2.
+//! (group, filter) pulled by every node with members for QoS 1/2. Wills of this node's
+//! clients are kept in a bucket, and a dead node's are published by a survivor (`wills`).
 //!
 //! Drives the broker through its cluster seam (`broker::ClusterRoutes`); the broker knows
 //! nothing of NATS. Knows nothing of sockets or MQTT packets. Client-id ownership across
@@ -20,8 +21,8 @@ mod inbound;
 pub mod owners;
 mod routes;
 mod shares;
-mod wills;
 pub(crate) mod subject;
+mod wills;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -58,11 +58,7 @@ async fn bucket(js: &jetstream::Context, bucket: &str, replicas: usize, what: &s
 
 /// Makes the buckets, takes this node's leftover wills, starts the heartbeat and the watch
 /// of the other nodes, and installs the will keeper in the broker.
-pub(super) async fn start(
-    broker: &Arc<Broker>,
-    js: &jetstream::Context,
-    cfg: &ClusterConfig,
-) -> Result<(), String> {
+pub(super) async fn start(broker: &Arc<Broker>, js: &jetstream::Context, cfg: &ClusterConfig) -> Result<(), String> {
     let wills = bucket(js, &format!("{}_wills", cfg.name), cfg.replicas(), "wills of connected clients").await?;
     let nodes = bucket(js, &format!("{}_nodes", cfg.name), cfg.replicas(), "node heartbeats").await?;
     nodes.put(&cfg.node, Bytes::from(now_unix_ms().to_string())).await.map_err(|e| e.to_string())?;
@@ -207,5 +203,22 @@ async fn watch(
             let _ = nodes.delete_expect_revision(&name, Some(entry.revision)).await;
             seen.remove(&name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_values_carry_their_client_id() {
+        let id = "ü/ client";
+        let mut v = (id.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(id.as_bytes());
+        v.extend_from_slice(b"record");
+        assert_eq!(split_value(&v), Some((id, &b"record"[..])));
+        assert_eq!(split_value(&v[..3]), None);
+        assert_eq!(split_value(&[0]), None);
+        assert_eq!(split_value(&[0xFF, 0xFE, b'x']), None);
     }
 }
