@@ -62,9 +62,14 @@ impl Interest {
     /// Whether a message on `topic` that came through `filter`'s subscription is the copy to
     /// deliver.
     fn first_match(&self, filter: &str, topic: &str) -> bool {
-        let mut found = Vec::new();
-        self.trie.matches(topic, &mut found);
-        found.iter().map(|e| &*e.client).min() == Some(filter)
+        let mut first: Option<&str> = None;
+        self.trie.visit_matches(topic, |m| {
+            let f = &*m.target.0;
+            if first.is_none_or(|min| f < min) {
+                first = Some(f);
+            }
+        });
+        first == Some(filter)
     }
 }
 
