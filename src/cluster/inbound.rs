@@ -62,14 +62,14 @@ impl Interest {
     /// Whether a message on `topic` that came through `filter`'s subscription is the copy to
     /// deliver.
     fn first_match(&self, filter: &str, topic: &str) -> bool {
-        let mut first: Option<&ByteString> = None;
+        let mut first: Option<&str> = None;
         self.trie.visit_matches(topic, |m| {
-            let c = m.target.client();
-            if first.is_none_or(|f| c < f) {
-                first = Some(c);
+            let f = &*m.target.0;
+            if first.is_none_or(|min| f < min) {
+                first = Some(f);
             }
         });
-        first.map(|f| &**f) == Some(filter)
+        first == Some(filter)
     }
 }
 
