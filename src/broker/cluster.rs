@@ -185,8 +185,9 @@ pub trait ClusterWills: Send + Sync {
 
     /// The connection that wrote `revision` is over and this node has dealt with its will
     /// (published, scheduled or discarded): the kept copy goes, unless a newer connection of
-    /// the client here has replaced it.
-    fn done(&self, client_id: &str, revision: u64);
+    /// the client here has replaced it. Awaited by the closing connection (so a shutdown,
+    /// which waits for its connections, leaves no will for another node to publish).
+    fn done<'a>(&'a self, client_id: &'a str, revision: u64) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 impl Broker {

@@ -14,6 +14,8 @@
 //! connections or sessions.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -101,13 +103,15 @@ impl ClusterWills for Wills {
         })
     }
 
-    fn done(&self, client_id: &str, revision: u64) {
-        let kv = self.kv.clone();
-        let key = format!("{}.{}", self.node, encode_key(client_id));
-        // Conditional: a newer connection of the client here has written its own will since.
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(OP_TIMEOUT, kv.delete_expect_revision(key, Some(revision))).await;
-        });
+    fn done<'a>(&'a self, client_id: &'a str, revision: u64) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let key = format!("{}.{}", self.node, encode_key(client_id));
+            // Conditional: a newer connection of the client here has written its own will since.
+            let deleted = tokio::time::timeout(OP_TIMEOUT, self.kv.delete_expect_revision(key, Some(revision))).await;
+            if let Ok(Err(e)) = deleted {
+                debug!(client_id, error = %e, "kept will not removed (replaced since, or NATS unreachable)");
+            }
+        })
     }
 }
 

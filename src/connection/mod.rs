@@ -593,7 +593,7 @@ impl Conn {
             self.link.broker.publish_will(&self.link.handle, msg, delay, Some(Arc::clone(&self.link.principal)));
         }
         if let (true, Some(wills)) = (self.will_rev != 0, self.link.broker.cluster_wills()) {
-            wills.done(self.link.client_id(), self.will_rev);
+            wills.done(self.link.client_id(), self.will_rev).await;
         }
         if linger {
             drop(self); // its buffers are not needed while lingering
