@@ -55,7 +55,8 @@ HZ=$(getconf CLK_TCK)
 
 wait_port() {
     local i
-    for i in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
+    # A cluster node listens once its streams and buckets exist: seconds on a fresh cluster.
+    for i in $(seq 1200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
     log "port $1 never opened"; return 1
 }
 
