@@ -97,11 +97,12 @@ pub async fn start(broker: &Arc<Broker>, cfg: &ClusterConfig) {
         )
     })
     .await;
-    retry("wills set-up", || wills::start(broker, &js, cfg)).await;
-    let routes = routes::Routes::start(broker, client, js, cfg, names);
+    let routes = routes::Routes::start(broker, client, js.clone(), cfg, names);
     if broker.install_cluster(routes).is_err() {
         warn!("cluster routes were already installed; the second start is ignored");
     }
+    // After the routes: leftover wills of this node's previous run go to every node.
+    retry("wills set-up", || wills::start(broker, &js, cfg)).await;
     info!(node = %cfg.node, "node joined the cluster");
 }
 
