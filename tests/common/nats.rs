@@ -37,9 +37,19 @@ pub fn nats_server_binary() -> Option<PathBuf> {
     found
 }
 
+/// A port free now, below Linux's ephemeral range (32768-60999): a server killed and started
+/// again must find its port still free, and ports the kernel hands out for `bind(":0")` and
+/// outgoing connections (other tests running meanwhile) never come from here.
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr").port()
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(Instant::now().elapsed().as_nanos());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub struct NatsServer {
@@ -110,7 +120,14 @@ impl NatsCluster {
     pub fn start(n: usize) -> Option<NatsCluster> {
         let bin = nats_server_binary()?;
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_port(), free_port(), free_port())).collect();
+        let mut picked = std::collections::BTreeSet::new();
+        let mut unique = || loop {
+            let p = free_port();
+            if picked.insert(p) {
+                return p;
+            }
+        };
+        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (unique(), unique(), unique())).collect();
         let mut servers = Vec::new();
         for (i, &(port, http_port, route_port)) in ports.iter().enumerate() {
             let name = format!("nats{}", i + 1);
