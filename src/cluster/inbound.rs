@@ -75,7 +75,7 @@ impl Interest {
 
 /// The message in a NATS message from another node: None for this node's own (already
 /// delivered here) or one that does not decode (logged).
-fn decode(names: &Names, m: &async_nats::Message, own: bool) -> Option<Message> {
+pub(super) fn decode(names: &Names, m: &async_nats::Message, own: bool) -> Option<Message> {
     let (headers, body) = (m.headers.as_ref(), &m.payload[..]);
     let origin = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str());
     if !own && origin == Some(names.node.as_str()) {

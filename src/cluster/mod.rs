@@ -16,6 +16,7 @@
 mod inbound;
 pub mod owners;
 mod routes;
+mod sessions;
 pub(crate) mod subject;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,6 +90,10 @@ pub async fn start(broker: &Arc<Broker>, cfg: &ClusterConfig) {
             cfg.max_pending_claims,
             broker,
         )
+    })
+    .await;
+    retry("cluster sessions set-up", || {
+        sessions::Sessions::start(&js, msgs.clone(), Arc::clone(&names), &cfg.name, cfg.replicas(), broker)
     })
     .await;
     let routes = routes::Routes::start(broker, client, js, cfg, names);
