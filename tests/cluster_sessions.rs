@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::nats::NatsCluster;
 use common::process::TernProcess;
 use common::*;
+use sha2::Digest;
 
 /// Longest wait for messages to cross the cluster.
 const CROSS: Duration = Duration::from_secs(20);
@@ -168,6 +169,37 @@ async fn a_session_resumes_on_another_node_after_its_node_is_killed() {
     // one PUBREC'd whose PUBCOMP is not sent, one not even PUBREC'd).
     for s in subs.iter_mut() {
         s.read_until(12, |n| n <= 10).await;
+        // QoS 2: until the PUBRELs of the 10 PUBREC'd have come (and been completed); the
+        // last 2 stay delivered, with their ids kept, and not acknowledged at all.
+        let t0 = Instant::now();
+        while s.awaiting_rel.len() > 2 {
+            assert!(t0.elapsed() < CROSS, "PUBRELs did not come");
+            if let Event::Packet(p) = s.c.next_event(Duration::from_millis(100)).await {
+                if p[0] == 0x62 {
+                    let id = u16::from_be_bytes([p[2], p[3]]);
+                    s.awaiting_rel.remove(&id);
+                    s.c.send(&pubcomp(id)).await;
+                }
+            }
+        }
+    }
+    // The kill comes once node 1 has passed the client's acknowledgements on to JetStream
+    // (each session's consumer holds its 20 messages so far: at least 8 of the 10 the client
+    // acknowledged are no longer pending; a QoS 2 message ends at PUBCOMP, and the last
+    // PUBRELs may still be on their way).
+    let js = async_nats::jetstream::new(async_nats::connect(nats.urls()[1].as_str()).await.expect("NATS"));
+    let stream = js.get_stream("SESS_MSGS").await.expect("messages stream");
+    for (id, ..) in cases {
+        let name = format!("s-{}", hex(&sha2::Sha256::digest(id.as_bytes())[..16]).replace(' ', "").to_lowercase());
+        let t0 = Instant::now();
+        loop {
+            let info = stream.consumer_info(&name).await.expect("session consumer");
+            if info.num_ack_pending <= 12 {
+                break;
+            }
+            assert!(t0.elapsed() < CROSS, "{id}: acknowledgements not passed on: {info:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     tern[0].kill();
     for (_, _, topic, qos) in cases {

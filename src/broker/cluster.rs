@@ -56,8 +56,12 @@ pub trait ClusterSessions: Send + Sync {
     /// keeps for the id; otherwise returns it (None: there is none, or it expired), ready to
     /// deliver again every message its client has not acknowledged, in order. `expiry` is
     /// the new connection's Session Expiry Interval.
-    fn prepare<'a>(&'a self, client_id: &'a str, clean_start: bool, expiry: u32)
-        -> SessionStep<'a, Option<SessionSnapshot>>;
+    fn prepare<'a>(
+        &'a self,
+        client_id: &'a str,
+        clean_start: bool,
+        expiry: u32,
+    ) -> SessionStep<'a, Option<SessionSnapshot>>;
 
     /// After the attach of a clustered session (`resumed`: from `prepare`): records it
     /// (awaited before CONNACK) and starts feeding it (`Broker::deliver_from_stream`) while

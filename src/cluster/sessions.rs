@@ -79,7 +79,6 @@ fn level(v: ProtocolVersion) -> u8 {
     }
 }
 
-
 /// The consumer of a client id's session: `s-` and 32 hex digits of its SHA-256 (a consumer
 /// name may not hold `.`, `*`, `>` or spaces, which client ids may).
 fn consumer_name(client_id: &str) -> String {
@@ -190,7 +189,9 @@ impl Sessions {
         match tokio::time::timeout(OP_TIMEOUT, self.msgs.delete_consumer(name)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => match e.kind() {
-                stream::ConsumerErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND => {
+                stream::ConsumerErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
+                {
                     Ok(())
                 }
                 _ => {
@@ -204,7 +205,12 @@ impl Sessions {
 
     /// Makes the consumer `name` anew, delivering from `start` (None: what is published from
     /// now on).
-    async fn make_consumer(&self, name: &str, start: Option<u64>, expiry: u32) -> Result<consumer::PullConsumer, Refused> {
+    async fn make_consumer(
+        &self,
+        name: &str,
+        start: Option<u64>,
+        expiry: u32,
+    ) -> Result<consumer::PullConsumer, Refused> {
         self.delete_consumer(name).await?;
         let inactive_threshold = match expiry {
             0 => ZERO_EXPIRY_THRESHOLD,
@@ -271,7 +277,10 @@ impl Sessions {
         let resend_through = info.delivered.stream_sequence;
         let consumer = self.make_consumer(&record.consumer, Some(start), expiry).await?;
         debug!(client_id, start, resend_through, "cluster session taken on");
-        self.taken.lock().unwrap_or_else(|e| e.into_inner()).insert(client_id.into(), Taken { consumer, resend_through });
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client_id.into(), Taken { consumer, resend_through });
         let subscriptions = record
             .subs
             .iter()
@@ -414,7 +423,11 @@ impl ClusterSessions for Sessions {
         let client_id = client_id.to_string();
         tokio::spawn(async move {
             if let Err(why) = me.discard(&client_id, &consumer_name(&client_id)).await {
-                warn!(client_id, ?why, "a cluster session that ended could not be deleted; its consumer expires by itself");
+                warn!(
+                    client_id,
+                    ?why,
+                    "a cluster session that ended could not be deleted; its consumer expires by itself"
+                );
             }
         });
     }

@@ -504,7 +504,12 @@ impl SessionState {
         if d.stream_seq != 0 {
             let pid = self.preset_packet_id(d.stream_seq)?;
             // Outside the ring order: `alloc` 0 makes the next ring allocation search.
-            self.inflight.push_back(Inflight { packet_id: pid, delivery: d.clone(), state: OutState::AwaitingAck, alloc: 0 });
+            self.inflight.push_back(Inflight {
+                packet_id: pid,
+                delivery: d.clone(),
+                state: OutState::AwaitingAck,
+                alloc: 0,
+            });
             return Some(Outgoing::Tracked(pid, d));
         }
         let pid = self.allocate_packet_id()?;
