@@ -222,7 +222,6 @@ async fn a_session_resumes_on_another_node_after_its_node_is_killed() {
             t0.elapsed()
         );
     }
-    drop(n3);
     tern.clear();
 }
 

@@ -290,12 +290,12 @@ impl Subscriptions {
 
     /// Every subscription: filter, options, subscription id.
     pub fn entries(&self) -> Vec<(Box<str>, SubscriptionOptions, Option<u32>)> {
-        let one = |(f, (o, id)): (&Box<str>, &SubscriptionValue)| (f.clone(), *o, *id);
+        let one = |(f, (o, id)): (&str, &SubscriptionValue)| (Box::from(f), *o, *id);
         match self.0.as_deref() {
             None => Vec::new(),
-            Some(SubscriptionSet::One(f, v)) => vec![one((f, v))],
-            Some(SubscriptionSet::Few(list)) => list.iter().map(|(f, v)| one((f, v))).collect(),
-            Some(SubscriptionSet::Many(map)) => map.iter().map(one).collect(),
+            Some(SubscriptionSet::One(f, v)) => vec![one((&**f, v))],
+            Some(SubscriptionSet::Few(list)) => list.iter().map(|(f, v)| one((&**f, v))).collect(),
+            Some(SubscriptionSet::Many(map)) => map.iter().map(|(f, v)| one((&**f, v))).collect(),
         }
     }
 
