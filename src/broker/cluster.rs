@@ -5,24 +5,28 @@
 //! subscriptions are served by it alone: every fan-out of a message it carries leaves them
 //! out, and it hands each message of a group to one node, which delivers it to one member.
 //!
+//! Persistent sessions of a cluster (`ClusterSessions`): a session marked `clustered` gets
+//! its QoS 1/2 messages only from the cluster (`deliver_from_stream`, with the stream
+//! sequence its packet id derives from), and tells the cluster of its acknowledgements
+//! (`cluster_acked`); the local fan-out leaves them out.
+//!
 //! Knows nothing of NATS: the cluster installs one `ClusterRoutes` at start-up. Without one
 //! (a single node) every call here is one `OnceLock::get` that finds nothing.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use bytestring::ByteString;
 
-use super::{Broker, ConnControl, Select, SessionHandle};
+use super::{Attached, Broker, ConnControl, Delivered, Refused, Select, SessionHandle};
 use crate::auth::policy::is_sys_topic;
 use crate::auth::Principal;
 use crate::message::Message;
-use crate::protocol::ProtocolVersion;
-use crate::protocol::QoS;
+use crate::protocol::{topic, ProtocolVersion, QoS, SubscriptionOptions};
+use crate::session::Delivery;
 use crate::store::records;
 use crate::store::Op;
 use crate::store::{SessionRecord, StoredWill, WillOwner};
@@ -47,6 +51,52 @@ pub trait ClusterRoutes: Send + Sync {
     fn shared(&self, group: &str, filter: &str, added: bool);
 }
 
+/// A persistent session as the cluster keeps it, to be taken on by this node.
+#[derive(Debug, Clone)]
+pub struct SessionSnapshot {
+    /// Full filter (with any `$share/group/` prefix), options, subscription id.
+    pub subscriptions: Vec<(Box<str>, SubscriptionOptions, Option<u32>)>,
+}
+
+/// A boxed step of `ClusterSessions`, so that the hook is object safe.
+pub type SessionStep<'a, T> = Pin<Box<dyn Future<Output = Result<T, Refused>> + Send + 'a>>;
+
+/// Persistent sessions kept by the cluster, so that a client resumes on any node. Installed
+/// once (`install_sessions`); called by the handshake after the client id is claimed.
+pub trait ClusterSessions: Send + Sync {
+    /// Before the attach of a CONNECT: with `clean_start`, discards any session the cluster
+    /// keeps for the id; otherwise returns it (None: there is none, or it expired), ready to
+    /// deliver again every message its client has not acknowledged, in order. `expiry` is
+    /// the new connection's Session Expiry Interval.
+    fn prepare<'a>(
+        &'a self,
+        client_id: &'a str,
+        clean_start: bool,
+        expiry: u32,
+    ) -> SessionStep<'a, Option<SessionSnapshot>>;
+
+    /// After the attach of a clustered session (`resumed`: from `prepare`): records it
+    /// (awaited before CONNACK) and starts feeding it (`Broker::deliver_from_stream`) while
+    /// connection `connection_id` serves it.
+    fn start<'a>(
+        &'a self,
+        handle: &'a Arc<SessionHandle>,
+        connection_id: u64,
+        expiry: u32,
+        resumed: bool,
+    ) -> SessionStep<'a, ()>;
+
+    /// The session's subscriptions changed: records them, then completes `done`.
+    fn save(&self, handle: &Arc<SessionHandle>, done: Arc<Replicated>);
+
+    /// The client acknowledged (or the broker ended) the delivery of stream message `seq`.
+    fn acked(&self, client_id: &str, seq: u64);
+
+    /// Connection `connection_id` no longer serves the session: feeding it stops; with
+    /// `end`, the cluster forgets the session.
+    fn stop(&self, client_id: &str, connection_id: u64, end: bool);
+}
+
 const PENDING: u8 = 0;
 const DONE: u8 = 1;
 const FAILED: u8 = 2;
@@ -61,7 +111,7 @@ pub struct Replicated {
 }
 
 impl Replicated {
-    fn new(waiter: Option<&Arc<ConnControl>>) -> Arc<Replicated> {
+    pub(crate) fn new(waiter: Option<&Arc<ConnControl>>) -> Arc<Replicated> {
         Arc::new(Replicated { state: AtomicU8::new(PENDING), waiter: Mutex::new(waiter.cloned()) })
     }
 
@@ -248,5 +298,93 @@ impl Broker {
             }
         });
         true
+    }
+}
+
+impl Broker {
+    /// Installs the cluster's session keeper; false when one was installed already.
+    pub fn install_sessions(&self, sessions: Arc<dyn ClusterSessions>) -> bool {
+        self.cluster_sessions.set(sessions).is_ok()
+    }
+
+    /// The cluster's session keeper, when this node is part of a cluster.
+    pub fn cluster_sessions(&self) -> Option<&Arc<dyn ClusterSessions>> {
+        self.cluster_sessions.get()
+    }
+
+    /// Attaches a connection to a clustered session: whatever this node held for the id is
+    /// discarded (the cluster's copy is the one that counts), and `resumed`'s subscriptions
+    /// are restored. Nothing of it goes to the local store: it ends here when its connection
+    /// does (`Link::detach`), the cluster keeps it.
+    pub fn attach_clustered(
+        &self,
+        client_id: &ByteString,
+        protocol: ProtocolVersion,
+        resumed: Option<&SessionSnapshot>,
+    ) -> Attached {
+        let attached = self.attach_with(client_id, true, 0, protocol, None, true);
+        for (filter, options, id) in resumed.map(|r| r.subscriptions.as_slice()).unwrap_or_default() {
+            self.subscribe(&attached.handle, &ByteString::from(&**filter), *options, *id);
+        }
+        attached
+    }
+
+    /// A message of the messages stream (sequence `seq`) for a clustered session: matched
+    /// against its (non-shared) subscriptions with No Local, and queued. None when none
+    /// matches (nothing to deliver), else what became of it and the QoS it goes out at (at
+    /// QoS 0 nothing acknowledges it). `maybe_sent`: it may have gone out before (DUP).
+    pub fn deliver_from_stream(
+        &self,
+        handle: &SessionHandle,
+        msg: Arc<Message>,
+        seq: u64,
+        maybe_sent: bool,
+    ) -> Option<(Delivered, QoS)> {
+        let mut qos = None::<QoS>;
+        let mut retain = false;
+        let mut ids = Vec::new();
+        handle.lock().subscriptions.for_each(|filter, o, id| {
+            if topic::is_shared(filter) || !topic::matches(filter, &msg.topic) {
+                return;
+            }
+            if o.no_local && handle.client_id == msg.origin {
+                return;
+            }
+            let q = msg.qos.min(o.qos);
+            qos = Some(qos.map_or(q, |old| old.max(q)));
+            retain |= o.retain_as_published && msg.retain;
+            ids.extend(id);
+        });
+        let qos = qos?;
+        let d = Delivery {
+            priority: self.priority_of(&msg.topic),
+            msg,
+            qos,
+            retain,
+            subscription_ids: ids,
+            store_seq: None,
+            shared: None,
+            maybe_sent,
+            stream_seq: if qos == QoS::AtMostOnce { 0 } else { seq },
+        };
+        self.metrics.cluster.received.fetch_add(1, Ordering::Relaxed);
+        Some((handle.deliver(d), qos))
+    }
+
+    /// The delivery of stream message `seq` to a clustered session ended (acknowledged by
+    /// its client, or dropped): the cluster may forget it.
+    pub fn cluster_acked(&self, handle: &SessionHandle, seq: u64) {
+        if let (true, Some(s)) = (seq != 0, self.cluster_sessions.get()) {
+            s.acked(&handle.client_id, seq);
+        }
+    }
+
+    /// Records a clustered session's subscriptions; the returned answer is what the SUBACK
+    /// or UNSUBACK waits for (None for other sessions). `waiter` is woken when it is done.
+    pub fn save_clustered(&self, handle: &Arc<SessionHandle>, waiter: &Arc<ConnControl>) -> Option<Arc<Replicated>> {
+        let s = self.cluster_sessions.get().filter(|_| handle.clustered)?;
+        let done = Replicated::new(Some(waiter));
+        s.save(handle, Arc::clone(&done));
+        Some(done)
     }
 }

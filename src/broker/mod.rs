@@ -34,11 +34,11 @@ use bytestring::ByteString;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
-pub use cluster::{ClusterRoutes, ClusterWills, Replicated, WillWrite};
+pub use cluster::{ClusterRoutes, ClusterSessions, ClusterWills, Replicated, SessionSnapshot, SessionStep, WillWrite};
 pub use metrics::{DropCause, Metrics, Stats};
 pub use owners::{Claim, ClusterOwners, Refused};
 pub use recovery::RecoverySummary;
-pub use session_handle::{signal, ConnControl, Delivered, DurableWaiters, SessionHandle};
+pub use session_handle::{signal, ConnControl, Delivered, DurableWaiters, SessionCell, SessionHandle};
 
 use crate::auth::{policy::is_sys_topic, Authenticator, Policy, Principal};
 use crate::config::Config;
@@ -99,6 +99,8 @@ pub struct Broker {
     cluster_wills: OnceLock<Arc<dyn ClusterWills>>,
     /// The cluster this node is part of (`[cluster]`), installed once at start-up.
     cluster: std::sync::OnceLock<Arc<dyn ClusterRoutes>>,
+    /// Persistent sessions kept by the cluster (`[cluster]`), installed once at start-up.
+    cluster_sessions: OnceLock<Arc<dyn ClusterSessions>>,
 }
 
 /// The result of attaching a connection to a session.
@@ -185,6 +187,7 @@ impl Broker {
             owners: OnceLock::new(),
             cluster_wills: OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
+            cluster_sessions: OnceLock::new(),
         }
     }
 
@@ -369,18 +372,31 @@ impl Broker {
         protocol: ProtocolVersion,
         will: Option<(&Message, u32, &Principal)>,
     ) -> Attached {
+        self.attach_with(client_id, clean_start, expiry, protocol, will, false)
+    }
+
+    fn attach_with(
+        &self,
+        client_id: &ByteString,
+        clean_start: bool,
+        expiry: u32,
+        protocol: ProtocolVersion,
+        will: Option<(&Message, u32, &Principal)>,
+        clustered: bool,
+    ) -> Attached {
         let connection_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(ConnControl::default());
         self.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
         let fresh = || {
-            Arc::new(SessionHandle::new(
+            let h = SessionHandle::new(
                 client_id.clone(),
                 self.queue_limits(),
                 connection_id,
                 Some(control.clone()),
                 expiry,
                 protocol,
-            ))
+            );
+            Arc::new(if clustered { h.into_clustered() } else { h })
         };
         let mut stale_filters = Vec::new();
         let mut ops = Vec::new();
@@ -781,6 +797,11 @@ impl Broker {
         {
             let trie = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
             let mut visit = |m: Match<'_, Arc<SessionHandle>>| {
+                // A clustered session gets its QoS 1/2 messages from its own consumer of the
+                // cluster's stream, where every one of them goes (`Broker::forward`).
+                if m.target.clustered && msg.qos != QoS::AtMostOnce && m.share.is_none() {
+                    return;
+                }
                 let sub = Matched {
                     target: Arc::clone(m.target),
                     options: m.options,
@@ -1031,6 +1052,7 @@ impl Broker {
             store_seq: Some(seq),
             shared: None,
             maybe_sent,
+            stream_seq: 0,
         }
     }
 
@@ -1156,6 +1178,7 @@ fn merge(msg: &Arc<Message>, group: &[Matched]) -> Option<Delivery> {
         shared: None,
         maybe_sent: false,
         priority: 0,
+        stream_seq: 0,
     })
 }
 

@@ -288,6 +288,27 @@ impl Subscriptions {
         }
     }
 
+    /// Every subscription: filter, options, subscription id.
+    pub fn entries(&self) -> Vec<(Box<str>, SubscriptionOptions, Option<u32>)> {
+        let one = |(f, (o, id)): (&str, &SubscriptionValue)| (Box::from(f), *o, *id);
+        match self.0.as_deref() {
+            None => Vec::new(),
+            Some(SubscriptionSet::One(f, v)) => vec![one((&**f, v))],
+            Some(SubscriptionSet::Few(list)) => list.iter().map(|(f, v)| one((&**f, v))).collect(),
+            Some(SubscriptionSet::Many(map)) => map.iter().map(|(f, v)| one((&**f, v))).collect(),
+        }
+    }
+
+    /// Calls `f` with each subscription: filter, options, subscription id.
+    pub fn for_each(&self, mut f: impl FnMut(&str, SubscriptionOptions, Option<u32>)) {
+        match self.0.as_deref() {
+            None => {}
+            Some(SubscriptionSet::One(k, (o, id))) => f(k, *o, *id),
+            Some(SubscriptionSet::Few(list)) => list.iter().for_each(|(k, (o, id))| f(k, *o, *id)),
+            Some(SubscriptionSet::Many(map)) => map.iter().for_each(|(k, (o, id))| f(k, *o, *id)),
+        }
+    }
+
     /// Takes every subscription out, leaving none; returns their filters.
     pub fn take_filters(&mut self) -> Vec<Box<str>> {
         match self.0.take().map(|b| *b) {
@@ -312,6 +333,9 @@ pub enum Delivered {
 
 pub struct SessionHandle {
     pub client_id: ByteString,
+    /// In a cluster, a persistent session whose QoS 1/2 messages come only from its own
+    /// consumer of the messages stream (`ClusterSessions`), never from the local fan-out.
+    pub clustered: bool,
     cell: Mutex<SessionCell>,
 }
 
@@ -334,6 +358,7 @@ impl SessionHandle {
     ) -> Self {
         SessionHandle {
             client_id,
+            clustered: false,
             cell: Mutex::new(SessionCell {
                 state: SessionState::new(limits),
                 owner,
@@ -349,6 +374,12 @@ impl SessionHandle {
                 progress: 0,
             }),
         }
+    }
+
+    /// The same session, marked `clustered`.
+    pub fn into_clustered(mut self) -> Self {
+        self.clustered = true;
+        self
     }
 
     /// Locks the session. A panic while it was held cannot leave it half-updated in a way

@@ -15,11 +15,15 @@
 //!
 //! Drives the broker through its cluster seam (`broker::ClusterRoutes`); the broker knows
 //! nothing of NATS. Knows nothing of sockets or MQTT packets. Client-id ownership across
-//! nodes is `owners`: a JetStream key-value bucket written by compare-and-set.
+//! nodes is `owners`: a JetStream key-value bucket written by compare-and-set. Persistent
+//! sessions are `sessions`: a record per session in a second bucket and a durable consumer
+//! per session of the messages stream, from which alone their QoS 1/2 messages come (the
+//! local fan-out and this node's consumer leave them out), so any node can take one on.
 
 mod inbound;
 pub mod owners;
 mod routes;
+mod sessions;
 mod shares;
 pub(crate) mod subject;
 mod wills;
@@ -95,6 +99,10 @@ pub async fn start(broker: &Arc<Broker>, cfg: &ClusterConfig) {
             cfg.max_pending_claims,
             broker,
         )
+    })
+    .await;
+    retry("cluster sessions set-up", || {
+        sessions::Sessions::start(&js, msgs.clone(), Arc::clone(&names), &cfg.name, cfg.replicas(), broker)
     })
     .await;
     let routes = routes::Routes::start(broker, client, js.clone(), cfg, names);

@@ -141,29 +141,9 @@ impl Owners {
         broker: &Arc<Broker>,
     ) -> Result<Arc<Owners>, OwnersError> {
         let bucket = format!("{name}_owners");
-        // The bucket's stream is made here as async-nats' `create_key_value` would make it:
-        // that call first asks for the account's info, whose reply from nats-server 2.9
-        // async-nats 0.46 cannot parse. Creating is idempotent for an identical configuration;
-        // a bucket made with another (say, other replicas) is bound as it is.
-        let stream = stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some("tern: which node serves each client id".into()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            num_replicas: replicas.max(1),
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            ..Default::default()
-        };
-        if let Err(e) = js.create_stream(stream).await {
-            debug!(error = %e, "creating the owners bucket's stream failed; binding it as it is");
-        }
-        let kv = js
-            .get_key_value(&bucket)
+        let kv = bucket_store(&js, &bucket, "tern: which node serves each client id", replicas)
             .await
-            .map_err(|e| OwnersError::Bucket { bucket: bucket.clone(), source: e.into() })?;
+            .map_err(|e| OwnersError::Bucket { bucket: bucket.clone(), source: e })?;
         let subject_prefix = format!("{name}.own.");
         let subject = format!("{subject_prefix}{node}");
         let requests = client
@@ -439,6 +419,34 @@ impl ClusterOwners for Owners {
             rt.spawn(async move { me.delete_if_ours(&client_id, nonce).await });
         }
     }
+}
+
+/// Creates (or binds) the key-value bucket `bucket`. Its stream is made here as async-nats'
+/// `create_key_value` would make it: that call first asks for the account's info, whose reply
+/// from nats-server 2.9 async-nats 0.46 cannot parse. Creating is idempotent for an identical
+/// configuration; a bucket made with another (say, other replicas) is bound as it is.
+pub(crate) async fn bucket_store(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    description: &str,
+    replicas: usize,
+) -> Result<kv::Store, async_nats::Error> {
+    let stream = stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if let Err(e) = js.create_stream(stream).await {
+        debug!(bucket, error = %e, "creating a bucket's stream failed; binding it as it is");
+    }
+    Ok(js.get_key_value(bucket).await?)
 }
 
 /// Prefix of a key that is the client id itself (base64url, no padding).

@@ -198,11 +198,29 @@ impl Conn {
                 Err(()) => {
                     info!(client_id = %client_id, %peer, "will not kept in the cluster");
                     failure = Some(refuse(reason::v3::SERVER_UNAVAILABLE, reason::SERVER_UNAVAILABLE));
-                    if let (true, Some(owners)) = (claim != 0, broker.owners()) {
-                        owners.released(&client_id, claim);
-                    }
                 }
             }
+        }
+        // In a cluster, a persistent session lives in the cluster: taken on here (or
+        // discarded by a clean start) once the id is this node's, refused if unreachable.
+        let mut resumed = None;
+        if let (None, Some(sessions)) = (failure, broker.cluster_sessions()) {
+            match sessions.prepare(&client_id, c.clean_start, session_expiry).await {
+                Ok(r) => resumed = r,
+                Err(why) => {
+                    info!(client_id = %client_id, %peer, ?why, "cluster session unavailable");
+                    failure = Some(refuse(reason::v3::SERVER_UNAVAILABLE, reason::SERVER_UNAVAILABLE));
+                }
+            }
+        }
+        let clustered = broker.cluster_sessions().is_some() && (session_expiry > 0 || resumed.is_some());
+        if let (Some(_), Some(owners)) = (failure, broker.owners().filter(|_| claim != 0)) {
+            // Claimed, then refused: no connection will tell the owners it is over.
+            owners.released(&client_id, claim);
+        }
+        if let (Some(_), Some(wills)) = (failure, broker.cluster_wills().filter(|_| will_rev != 0)) {
+            // Kept, then refused: no connection will end to take it back.
+            wills.done(&client_id, will_rev).await;
         }
         if let Some(code) = failure {
             info!(client_id = %c.client_id, %peer, transport = info.kind.name(), protocol = v.name(), code, "connection refused");
@@ -231,14 +249,37 @@ impl Conn {
             }
             _ => None,
         };
-        let attached = broker.attach(
-            &client_id,
-            c.clean_start,
-            session_expiry,
-            v,
-            stored_will.as_ref().map(|(m, d)| (&**m, *d, &*principal)),
-        );
-        let session_present = attached.session_present;
+        let attached = if clustered {
+            broker.attach_clustered(&client_id, v, resumed.as_ref())
+        } else {
+            broker.attach(
+                &client_id,
+                c.clean_start,
+                session_expiry,
+                v,
+                stored_will.as_ref().map(|(m, d)| (&**m, *d, &*principal)),
+            )
+        };
+        let session_present = if clustered { resumed.is_some() } else { attached.session_present };
+        if let (true, Some(sessions)) = (clustered, broker.cluster_sessions()) {
+            let started =
+                sessions.start(&attached.handle, attached.connection_id, session_expiry, resumed.is_some()).await;
+            if let Err(why) = started {
+                info!(client_id = %client_id, %peer, ?why, "cluster session not recorded; connection refused");
+                sessions.stop(&client_id, attached.connection_id, false);
+                broker.detach(&attached.handle, attached.connection_id, 0);
+                if let (true, Some(owners)) = (claim != 0, broker.owners()) {
+                    owners.released(&client_id, claim);
+                }
+                let code = refuse(reason::v3::SERVER_UNAVAILABLE, reason::SERVER_UNAVAILABLE);
+                let mut w = BytesMut::new();
+                let ack = ConnAck { session_present: false, code, properties: Properties::default() };
+                protocol::encode(&Packet::ConnAck(ack), v, &mut w);
+                let _ = send(stream, &w).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                return None;
+            }
+        }
         if let (true, Some(owners)) = (claim != 0, broker.owners()) {
             // Another node asked for the id between the claim and the attach: it found no
             // connection to close then, so this one closes itself (the owners hook marks the

@@ -335,7 +335,8 @@ impl Conn {
         let ack = SubAck { packet_id: s.packet_id, return_codes: codes, properties: Properties::default() };
         // The retained messages are queued once the SUBACK goes out; those only on disk are
         // read as the queue drains (off this task).
-        self.respond(ticket, Packet::SubAck(ack), retained.finish());
+        let saved = self.link.save_subscriptions();
+        self.respond_after(ticket, saved, Packet::SubAck(ack), retained.finish());
         Ok(())
     }
 
@@ -350,7 +351,8 @@ impl Conn {
         }
         // Behind any SUBACK still held for the store, so acknowledgements keep their order.
         let ack = UnsubAck { packet_id: u.packet_id, reason_codes: codes, properties: Properties::default() };
-        self.respond(0, Packet::UnsubAck(ack), None);
+        let saved = self.link.save_subscriptions();
+        self.respond_after(0, saved, Packet::UnsubAck(ack), None);
         Ok(())
     }
 

@@ -223,8 +223,9 @@ impl Link {
             if !self.broker.policy.may_receive(&self.principal, &d.msg.topic) {
                 // The right to read was revoked after the message was queued (or retained,
                 // or subscribed): it is dropped as if delivered, and counted.
-                if let Outgoing::Tracked(pid, _) = next {
-                    if let Some(seq) = cell.state.discard(pid) {
+                if let Outgoing::Tracked(pid, d) = &next {
+                    self.broker.cluster_acked(&self.handle, d.stream_seq);
+                    if let Some(seq) = cell.state.discard(*pid) {
                         ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
                     }
                 }
@@ -249,6 +250,9 @@ impl Link {
             };
             let written = out.publish(&d, pid, d.maybe_sent, now);
             if written != Written::Yes {
+                if pid.is_some() {
+                    self.broker.cluster_acked(&self.handle, d.stream_seq);
+                }
                 if let Some(seq) = pid.and_then(|pid| cell.state.discard(pid)) {
                     ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
                 }
@@ -305,6 +309,7 @@ impl Link {
             .collect();
         let mut ops = Vec::new();
         for pid in revoked {
+            self.broker.cluster_acked(&self.handle, cell.state.stream_seq_of(pid));
             if let Some(seq) = cell.state.discard(pid) {
                 ops.push(Op::DeleteQueued { client: self.handle.client_id.clone(), seq });
             }
@@ -341,16 +346,37 @@ impl Link {
 
     /// PUBACK for a QoS 1 delivery.
     pub fn puback(&self, packet_id: u16) -> Ack {
-        let ack = self.handle.lock().state.puback(packet_id);
-        self.forget_stored(ack);
+        let (ack, stream_seq) = {
+            let mut cell = self.handle.lock();
+            let s = self.stream_seq_of(&cell, packet_id);
+            (cell.state.puback(packet_id), s)
+        };
+        self.forget_stored(ack, stream_seq);
         ack
+    }
+
+    /// The stream sequence of a clustered session's delivery in flight with `packet_id`.
+    #[inline]
+    fn stream_seq_of(&self, cell: &crate::broker::SessionCell, packet_id: u16) -> u64 {
+        if self.handle.clustered {
+            cell.state.stream_seq_of(packet_id)
+        } else {
+            0
+        }
     }
 
     /// PUBREC for a QoS 2 delivery (`success` false for a v5 error reason, which ends it).
     /// Returns the ticket the PUBREL must wait for: after a crash the PUBREL, never the
     /// PUBLISH, must be sent again, so "released" is made durable first.
     pub fn pubrec(&self, packet_id: u16, success: bool) -> (Ack, u64) {
-        let ack = self.handle.lock().state.pubrec(packet_id, success);
+        let (ack, stream_seq) = {
+            let mut cell = self.handle.lock();
+            let s = self.stream_seq_of(&cell, packet_id);
+            (cell.state.pubrec(packet_id, success), s)
+        };
+        if !success && matches!(ack, Ack::Done(_)) {
+            self.broker.cluster_acked(&self.handle, stream_seq);
+        }
         let mut ticket = 0;
         if let Ack::Done(Some(seq)) = ack {
             let op = if success {
@@ -369,13 +395,21 @@ impl Link {
 
     /// PUBCOMP ends a QoS 2 delivery.
     pub fn pubcomp(&self, packet_id: u16) -> Ack {
-        let ack = self.handle.lock().state.pubcomp(packet_id);
-        self.forget_stored(ack);
+        let (ack, stream_seq) = {
+            let mut cell = self.handle.lock();
+            let s = self.stream_seq_of(&cell, packet_id);
+            (cell.state.pubcomp(packet_id), s)
+        };
+        self.forget_stored(ack, stream_seq);
         ack
     }
 
-    /// A delivery that ended deletes its stored copy.
-    fn forget_stored(&self, ack: Ack) {
+    /// A delivery that ended deletes its stored copy (or, from the cluster's stream, is
+    /// acknowledged there).
+    fn forget_stored(&self, ack: Ack, stream_seq: u64) {
+        if stream_seq != 0 && matches!(ack, Ack::Done(_)) {
+            self.broker.cluster_acked(&self.handle, stream_seq);
+        }
         if let Ack::Done(Some(seq)) = ack {
             self.broker.persist(vec![Op::DeleteQueued { client: self.handle.client_id.clone(), seq }]);
         }
@@ -497,6 +531,15 @@ impl Link {
         self.broker.unsubscribe(&self.handle, filter)
     }
 
+    /// After a SUBSCRIBE or UNSUBSCRIBE: a clustered session's subscriptions are recorded in
+    /// the cluster, which its acknowledgement waits for (None: nothing to wait for).
+    pub fn save_subscriptions(&self) -> Option<Arc<Replicated>> {
+        if !self.handle.clustered {
+            return None;
+        }
+        self.broker.save_clustered(&self.handle, &self.control)
+    }
+
     /// Queues the retained messages of an acknowledged SUBSCRIBE.
     pub fn queue_retained(&self, batch: RetainedBatch) {
         self.broker.deliver_retained(&self.handle, batch);
@@ -506,6 +549,15 @@ impl Link {
     /// ends now when 0).
     pub fn detach(&self, expiry: u32) {
         self.broker.forget_keep_alive(&self.control);
+        if let (true, Some(s)) = (self.handle.clustered, self.broker.cluster_sessions()) {
+            // The cluster keeps the session (unless it ends now): this node lets go of it
+            // at once, so nothing of it lingers here once its client is elsewhere. A
+            // session taken over lives on with its new connection.
+            let taken_over = self.control.reason() == reason::SESSION_TAKEN_OVER;
+            s.stop(&self.handle.client_id, self.connection_id, expiry == 0 && !taken_over);
+            self.broker.detach(&self.handle, self.connection_id, 0);
+            return;
+        }
         self.broker.detach(&self.handle, self.connection_id, expiry);
     }
 }

@@ -42,6 +42,10 @@ pub struct Delivery {
     pub maybe_sent: bool,
     /// Priority level of its topic (`[[priority]]`): higher levels are sent first.
     pub priority: u8,
+    /// In a cluster, the message's sequence in the messages stream when it came from the
+    /// session's own consumer (0 otherwise): its packet id is derived from it, so that it goes
+    /// out with the same id from whichever node serves the session (`track`).
+    pub stream_seq: u64,
 }
 
 /// Where an outbound QoS 1/2 message stands.
@@ -490,12 +494,24 @@ impl SessionState {
                 shared: None,
                 maybe_sent: false,
                 priority: 0,
+                stream_seq: 0,
             });
         }
     }
 
     /// Puts a QoS 1/2 delivery in flight with a new packet id.
     fn track(&mut self, d: Delivery) -> Option<Outgoing> {
+        if d.stream_seq != 0 {
+            let pid = self.preset_packet_id(d.stream_seq)?;
+            // Outside the ring order: `alloc` 0 makes the next ring allocation search.
+            self.inflight.push_back(Inflight {
+                packet_id: pid,
+                delivery: d.clone(),
+                state: OutState::AwaitingAck,
+                alloc: 0,
+            });
+            return Some(Outgoing::Tracked(pid, d));
+        }
         let pid = self.allocate_packet_id()?;
         let alloc = self.allocs;
         self.allocs += 1;
@@ -538,6 +554,29 @@ impl SessionState {
             }
         }
         None
+    }
+
+    /// The packet id of the stream message `seq`: `seq % 65535 + 1`, or the next id after
+    /// it that is not in flight. The same message gets the same id on every node (unless
+    /// that id was taken, which a window far below 65,535 makes rare).
+    fn preset_packet_id(&self, seq: u64) -> Option<u16> {
+        let first = (seq % u64::from(u16::MAX)) as u16 + 1;
+        let mut id = first;
+        loop {
+            if !self.inflight.iter().any(|f| f.packet_id == id) {
+                return Some(id);
+            }
+            id = if id == u16::MAX { 1 } else { id + 1 };
+            if id == first {
+                return None;
+            }
+        }
+    }
+
+    /// The stream sequence of the message in flight with `pid` (0: none, or not from a
+    /// cluster consumer).
+    pub fn stream_seq_of(&self, pid: u16) -> u64 {
+        self.find(pid).map_or(0, |i| self.inflight[i].delivery.stream_seq)
     }
 
     fn find(&self, pid: u16) -> Option<usize> {
@@ -704,6 +743,7 @@ mod tests {
             store_seq: None,
             shared: None,
             maybe_sent: false,
+            stream_seq: 0,
             priority: 0,
         }
     }
