@@ -21,8 +21,10 @@ const CROSS: Duration = Duration::from_secs(20);
 async fn nodes(nats: &NatsCluster, name: &str, n: usize) -> Vec<TernProcess> {
     let mut out = Vec::new();
     for i in 0..n {
+        // The default ack timeout (JetStream's request timeout too): nothing here waits for
+        // one to pass, and a loaded CI machine can take seconds to answer a KV write.
         let mut t = TernProcess::with_config(&format!(
-            "\n[cluster]\nnats = {}\nnode = \"n{}\"\nname = \"{name}\"\nack_timeout_ms = 2000\nreplicas = 3\n\
+            "\n[cluster]\nnats = {}\nnode = \"n{}\"\nname = \"{name}\"\nack_timeout_ms = 5000\nreplicas = 3\n\
              max_bytes = 67108864\n",
             nats.urls_toml(),
             i + 1

@@ -131,16 +131,7 @@ pub(super) async fn follow_messages(broker: Weak<Broker>, consumer: consumer::Pu
                 continue;
             }
         };
-        while let Some(item) = messages.next().await {
-            let m = match item {
-                Ok(m) => m,
-                Err(e) => {
-                    if let Some(skipped) = log.check() {
-                        warn!(error = %e, similar_not_logged = skipped, "cluster messages consumer error");
-                    }
-                    continue;
-                }
-            };
+        while let Some(m) = super::next_message(&mut messages, &log, "cluster messages consumer error").await {
             let ticket = match decode(&names, &m, false) {
                 Some(msg) => {
                     let Some(b) = broker.upgrade() else { return };
@@ -243,16 +234,7 @@ pub(super) async fn load_retained(broker: &Arc<Broker>, mut retained: stream::St
                     continue;
                 }
             };
-            while let Some(item) = messages.next().await {
-                let m = match item {
-                    Ok(m) => m,
-                    Err(e) => {
-                        if let Some(skipped) = log.check() {
-                            warn!(error = %e, similar_not_logged = skipped, "retained stream consumer error");
-                        }
-                        continue;
-                    }
-                };
+            while let Some(m) = super::next_message(&mut messages, &log, "retained stream consumer error").await {
                 let seq = m.info().map(|i| (i.stream_sequence, i.pending)).ok();
                 if let Some((s, _)) = seq {
                     next = s + 1;

@@ -290,6 +290,27 @@ fn encode(msg: &Message) -> Bytes {
     b.freeze()
 }
 
+/// The next message a JetStream consumer hands over, past its errors (logged as `what`, at
+/// most every 5 s); None once its stream of messages has ended.
+pub(crate) async fn next_message<T, E: std::fmt::Display>(
+    messages: &mut (impl futures_util::Stream<Item = Result<T, E>> + Unpin),
+    log: &RateLimited,
+    what: &str,
+) -> Option<T> {
+    use futures_util::StreamExt;
+    while let Some(item) = messages.next().await {
+        match item {
+            Ok(m) => return Some(m),
+            Err(e) => {
+                if let Some(skipped) = log.check() {
+                    warn!(error = %e, similar_not_logged = skipped, "{what}");
+                }
+            }
+        }
+    }
+    None
+}
+
 /// Logs a repeated problem at most once per `EVERY`, with how many were not logged.
 pub(crate) struct RateLimited {
     last: AtomicU64,

@@ -170,6 +170,7 @@ async fn follow_consumer(
     let (tx, rx) = mpsc::channel(super::inbound::MAX_UNACKED);
     tokio::spawn(acker(rx, broker.clone()));
     let log = RateLimited::new();
+    let consumer_error = format!("shared subscription consumer error (group {group}, filter {filter})");
     let durable = config.durable_name.clone().unwrap_or_default();
     loop {
         let consumer =
@@ -198,16 +199,7 @@ async fn follow_consumer(
                 continue;
             }
         };
-        while let Some(item) = messages.next().await {
-            let m = match item {
-                Ok(m) => m,
-                Err(e) => {
-                    if let Some(skipped) = log.check() {
-                        warn!(error = %e, group = %group, similar_not_logged = skipped, "shared subscription consumer error");
-                    }
-                    continue;
-                }
-            };
+        while let Some(m) = super::next_message(&mut messages, &log, &consumer_error).await {
             let ticket = match decode(&names, &m, true) {
                 Some(msg) if topic::matches(&filter, &msg.topic) => {
                     let Some(b) = broker.upgrade() else { return };

@@ -183,17 +183,8 @@ impl Conn {
         // hears it is connected: if this node dies, one of them publishes it.
         let mut will_rev = 0;
         if let (None, Some(wills), Some(w)) = (failure, broker.cluster_wills(), &c.will) {
-            let mut props = w.properties.clone();
-            let delay = props.will_delay_interval.take().unwrap_or(0).min(session_expiry);
-            let m = Message::received(
-                ByteString::from(&*w.topic),
-                bytes::Bytes::copy_from_slice(&w.payload),
-                w.qos,
-                w.retain,
-                props,
-                client_id.clone(),
-            );
-            match wills.put(&client_id, Broker::will_record(&m, delay, &principal, v)).await {
+            let (m, delay) = will_message(w, &client_id);
+            match wills.put(&client_id, Broker::will_record(&m, delay.min(session_expiry), &principal, v)).await {
                 Ok(rev) => will_rev = rev,
                 Err(()) => {
                     info!(client_id = %client_id, %peer, "will not kept in the cluster");
@@ -235,16 +226,7 @@ impl Conn {
         // The will as it would be published, for the store (persistent sessions only).
         let stored_will = match (&c.will, session_expiry) {
             (Some(w), e) if e > 0 => {
-                let mut props = w.properties.clone();
-                let delay = props.will_delay_interval.take().unwrap_or(0);
-                let m = Message::received(
-                    ByteString::from(&*w.topic),
-                    bytes::Bytes::copy_from_slice(&w.payload),
-                    w.qos,
-                    w.retain,
-                    props,
-                    client_id.clone(),
-                );
+                let (m, delay) = will_message(w, &client_id);
                 Some((Arc::new(m), delay))
             }
             _ => None,
@@ -462,4 +444,20 @@ pub(super) fn random_u64() -> u64 {
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     h.finish()
+}
+
+/// A CONNECT's will as it would be published, and its Will Delay Interval (taken out of its
+/// properties: it is not sent to subscribers).
+fn will_message(w: &LastWill, client_id: &ByteString) -> (Message, u32) {
+    let mut props = w.properties.clone();
+    let delay = props.will_delay_interval.take().unwrap_or(0);
+    let m = Message::received(
+        ByteString::from(&*w.topic),
+        bytes::Bytes::copy_from_slice(&w.payload),
+        w.qos,
+        w.retain,
+        props,
+        client_id.clone(),
+    );
+    (m, delay)
 }
