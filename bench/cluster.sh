@@ -14,7 +14,7 @@
 # run, and per message (µs), from /proc: what the NATS hop costs.
 #
 # Environment: NODES, SCENARIOS, RUNS (default 1), OUT (default target/bench/cluster-<time>),
-# NO_BUILD=1, CARGO_TARGET_DIR, MESSAGES_SCALE (default 1: fanin 400k, fanout 50k messages).
+# NO_BUILD=1, CARGO_TARGET_DIR, MESSAGES_SCALE (default 1: fanin 100k, fanout 50k messages).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -121,8 +121,8 @@ run_one() { # scenario nodes run
     last=${ADDRS[${#ADDRS[@]}-1]}
     all=$(IFS=,; echo "${ADDRS[*]}")
     case $sc in
-        fanin0) args=(fanin --qos 0 --messages $((400000 * SCALE)) --pub-addr "$all" --sub-addr "$last") ;;
-        fanin1) args=(fanin --qos 1 --messages $((400000 * SCALE)) --pub-addr "$all" --sub-addr "$last") ;;
+        fanin0) args=(fanin --qos 0 --messages $((100000 * SCALE)) --pub-addr "$all" --sub-addr "$last") ;;
+        fanin1) args=(fanin --qos 1 --messages $((100000 * SCALE)) --pub-addr "$all" --sub-addr "$last") ;;
         fanout0) args=(fanout --qos 0 --messages $((50000 * SCALE)) --pub-addr "${ADDRS[0]}" --sub-addr "$all") ;;
         fanout1) args=(fanout --qos 1 --messages $((50000 * SCALE)) --pub-addr "${ADDRS[0]}" --sub-addr "$all") ;;
         latency) args=(latency --rate 2000 --secs 10 --pub-addr "${ADDRS[0]}" --sub-addr "$last") ;;
