@@ -91,18 +91,32 @@ impl NatsServer {
         self.child = Some(child);
     }
 
-    /// `GET /healthz` on the monitoring port: 200 once the server's JetStream is current with
-    /// the cluster's meta leader.
-    fn healthy(&self) -> bool {
+    /// `GET path` on the monitoring port: the reply, when there is one.
+    fn monitor(&self, path: &str) -> Option<String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.http_port));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
-            return false;
-        }
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
         let mut reply = String::new();
         let _ = s.read_to_string(&mut reply);
-        reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200")
+        Some(reply)
+    }
+
+    /// Ready for JetStream requests: `/healthz` answers 200 (JetStream current with its meta
+    /// leader and every stream and consumer), or, for a cluster that was restarted with its
+    /// streams still catching up (healthz then fails for tens of seconds on a loaded machine,
+    /// while requests are already served), `/jsz` names a meta leader.
+    fn healthy(&self) -> bool {
+        let ok = |r: &str| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200");
+        if self.monitor("/healthz").is_some_and(|r| ok(&r)) {
+            return true;
+        }
+        self.monitor("/jsz").is_some_and(|r| {
+            ok(&r)
+                && r.split_once("\"meta_cluster\"")
+                    .and_then(|(_, meta)| meta.split_once("\"leader\": \""))
+                    .is_some_and(|(_, leader)| !leader.starts_with('"'))
+        })
     }
 }
 
