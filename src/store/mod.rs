@@ -806,6 +806,11 @@ mod tests {
         let err = store.fatal().expect("fatal");
         assert!(matches!(*err, StoreError::CommitThread(_)), "{err}");
         assert!(err.to_string().contains("backend bug"), "{err}");
+        // The hooks run after the error is recorded: poll for them too.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while lock(&hooked).is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(lock(&hooked).as_deref().is_some_and(|m| m.contains("backend bug")));
         // The waiters are told after the hooks run: poll for it, with a deadline.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
