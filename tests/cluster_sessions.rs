@@ -271,3 +271,89 @@ async fn an_offline_session_gets_its_backlog_on_another_node_and_an_expired_one_
     assert!(!ack.session_present, "an expired session does not come back");
     gone.expect_silence(Duration::from_millis(500)).await;
 }
+
+/// A QoS 2 delivery the client PUBREC'd is "released" for every node: after its node dies,
+/// the node that takes the session on sends its PUBREL again, never its PUBLISH, whether the
+/// client had completed it (and forgotten the id: a PUBLISH would be a new message to it)
+/// or not.
+#[tokio::test]
+async fn a_released_qos2_delivery_comes_back_as_pubrel_never_as_publish() {
+    let Some(nats) = tokio::task::spawn_blocking(|| NatsCluster::start(3)).await.expect("nats start") else { return };
+    let mut tern = nodes(&nats, "rel", 2).await;
+    let (n1, n2) = (tern[0].addr(), tern[1].addr());
+    let cases = [("rel-v5", true, "r/v5"), ("rel-v4", false, "r/v4")];
+    let mut publisher = connect_v5(n2, "rel-pub").await;
+    let mut subs = Vec::new();
+    for (id, v5, topic) in cases {
+        let (mut c, _) = connect_with(n1, &persistent(id, v5)).await;
+        c.send(&subscribe_pkt(v5, 1, &[(topic, 2)])).await;
+        let p = c.read_packet().await;
+        assert!(p[0] == 0x90 && p.last().is_some_and(|&q| q == 2), "SUBACK granting QoS 2: {}", hex(&p));
+        publish_all(&mut publisher, topic, 2, 0..2).await;
+        // m000: PUBREC'd, PUBREL received, PUBCOMP never sent. m001: completed.
+        let mut ids: Vec<u16> = Vec::new();
+        let mut rels = 0;
+        let deadline = Instant::now() + CROSS;
+        while rels < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{id}: PUBLISH/PUBREL of m000 and m001 within {CROSS:?} ({ids:?}, {rels})");
+            match c.next_event(left).await {
+                Event::Packet(p) if p[0] >> 4 == 3 => {
+                    let m = parse_publish(&p, v5);
+                    let want = format!("m{:03}", ids.len());
+                    assert_eq!(String::from_utf8_lossy(&m.payload), want, "{id}: in order");
+                    let pid = m.pid.expect("QoS 2 has a packet id");
+                    ids.push(pid);
+                    c.send(&pubrec(pid)).await;
+                }
+                Event::Packet(p) if p[0] == 0x62 => {
+                    let pid = u16::from_be_bytes([p[2], p[3]]);
+                    assert!(ids.contains(&pid), "{id}: PUBREL for an id never PUBREC'd: {}", hex(&p));
+                    rels += 1;
+                    if ids.get(1) == Some(&pid) {
+                        c.send(&pubcomp(pid)).await;
+                    }
+                }
+                Event::Packet(p) => panic!("{id}: unexpected {}", hex(&p)),
+                Event::Timeout => {}
+                Event::Closed => panic!("{id}: closed by node 1"),
+            }
+        }
+        subs.push((c, ids));
+    }
+    tern[0].kill();
+
+    for ((id, v5, topic), (_, ids)) in cases.iter().zip(&subs) {
+        let (mut c, ack) = connect_with(n2, &persistent(id, *v5)).await;
+        assert!(ack.session_present, "{id}: session present on node 2");
+        publish_all(&mut publisher, topic, 2, 2..3).await;
+        // Until the next message: PUBRELs (answered), and no PUBLISH but m002's.
+        let mut pubrels = Vec::new();
+        let deadline = Instant::now() + CROSS;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{id}: m002 did not come on node 2");
+            match c.next_event(left).await {
+                Event::Packet(p) if p[0] == 0x62 => {
+                    let pid = u16::from_be_bytes([p[2], p[3]]);
+                    pubrels.push(pid);
+                    c.send(&pubcomp(pid)).await;
+                }
+                Event::Packet(p) if p[0] >> 4 == 3 => {
+                    let m = parse_publish(&p, *v5);
+                    assert_eq!(
+                        String::from_utf8_lossy(&m.payload),
+                        "m002",
+                        "{id}: a released message was sent again as a PUBLISH (a duplicate to the client)"
+                    );
+                    break;
+                }
+                Event::Packet(_) | Event::Timeout => {}
+                Event::Closed => panic!("{id}: closed by node 2"),
+            }
+        }
+        assert!(pubrels.contains(&ids[0]), "{id}: the PUBREL of the uncompleted m000 ({}) again: {pubrels:?}", ids[0]);
+        println!("{id}: PUBRELs sent again by node 2: {pubrels:?} (m000 {}, m001 {})", ids[0], ids[1]);
+    }
+    tern.clear();
+}

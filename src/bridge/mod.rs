@@ -547,10 +547,10 @@ impl<'a> Peer<'a> {
             Packet::PubAck(r) => check(link.puback(r.packet_id)),
             Packet::PubRec(r) => {
                 let success = r.reason < 0x80;
-                let (ack, ticket) = link.pubrec(r.packet_id, success);
+                let (ack, ticket, replicated) = link.pubrec(r.packet_id, success);
                 check(ack)?;
                 if success {
-                    self.respond(ticket, None, Packet::PubRel(PubResp::new(r.packet_id)));
+                    self.respond(ticket, replicated, Packet::PubRel(PubResp::new(r.packet_id)));
                 }
                 Ok(())
             }

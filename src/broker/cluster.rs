@@ -49,6 +49,15 @@ pub trait ClusterRoutes: Send + Sync {
     /// group, the cluster gives it some of the group's messages, each to one node, which it
     /// hands to `Broker::publish_to_share`.
     fn shared(&self, group: &str, filter: &str, added: bool);
+
+    /// Messages wait for NATS past the point where publishers must be slowed down: clients'
+    /// input pauses (TCP slows them) rather than the cluster dropping QoS 0 or refusing
+    /// QoS 1/2. A cheap check, made before every packet.
+    fn backlogged(&self) -> bool;
+
+    /// Signals `waiter` (`signal::DURABLE`) once the backlog has drained (at once if it
+    /// has already).
+    fn wake_when_drained(&self, waiter: &Arc<ConnControl>);
 }
 
 /// A persistent session as the cluster keeps it, to be taken on by this node.
@@ -56,6 +65,9 @@ pub trait ClusterRoutes: Send + Sync {
 pub struct SessionSnapshot {
     /// Full filter (with any `$share/group/` prefix), options, subscription id.
     pub subscriptions: Vec<(Box<str>, SubscriptionOptions, Option<u32>)>,
+    /// Packet ids of QoS 2 deliveries the client had PUBREC'd (released): each gets its
+    /// PUBREL again, never its PUBLISH [MQTT-4.4.0-1].
+    pub released: Vec<u16>,
 }
 
 /// A boxed step of `ClusterSessions`, so that the hook is object safe.
@@ -91,6 +103,17 @@ pub trait ClusterSessions: Send + Sync {
 
     /// The client acknowledged (or the broker ended) the delivery of stream message `seq`.
     fn acked(&self, client_id: &str, seq: u64);
+
+    /// The client PUBREC'd stream message `seq`, sent with `packet_id`: records it as
+    /// released (so that any node resends its PUBREL, not its PUBLISH, once the client has
+    /// forgotten the id) and acknowledges it in the stream, then completes `done`, which the
+    /// PUBREL waits for.
+    fn released(&self, handle: &Arc<SessionHandle>, seq: u64, packet_id: u16, done: Arc<Replicated>);
+
+    /// The client PUBCOMP'd `packet_id`: the record forgets it, in a write of its own that
+    /// nothing waits for (a node that took the session on before it sends that PUBREL again,
+    /// for an id the client has forgotten: it answers PUBCOMP, and nothing else happens).
+    fn completed(&self, handle: &Arc<SessionHandle>, packet_id: u16);
 
     /// Connection `connection_id` no longer serves the session: feeding it stops; with
     /// `end`, the cluster forgets the session.
@@ -167,6 +190,20 @@ impl Broker {
         done
     }
 
+    /// Whether this node's publishers must wait for the cluster (see
+    /// `ClusterRoutes::backlogged`); false without a cluster.
+    #[inline]
+    pub fn cluster_backlogged(&self) -> bool {
+        self.cluster.get().is_some_and(|r| r.backlogged())
+    }
+
+    /// Wakes `waiter` once the cluster's backlog has drained.
+    pub fn wait_cluster_drained(&self, waiter: &Arc<ConnControl>) {
+        if let Some(r) = self.cluster.get() {
+            r.wake_when_drained(waiter);
+        }
+    }
+
     /// Reports a subscription (`filter` as subscribed, `$share/...` included) added or
     /// removed to the cluster, if any. Callers hold the index's write lock (see
     /// `install_cluster`).
@@ -177,16 +214,15 @@ impl Broker {
     }
 
     /// Delivers a message published on another node to this node's matching sessions, with
-    /// the same rules as a local publish (policy read checks at delivery, flow control is not
-    /// applied: the cluster does not wait for a full queue, which drops at its bound), shared
-    /// groups left out (they come through `publish_to_share`). The retained index is left
-    /// alone: retained updates come in stream order through `retain_from_cluster`. Returns how
-    /// many sessions it matched and the store ticket that makes the persistent sessions'
-    /// copies durable.
-    pub fn publish_from_cluster(&self, msg: Arc<Message>) -> (usize, u64) {
+    /// the same rules as a local publish (policy read checks at delivery; the connected
+    /// sessions it filled are added to `full`, for the caller to wait for room before the
+    /// next message, as a local publisher's flow control does), shared groups left out (they
+    /// come through `publish_to_share`). The retained index is left alone: retained updates
+    /// come in stream order through `retain_from_cluster`. Returns how many sessions it
+    /// matched and the store ticket that makes the persistent sessions' copies durable.
+    pub fn publish_from_cluster(&self, msg: Arc<Message>, full: &mut Vec<Arc<SessionHandle>>) -> (usize, u64) {
         self.metrics.cluster.received.fetch_add(1, Ordering::Relaxed);
-        let mut full: Vec<Arc<SessionHandle>> = Vec::new();
-        self.fan_out_with(msg, None, &mut full, true, false, Select::Plain)
+        self.fan_out_with(msg, None, full, true, false, Select::Plain)
     }
 
     /// Delivers a message the cluster gave this node for the shared subscription
@@ -326,6 +362,32 @@ impl Broker {
         for (filter, options, id) in resumed.map(|r| r.subscriptions.as_slice()).unwrap_or_default() {
             self.subscribe(&attached.handle, &ByteString::from(&**filter), *options, *id);
         }
+        if let Some(r) = resumed.filter(|r| !r.released.is_empty()) {
+            // Only the id matters to a PUBREL: the message itself was delivered and is gone.
+            let gone = Arc::new(Message::received(
+                ByteString::new(),
+                bytes::Bytes::new(),
+                QoS::ExactlyOnce,
+                false,
+                crate::protocol::Properties::default(),
+                ByteString::new(),
+            ));
+            let mut cell = attached.handle.lock();
+            for &pid in &r.released {
+                let d = Delivery {
+                    msg: Arc::clone(&gone),
+                    qos: QoS::ExactlyOnce,
+                    retain: false,
+                    subscription_ids: Vec::new(),
+                    store_seq: None,
+                    shared: None,
+                    maybe_sent: true,
+                    priority: 0,
+                    stream_seq: 0,
+                };
+                cell.state.restore_inflight(pid, d, crate::session::OutState::AwaitingComp);
+            }
+        }
         attached
     }
 
@@ -376,6 +438,28 @@ impl Broker {
     pub fn cluster_acked(&self, handle: &SessionHandle, seq: u64) {
         if let (true, Some(s)) = (seq != 0, self.cluster_sessions.get()) {
             s.acked(&handle.client_id, seq);
+        }
+    }
+
+    /// A clustered session's client PUBREC'd stream message `seq` (`packet_id`): what its
+    /// PUBREL must wait for (`waiter` is woken when it is done). None for other deliveries.
+    pub fn cluster_released(
+        &self,
+        handle: &Arc<SessionHandle>,
+        seq: u64,
+        packet_id: u16,
+        waiter: &Arc<ConnControl>,
+    ) -> Option<Arc<Replicated>> {
+        let s = self.cluster_sessions.get().filter(|_| seq != 0 && handle.clustered)?;
+        let done = Replicated::new(Some(waiter));
+        s.released(handle, seq, packet_id, Arc::clone(&done));
+        Some(done)
+    }
+
+    /// A clustered session's client PUBCOMP'd `packet_id`.
+    pub fn cluster_completed(&self, handle: &Arc<SessionHandle>, packet_id: u16) {
+        if let (true, Some(s)) = (handle.clustered, self.cluster_sessions.get()) {
+            s.completed(handle, packet_id);
         }
     }
 

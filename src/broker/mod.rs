@@ -236,6 +236,39 @@ impl Broker {
         self.durable.wait(ticket, control);
     }
 
+    /// Waits until the subscribers whose queues a publish filled have room, each for at most
+    /// `limits.slow_consumer_secs` (their stalled readers are cut off by the flow control of
+    /// network publishers), `own` session excepted. For publishers without a socket to stop
+    /// reading (in-process clients, bridges and the cluster's inbound tasks, which stop
+    /// reading their peer meanwhile). Signals other than FLOW that arrive at `control`
+    /// meanwhile are raised again for the caller's loop.
+    pub async fn wait_for_room(
+        &self,
+        full: Vec<Arc<SessionHandle>>,
+        control: &Arc<ConnControl>,
+        own: Option<&Arc<SessionHandle>>,
+    ) {
+        let limit = std::time::Duration::from_secs(self.config.limits.slow_consumer_secs);
+        let until = tokio::time::Instant::now() + limit;
+        for target in full {
+            if own.is_some_and(|h| Arc::ptr_eq(&target, h)) {
+                continue;
+            }
+            while target.wait_for_room(control).is_some() {
+                // Re-checked at least every 100 ms, in case a FLOW wake-up went elsewhere.
+                let tick = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+                let woke =
+                    tokio::time::timeout_at(tick.min(until), std::future::poll_fn(|cx| control.poll_signals(cx))).await;
+                if let Ok(bits) = woke {
+                    control.signal(bits & !signal::FLOW);
+                }
+                if tokio::time::Instant::now() >= until {
+                    return;
+                }
+            }
+        }
+    }
+
     /// Server shutdown: every connection is told `reason`, and connections attaching from
     /// now on end at once (`shutting_down`).
     pub fn kick_all(&self, reason: u8) {

@@ -2,6 +2,8 @@
 //! subscriptions, QoS 1/2 messages from its durable consumer (acknowledged once their local
 //! copies are durable), retained updates from the retained stream in stream order.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{Names, RateLimited, NODE_HEADER};
-use crate::broker::{Broker, ConnControl};
+use crate::broker::{Broker, ConnControl, DropCause};
 use crate::message::Message;
 use crate::protocol::SubscriptionOptions;
 use crate::store::records;
@@ -96,21 +98,99 @@ pub(super) fn decode(names: &Names, m: &async_nats::Message, own: bool) -> Optio
     }
 }
 
+/// Bytes of other nodes' QoS 0 messages this node holds, at most, while they wait for full
+/// local subscribers (all filters together); beyond it they are dropped and counted.
+pub(super) const MAX_QOS0_WAITING_BYTES: usize = 64 << 20;
+
 /// Delivers the QoS 0 messages of one core subscription (of `filter`) until it is dropped.
+/// A full local subscriber is waited for, as a local publisher's flow control would (up to
+/// `limits.slow_consumer_secs`); NATS cannot be slowed down meanwhile, so what arrives is
+/// read on and held, within `waiting` (shared by every filter's task: at most
+/// `MAX_QOS0_WAITING_BYTES`), the rest dropped.
 pub(super) async fn follow_q0(
     mut sub: async_nats::Subscriber,
     filter: ByteString,
     interest: Arc<RwLock<Interest>>,
     names: Arc<Names>,
     broker: Weak<Broker>,
+    waiting: Arc<AtomicUsize>,
 ) {
-    while let Some(m) = sub.next().await {
-        let Some(msg) = decode(&names, &m, false) else { continue };
+    let waiter = Arc::new(ConnControl::default());
+    let mut full = Vec::new();
+    let mut held = Held { queue: VecDeque::new(), bytes: 0, budget: waiting };
+    // Decodes a NATS message into `held` (or drops it); false once the subscription ended.
+    let take = |m: Option<async_nats::Message>, held: &mut Held| {
+        let Some(m) = m else { return false };
+        let Some(msg) = decode(&names, &m, false) else { return true };
         if !interest.read().unwrap_or_else(|e| e.into_inner()).first_match(&filter, &msg.topic) {
-            continue;
+            return true;
+        }
+        if !held.push(Arc::new(msg)) {
+            if let Some(b) = broker.upgrade() {
+                b.metrics.drop_n(DropCause::Memory, 1);
+            }
+        }
+        true
+    };
+    loop {
+        if held.queue.is_empty() && !take(sub.next().await, &mut held) {
+            return;
         }
         let Some(b) = broker.upgrade() else { return };
-        b.publish_from_cluster(Arc::new(msg));
+        while let Some(msg) = held.pop() {
+            b.publish_from_cluster(msg, &mut full);
+            if !full.is_empty() {
+                break;
+            }
+        }
+        if full.is_empty() {
+            continue;
+        }
+        let wait = b.wait_for_room(std::mem::take(&mut full), &waiter, None);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                m = sub.next() => if !take(m, &mut held) { return },
+            }
+        }
+    }
+}
+
+/// Other nodes' QoS 0 messages read from NATS while a full subscriber is waited for, counted
+/// in the node's budget until delivered (or dropped with the task).
+struct Held {
+    queue: VecDeque<Arc<Message>>,
+    bytes: usize,
+    budget: Arc<AtomicUsize>,
+}
+
+impl Held {
+    /// False (not kept) when the budget is spent; the first message is always kept, so that
+    /// every filter makes progress.
+    fn push(&mut self, msg: Arc<Message>) -> bool {
+        let n = msg.held_bytes();
+        if self.budget.fetch_add(n, Ordering::Relaxed) + n > MAX_QOS0_WAITING_BYTES && !self.queue.is_empty() {
+            self.budget.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes += n;
+        self.queue.push_back(msg);
+        true
+    }
+
+    fn pop(&mut self) -> Option<Arc<Message>> {
+        let msg = self.queue.pop_front()?;
+        let n = msg.held_bytes();
+        self.bytes -= n;
+        self.budget.fetch_sub(n, Ordering::Relaxed);
+        Some(msg)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -120,6 +200,8 @@ pub(super) async fn follow_messages(broker: Weak<Broker>, consumer: consumer::Pu
     let (tx, rx) = mpsc::channel(MAX_UNACKED);
     tokio::spawn(acker(rx, broker.clone()));
     let log = RateLimited::new();
+    let waiter = Arc::new(ConnControl::default());
+    let mut full = Vec::new();
     loop {
         let mut messages = match consumer.messages().await {
             Ok(m) => m,
@@ -135,7 +217,12 @@ pub(super) async fn follow_messages(broker: Weak<Broker>, consumer: consumer::Pu
             let ticket = match decode(&names, &m, false) {
                 Some(msg) => {
                     let Some(b) = broker.upgrade() else { return };
-                    b.publish_from_cluster(Arc::new(msg)).1
+                    let ticket = b.publish_from_cluster(Arc::new(msg), &mut full).1;
+                    if !full.is_empty() {
+                        // JetStream holds what follows meanwhile.
+                        b.wait_for_room(std::mem::take(&mut full), &waiter, None).await;
+                    }
+                    ticket
                 }
                 None => 0,
             };

@@ -3,7 +3,8 @@
 //! and its subscriptions' interest (one task keeping a core NATS subscription per filter).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -16,23 +17,54 @@ use tracing::warn;
 use super::inbound::{self, Interest};
 use super::shares;
 use super::{encode, subject, Names, RateLimited, MAX_SUBJECT, NODE_HEADER};
-use crate::broker::{Broker, ClusterRoutes, Replicated};
+use crate::broker::{signal, Broker, ClusterRoutes, ConnControl, Replicated};
 use crate::config::Cluster as ClusterConfig;
 use crate::message::Message;
 use crate::protocol::QoS;
 
-/// Messages waiting for the publishing task, at most: past it (NATS far slower than the
-/// clients, or gone while its buffer filled), QoS 1/2 publishers hear a failure at once.
+/// Messages waiting for the publishing task, at most: past it (NATS gone while its buffer
+/// filled, or publishers that are not slowed down, such as bridges), QoS 0 messages are
+/// dropped (counted) and QoS 1/2 publishers hear a failure at once.
 const MAX_WAITING: usize = 16_384;
+/// From this many messages waiting (while NATS is connected), clients' input pauses, so
+/// that a burst slows its publishers down instead of overflowing `MAX_WAITING`...
+const PAUSE_AT: usize = MAX_WAITING / 2;
+/// ...until this few are left.
+const RESUME_AT: usize = MAX_WAITING / 4;
+/// How often paused clients are looked at while NATS may be gone (the queue does not drain
+/// then, and they must resume to hear their failures).
+const DRAIN_CHECK: Duration = Duration::from_millis(20);
 
 struct Outgoing {
     msg: Arc<Message>,
     done: Option<Arc<Replicated>>,
 }
 
+/// Connections whose input waits for the backlog to NATS to drain, by address (each once).
+#[derive(Default)]
+struct Waiters {
+    list: Mutex<HashMap<usize, Arc<ConnControl>>>,
+    any: AtomicBool,
+    added: tokio::sync::Notify,
+}
+
+impl Waiters {
+    fn wake_all(&self) {
+        if !self.any.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let list = std::mem::take(&mut *self.list.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in list.into_values() {
+            c.signal(signal::DURABLE);
+        }
+    }
+}
+
 /// The routes installed in the broker: hand-offs to this module's tasks, never a wait.
 pub(super) struct Routes {
     out: mpsc::Sender<Outgoing>,
+    client: async_nats::Client,
+    waiters: Arc<Waiters>,
     interest: mpsc::UnboundedSender<(Box<str>, bool)>,
     shares: mpsc::UnboundedSender<shares::Change>,
     broker: Weak<Broker>,
@@ -60,9 +92,51 @@ impl Routes {
             Arc::clone(&names),
             Arc::downgrade(broker),
         ));
-        tokio::spawn(publish_loop(rx, client.clone(), js, ack_timeout, Arc::clone(&names), Arc::downgrade(broker)));
-        tokio::spawn(interest_loop(interest_rx, client, names, Arc::downgrade(broker)));
-        Arc::new(Routes { out, interest, shares, broker: Arc::downgrade(broker), refused: RateLimited::new() })
+        let waiters = Arc::new(Waiters::default());
+        tokio::spawn(publish_loop(
+            rx,
+            client.clone(),
+            js,
+            ack_timeout,
+            Arc::clone(&names),
+            Arc::downgrade(broker),
+            Arc::clone(&waiters),
+        ));
+        tokio::spawn(interest_loop(interest_rx, client.clone(), names, Arc::downgrade(broker)));
+        let routes = Arc::new(Routes {
+            out,
+            client,
+            waiters,
+            interest,
+            shares,
+            broker: Arc::downgrade(broker),
+            refused: RateLimited::new(),
+        });
+        tokio::spawn(watch_paused(Arc::downgrade(&routes)));
+        routes
+    }
+
+    fn waiting(&self) -> usize {
+        MAX_WAITING - self.out.capacity()
+    }
+}
+
+/// Wakes the paused connections once the backlog has drained, or once NATS is gone (they
+/// then go on, and the messages past `MAX_WAITING` fail as they would without pausing).
+/// The publishing task wakes them as soon as it drains; this covers the rest.
+async fn watch_paused(routes: Weak<Routes>) {
+    loop {
+        let Some(r) = routes.upgrade() else { return };
+        let waiters = Arc::clone(&r.waiters);
+        drop(r);
+        if !waiters.any.load(Ordering::Acquire) {
+            waiters.added.notified().await;
+        }
+        tokio::time::sleep(DRAIN_CHECK).await;
+        let Some(r) = routes.upgrade() else { return };
+        if !r.backlogged() {
+            r.waiters.wake_all();
+        }
     }
 }
 
@@ -80,6 +154,18 @@ impl ClusterRoutes for Routes {
 
     fn shared(&self, group: &str, filter: &str, added: bool) {
         let _ = self.shares.send((group.into(), filter.into(), added));
+    }
+
+    fn backlogged(&self) -> bool {
+        self.waiting() >= PAUSE_AT && self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn wake_when_drained(&self, waiter: &Arc<ConnControl>) {
+        let key = Arc::as_ptr(waiter) as usize;
+        self.waiters.list.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert_with(|| Arc::clone(waiter));
+        if !self.waiters.any.swap(true, Ordering::AcqRel) {
+            self.waiters.added.notify_one();
+        }
     }
 }
 
@@ -107,9 +193,13 @@ async fn publish_loop(
     ack_timeout: Duration,
     names: Arc<Names>,
     broker: Weak<Broker>,
+    waiters: Arc<Waiters>,
 ) {
     let log = Arc::new(RateLimited::new());
     while let Some(Outgoing { msg, done }) = rx.recv().await {
+        if rx.len() <= RESUME_AT && waiters.any.load(Ordering::Relaxed) {
+            waiters.wake_all();
+        }
         let body = encode(&msg);
         let mut headers = HeaderMap::new();
         headers.insert(NODE_HEADER, names.node.as_str());
@@ -175,6 +265,7 @@ async fn interest_loop(
     broker: Weak<Broker>,
 ) {
     let filters = Arc::new(RwLock::new(Interest::new()));
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut held: HashMap<Box<str>, (usize, Vec<JoinHandle<()>>)> = HashMap::new();
     while let Some((filter, added)) = rx.recv().await {
         if added {
@@ -193,6 +284,7 @@ async fn interest_loop(
                         Arc::clone(&filters),
                         Arc::clone(&names),
                         broker.clone(),
+                        Arc::clone(&waiting),
                     ))),
                     Err(e) => {
                         warn!(subject = %subject, error = %e, "NATS subscription failed; QoS 0 messages of other nodes on it are missed")

@@ -55,6 +55,14 @@ struct Record {
     /// The whole client id, kept only when the key is its hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<String>,
+    /// QoS 2 deliveries the client PUBREC'd: (stream sequence, packet id). Written before
+    /// their PUBREL goes out and before their stream message is acknowledged, so that the
+    /// node that takes the session on sends the PUBREL again, and never the PUBLISH (the
+    /// client may have PUBCOMP'd and forgotten the id: a PUBLISH would be a new message to
+    /// it). Forgotten after PUBCOMP, in a write nothing waits for (completions made
+    /// meanwhile share it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rel: Vec<(u64, u16)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,8 +105,11 @@ struct Active {
     expiry: u32,
     /// Stream sequences acknowledged, for the pulling task to acknowledge in JetStream.
     acks: mpsc::UnboundedSender<u64>,
-    /// Serialises the record's writes, so that the last write has the last subscriptions.
-    writes: Arc<tokio::sync::Mutex<()>>,
+    /// Serialises the record's writes, so that the last write has the last subscriptions;
+    /// guards the released deliveries the record keeps (`Record::rel`).
+    writes: Arc<tokio::sync::Mutex<Vec<(u64, u16)>>>,
+    /// Packet ids PUBCOMP'd since, to leave out of the record's next write.
+    completed: Arc<Mutex<Vec<u16>>>,
 }
 
 /// A session taken on by `prepare`, until `start`: its consumer, made again, and the last
@@ -106,6 +117,7 @@ struct Active {
 struct Taken {
     consumer: consumer::PullConsumer,
     resend_through: u64,
+    rel: Vec<(u64, u16)>,
 }
 
 pub(crate) struct Sessions {
@@ -277,10 +289,11 @@ impl Sessions {
         let resend_through = info.delivered.stream_sequence;
         let consumer = self.make_consumer(&record.consumer, Some(start), expiry).await?;
         debug!(client_id, start, resend_through, "cluster session taken on");
+        let released = record.rel.iter().map(|&(_, pid)| pid).collect();
         self.taken
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(client_id.into(), Taken { consumer, resend_through });
+            .insert(client_id.into(), Taken { consumer, resend_through, rel: record.rel });
         let subscriptions = record
             .subs
             .iter()
@@ -294,11 +307,12 @@ impl Sessions {
                 Some((Box::from(s.f.as_str()), options, s.id))
             })
             .collect();
-        Ok(Some(SessionSnapshot { subscriptions }))
+        Ok(Some(SessionSnapshot { subscriptions, released }))
     }
 
-    /// Writes the record of `handle`'s session as it is now.
-    async fn write(&self, handle: &SessionHandle, expiry: u32) -> Result<(), Refused> {
+    /// Writes the record of `handle`'s session as it is now, with the released deliveries
+    /// `rel`.
+    async fn write(&self, handle: &SessionHandle, expiry: u32, rel: &[(u64, u16)]) -> Result<(), Refused> {
         let client_id = &*handle.client_id;
         let (v, subs) = {
             let cell = handle.lock();
@@ -321,6 +335,7 @@ impl Sessions {
                 })
                 .collect(),
             id: key.starts_with("h.").then(|| client_id.to_string()),
+            rel: rel.to_vec(),
         };
         let value = Bytes::from(serde_json::to_vec(&record).unwrap_or_default());
         match tokio::time::timeout(OP_TIMEOUT, self.kv.put(key, value)).await {
@@ -342,26 +357,94 @@ impl Sessions {
     ) -> Result<(), Refused> {
         let client_id = &*handle.client_id;
         let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner()).remove(client_id);
-        let (consumer, resend_through) = match (resumed, taken) {
-            (true, Some(t)) => (t.consumer, t.resend_through),
-            _ => (self.make_consumer(&consumer_name(client_id), None, expiry).await?, 0),
+        let (consumer, resend_through, rel) = match (resumed, taken) {
+            (true, Some(t)) => (t.consumer, t.resend_through, t.rel),
+            _ => (self.make_consumer(&consumer_name(client_id), None, expiry).await?, 0, Vec::new()),
         };
-        self.write(handle, expiry).await?;
+        self.write(handle, expiry, &rel).await?;
+        // Released messages may still be in the stream (their acknowledgement lost with
+        // their node): they are acknowledged, not delivered again.
+        let skip = rel.iter().map(|&(seq, _)| seq).collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        let writes = Arc::new(tokio::sync::Mutex::new(()));
+        let writes = Arc::new(tokio::sync::Mutex::new(rel));
+        let completed = Arc::new(Mutex::new(Vec::new()));
         self.active
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(client_id.into(), Active { connection_id, expiry, acks: tx, writes });
+            .insert(client_id.into(), Active { connection_id, expiry, acks: tx, writes, completed });
         tokio::spawn(pull(
             self.broker.clone(),
             Arc::clone(handle),
             consumer,
             rx,
             resend_through,
+            skip,
             Arc::clone(&self.names),
         ));
         Ok(())
+    }
+}
+
+/// Why a session's record is written again.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Subscriptions,
+    /// The client PUBREC'd (stream sequence, packet id).
+    Released(u64, u16),
+    Completed,
+}
+
+impl Sessions {
+    /// Writes the session's record (subscriptions as they are now, released deliveries with
+    /// `released` added and the completed ones left out), then completes `done`; a released
+    /// delivery's stream message is acknowledged once the record has it.
+    fn update(&self, handle: &Arc<SessionHandle>, change: Change, done: Arc<Replicated>) {
+        let released = match change {
+            Change::Released(seq, pid) => Some((seq, pid)),
+            Change::Subscriptions | Change::Completed => None,
+        };
+        let found = {
+            let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            active
+                .get(&*handle.client_id)
+                .map(|a| (a.expiry, Arc::clone(&a.writes), Arc::clone(&a.completed), a.acks.clone()))
+        };
+        let (Some((expiry, writes, completed, acks)), Some(me)) = (found, self.me.upgrade()) else {
+            done.complete(false);
+            return;
+        };
+        // Lock taken in call order: `tokio::sync::Mutex` is fair, and the write reads the
+        // subscriptions once it has it, so the last write has the latest.
+        let handle = Arc::clone(handle);
+        tokio::spawn(async move {
+            let mut rel = writes.lock().await;
+            let gone = std::mem::take(&mut *completed.lock().unwrap_or_else(|e| e.into_inner()));
+            let before = rel.len();
+            if !gone.is_empty() {
+                rel.retain(|(_, pid)| !gone.contains(pid));
+            }
+            if matches!(change, Change::Completed) && rel.len() == before {
+                // Completions only, none of them recorded (or taken by a write before this
+                // one): nothing to write.
+                done.complete(true);
+                return;
+            }
+            if let Some(r) = released {
+                // A PUBREC repeated for an id (a client answering a PUBLISH sent again) is
+                // recorded once.
+                rel.retain(|&(_, pid)| pid != r.1);
+                rel.push(r);
+            }
+            let ok = me.write(&handle, expiry, &rel).await.is_ok();
+            match (ok, released) {
+                (true, Some((seq, _))) => {
+                    let _ = acks.send(seq);
+                }
+                (false, Some((_, pid))) => rel.retain(|&(_, p)| p != pid),
+                _ => {}
+            }
+            done.complete(ok);
+        });
     }
 }
 
@@ -386,21 +469,25 @@ impl ClusterSessions for Sessions {
     }
 
     fn save(&self, handle: &Arc<SessionHandle>, done: Arc<Replicated>) {
-        let found = {
+        self.update(handle, Change::Subscriptions, done);
+    }
+
+    fn released(&self, handle: &Arc<SessionHandle>, seq: u64, packet_id: u16, done: Arc<Replicated>) {
+        self.update(handle, Change::Released(seq, packet_id), done);
+    }
+
+    fn completed(&self, handle: &Arc<SessionHandle>, packet_id: u16) {
+        let first = {
             let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-            active.get(&*handle.client_id).map(|a| (a.expiry, Arc::clone(&a.writes)))
+            let Some(a) = active.get(&*handle.client_id) else { return };
+            let mut completed = a.completed.lock().unwrap_or_else(|e| e.into_inner());
+            completed.push(packet_id);
+            completed.len() == 1
         };
-        let (Some((expiry, writes)), Some(me)) = (found, self.me.upgrade()) else {
-            done.complete(false);
-            return;
-        };
-        // Lock taken in call order: `tokio::sync::Mutex` is fair, and the write reads the
-        // subscriptions once it has it, so the last write has the latest.
-        let handle = Arc::clone(handle);
-        tokio::spawn(async move {
-            let _turn = writes.lock().await;
-            done.complete(me.write(&handle, expiry).await.is_ok());
-        });
+        if first {
+            // One write takes every completion made until it runs.
+            self.update(handle, Change::Completed, Replicated::new(None));
+        }
     }
 
     fn acked(&self, client_id: &str, seq: u64) {
@@ -442,6 +529,7 @@ async fn pull(
     consumer: consumer::PullConsumer,
     mut acks: mpsc::UnboundedReceiver<u64>,
     resend_through: u64,
+    skip: std::collections::HashSet<u64>,
     names: Arc<Names>,
 ) {
     let log = RateLimited::new();
@@ -496,6 +584,11 @@ async fn pull(
                     continue;
                 }
                 highest = seq;
+                if skip.contains(&seq) {
+                    // Released before: its PUBREL went out again from the session's state.
+                    let _ = m.ack().await;
+                    continue;
+                }
                 let Some(b) = broker.upgrade() else { return };
                 let Some(msg) = inbound::decode(&names, &m, true) else {
                     let _ = m.ack().await;

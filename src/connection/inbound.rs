@@ -102,14 +102,15 @@ impl Conn {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(r) => Self::check_ack(self.link.puback(r.packet_id), "PUBACK"),
             Packet::PubRec(r) => {
-                let (ack, ticket) = self.link.pubrec(r.packet_id, r.reason < 0x80);
+                let (ack, ticket, replicated) = self.link.pubrec(r.packet_id, r.reason < 0x80);
                 Self::check_ack(ack, "PUBREC")?;
                 // PUBREL lets the receiver forget the id; after a crash we must then resend
-                // PUBREL, never the PUBLISH, so it waits until "released" is durable.
+                // PUBREL, never the PUBLISH, so it waits until "released" is durable (in the
+                // store, and in a cluster's session record).
                 // An unknown id still gets PUBREL with success, as mosquitto answers (0x92
                 // would also be allowed): the client then completes and forgets it.
                 if r.reason < 0x80 {
-                    self.respond(ticket, Packet::PubRel(PubResp::new(r.packet_id)), None);
+                    self.respond_after(ticket, replicated, Packet::PubRel(PubResp::new(r.packet_id)), None);
                 }
                 Ok(())
             }

@@ -320,8 +320,12 @@ impl Conn {
             // A bound reached stops the reading; once it clears, what waits in the read buffer
             // is handled before anything more is read.
             let backlog = self.link.broker.store_backlog();
-            if backlog.is_some() || self.held_full() {
+            let cluster_backlog = self.link.broker.cluster_backlogged();
+            if backlog.is_some() || self.held_full() || cluster_backlog {
                 self.pause_input();
+                if cluster_backlog {
+                    self.link.broker.wait_cluster_drained(&self.link.control);
+                }
             } else if self.paused {
                 if let Err(close) = self.resume_input() {
                     let _ = Box::pin(self.flush(stream)).await;
@@ -457,19 +461,21 @@ impl Conn {
     }
 
     /// Whether the client's input must wait: this connection holds as many acknowledgements
-    /// as allowed, or the store's backlog is over `storage.max_pending_bytes` (a slow disk
-    /// then slows publishers down, through TCP, instead of growing memory). Checked before
+    /// as allowed, the store's backlog is over `storage.max_pending_bytes` (a slow disk
+    /// then slows publishers down, through TCP, instead of growing memory), or, in a
+    /// cluster, too many messages wait for NATS (a burst is slowed down rather than dropped
+    /// on its way to the other nodes). Checked before
     /// every packet, so one read cannot go past either bound by more than a packet; what flow
     /// control put aside (at most 128 KiB of input) is still handled when it ends.
     ///
     /// Nothing the loop does while paused waits for the client: the commit thread drains the
-    /// store by itself, held acknowledgements go out as it does (or once flow control ends),
+    /// store by itself (the cluster's publishing task its queue), held acknowledgements go out as it does (or once flow control ends),
     /// and deliveries are still written. Like a full flow-control stash, a pause leaves the
     /// acknowledgements of the client's own deliveries unread too; two clients publishing
     /// into each other's full queues while both are paused are untangled by
     /// `limits.slow_consumer_secs`, as with flow control.
     pub(super) fn input_blocked(&self) -> bool {
-        self.held_full() || self.link.broker.store_backlog().is_some()
+        self.held_full() || self.link.broker.store_backlog().is_some() || self.link.broker.cluster_backlogged()
     }
 
     /// Stops taking input until `resume_input`.

@@ -55,6 +55,16 @@ impl Conn {
                         r.reason = reason::UNSPECIFIED_ERROR;
                     }
                     Packet::SubAck(a) => a.return_codes.iter_mut().for_each(|c| *c = reason::UNSPECIFIED_ERROR),
+                    Packet::PubRel(_) => {
+                        // "Released" is not durable: a PUBREL now would let the client forget
+                        // an id whose PUBLISH a crash would send again, as a new message. The
+                        // connection ends instead, and the session's next connection gets the
+                        // PUBLISH again, which the client still knows.
+                        return Err(Close::Error {
+                            reason: reason::UNSPECIFIED_ERROR,
+                            what: "delivery state could not be stored".into(),
+                        });
+                    }
                     _ => {}
                 }
             }

@@ -366,16 +366,22 @@ impl Link {
     }
 
     /// PUBREC for a QoS 2 delivery (`success` false for a v5 error reason, which ends it).
-    /// Returns the ticket the PUBREL must wait for: after a crash the PUBREL, never the
-    /// PUBLISH, must be sent again, so "released" is made durable first.
-    pub fn pubrec(&self, packet_id: u16, success: bool) -> (Ack, u64) {
+    /// Returns the store ticket and the cluster's answer the PUBREL must wait for: after a
+    /// crash (of this node, or of this node of a cluster) the PUBREL, never the PUBLISH, must
+    /// be sent again, so "released" is made durable first.
+    pub fn pubrec(&self, packet_id: u16, success: bool) -> (Ack, u64, Option<Arc<Replicated>>) {
         let (ack, stream_seq) = {
             let mut cell = self.handle.lock();
             let s = self.stream_seq_of(&cell, packet_id);
             (cell.state.pubrec(packet_id, success), s)
         };
-        if !success && matches!(ack, Ack::Done(_)) {
-            self.broker.cluster_acked(&self.handle, stream_seq);
+        let mut replicated = None;
+        if matches!(ack, Ack::Done(_)) {
+            if success {
+                replicated = self.broker.cluster_released(&self.handle, stream_seq, packet_id, &self.control);
+            } else {
+                self.broker.cluster_acked(&self.handle, stream_seq);
+            }
         }
         let mut ticket = 0;
         if let Ack::Done(Some(seq)) = ack {
@@ -390,17 +396,19 @@ impl Link {
             };
             ticket = self.broker.persist(vec![op]);
         }
-        (ack, ticket)
+        (ack, ticket, replicated)
     }
 
     /// PUBCOMP ends a QoS 2 delivery.
     pub fn pubcomp(&self, packet_id: u16) -> Ack {
-        let (ack, stream_seq) = {
-            let mut cell = self.handle.lock();
-            let s = self.stream_seq_of(&cell, packet_id);
-            (cell.state.pubcomp(packet_id), s)
-        };
-        self.forget_stored(ack, stream_seq);
+        let ack = self.handle.lock().state.pubcomp(packet_id);
+        if let Ack::Done(Some(seq)) = ack {
+            self.broker.persist(vec![Op::DeleteQueued { client: self.handle.client_id.clone(), seq }]);
+        }
+        if matches!(ack, Ack::Done(_)) {
+            // Its stream message was acknowledged at PUBREC (`released`).
+            self.broker.cluster_completed(&self.handle, packet_id);
+        }
         ack
     }
 
@@ -460,26 +468,7 @@ impl Link {
     /// clients, bridges, which stop reading their peer meanwhile). Signals other than FLOW
     /// that arrive meanwhile are raised again for the caller's loop.
     pub async fn wait_for_room(&self, full: Vec<Arc<SessionHandle>>) {
-        let limit = std::time::Duration::from_secs(self.broker.config.limits.slow_consumer_secs);
-        let until = tokio::time::Instant::now() + limit;
-        for target in full {
-            if Arc::ptr_eq(&target, &self.handle) {
-                continue;
-            }
-            while target.wait_for_room(&self.control).is_some() {
-                // Re-checked at least every 100 ms, in case a FLOW wake-up went elsewhere.
-                let tick = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
-                let woke =
-                    tokio::time::timeout_at(tick.min(until), std::future::poll_fn(|cx| self.control.poll_signals(cx)))
-                        .await;
-                if let Ok(bits) = woke {
-                    self.control.signal(bits & !crate::broker::signal::FLOW);
-                }
-                if tokio::time::Instant::now() >= until {
-                    return;
-                }
-            }
-        }
+        self.broker.wait_for_room(full, &self.control, Some(&self.handle)).await;
     }
 
     /// Subscribes to `filter` (with any `$share/group/` prefix; already checked against the

@@ -133,6 +133,19 @@ impl NatsCluster {
     /// healthy. None when nats-server is missing outside CI (the caller returns: a skip).
     pub fn start(n: usize) -> Option<NatsCluster> {
         let bin = nats_server_binary()?;
+        // A port found free can be taken by another test before its server binds it: such
+        // a server exits at once, and the cluster starts again on other ports.
+        for _ in 0..3 {
+            if let Some(cluster) = Self::start_on_free_ports(n, &bin) {
+                return Some(cluster);
+            }
+        }
+        panic!("nats-servers kept exiting at start (ports taken?)");
+    }
+
+    /// One try of `start`: None when a server exited while starting.
+    fn start_on_free_ports(n: usize, bin: &Path) -> Option<NatsCluster> {
+        let bin = bin.to_path_buf();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut picked = std::collections::BTreeSet::new();
         let mut unique = || loop {
@@ -169,8 +182,23 @@ impl NatsCluster {
             let bin = cluster.bin.clone();
             cluster.servers[i].spawn(&bin);
         }
-        cluster.wait_healthy();
-        Some(cluster)
+        let t0 = Instant::now();
+        loop {
+            for s in &mut cluster.servers {
+                if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
+                    eprintln!(
+                        "nats-server {} exited at start with {status}; trying other ports:\n{}",
+                        s.name,
+                        tail(&s.log())
+                    );
+                    return None;
+                }
+            }
+            if cluster.healthy_now(t0) {
+                return Some(cluster);
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Every server's client url, in order.
