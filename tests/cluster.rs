@@ -22,27 +22,7 @@ async fn nodes(name: &str, urls: impl Fn(usize) -> Vec<String>) -> Vec<TernProce
 
 /// `nodes` with more `[cluster]` keys.
 async fn nodes_with(name: &str, urls: impl Fn(usize) -> Vec<String>, extra: &str) -> Vec<TernProcess> {
-    let mut out = Vec::new();
-    for i in 0..3 {
-        let list: Vec<String> = urls(i).iter().map(|u| format!("\"{u}\"")).collect();
-        let mut t = TernProcess::with_config(&format!(
-            "\n[cluster]\nnats = [{}]\nnode = \"n{}\"\nname = \"{name}\"\nack_timeout_ms = 2000\n\
-             replicas = 3\nmax_bytes = 67108864\n{extra}",
-            list.join(", "),
-            i + 1
-        ));
-        t.spawn(&[]);
-        out.push(t);
-    }
-    // Started together: each waits for NATS and JetStream before it accepts.
-    let t0 = Instant::now();
-    for t in &out {
-        while !t.accepts() {
-            assert!(t0.elapsed() < Duration::from_secs(40), "tern node not accepting:\n{}", t.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    out
+    common::nats::tern_nodes(name, 3, urls, &format!("ack_timeout_ms = 2000\n{extra}")).await
 }
 
 async fn client(addr: SocketAddr, id: &str, v5: bool) -> Raw {

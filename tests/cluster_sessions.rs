@@ -19,27 +19,9 @@ use sha2::Digest;
 const CROSS: Duration = Duration::from_secs(20);
 
 async fn nodes(nats: &NatsCluster, name: &str, n: usize) -> Vec<TernProcess> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        // The default ack timeout (JetStream's request timeout too): nothing here waits for
-        // one to pass, and a loaded CI machine can take seconds to answer a KV write.
-        let mut t = TernProcess::with_config(&format!(
-            "\n[cluster]\nnats = {}\nnode = \"n{}\"\nname = \"{name}\"\nack_timeout_ms = 5000\nreplicas = 3\n\
-             max_bytes = 67108864\n",
-            nats.urls_toml(),
-            i + 1
-        ));
-        t.spawn(&[]);
-        out.push(t);
-    }
-    let t0 = Instant::now();
-    for t in &out {
-        while !t.accepts() {
-            assert!(t0.elapsed() < Duration::from_secs(40), "tern node not accepting:\n{}", t.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    out
+    // The default ack timeout (JetStream's request timeout too): nothing here waits for one
+    // to pass, and a loaded CI machine can take seconds to answer a KV write.
+    common::nats::tern_nodes(name, n, |_| nats.urls(), "ack_timeout_ms = 5000\n").await
 }
 
 fn persistent(id: &str, v5: bool) -> Connect {

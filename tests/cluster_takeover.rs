@@ -18,15 +18,7 @@ use common::*;
 const CROSS: Duration = Duration::from_secs(10);
 
 async fn nodes(nats: &NatsCluster, n: usize) -> Vec<TernProcess> {
-    let mut nodes = Vec::new();
-    for i in 1..=n {
-        let extra =
-            format!("\n[cluster]\nnats = {}\nnode = \"n{i}\"\nreplicas = 3\nmax_bytes = 67108864\n", nats.urls_toml());
-        let mut p = TernProcess::with_config(&extra);
-        p.start_async(&[]).await;
-        nodes.push(p);
-    }
-    nodes
+    common::nats::tern_nodes("takeover", n, |_| nats.urls(), "").await
 }
 
 /// The second connection of `id` (to node 2) takes it over from the first (to node 1); then a

@@ -215,11 +215,7 @@ impl Conn {
         }
         if let Some(code) = failure {
             info!(client_id = %c.client_id, %peer, transport = info.kind.name(), protocol = v.name(), code, "connection refused");
-            let mut w = BytesMut::new();
-            let ack = ConnAck { session_present: false, code, properties: Properties::default() };
-            protocol::encode(&Packet::ConnAck(ack), v, &mut w);
-            let _ = send(stream, &w).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+            refuse_connack(stream, v, code).await;
             return None;
         }
 
@@ -253,12 +249,7 @@ impl Conn {
                 if let (true, Some(owners)) = (claim != 0, broker.owners()) {
                     owners.released(&client_id, claim);
                 }
-                let code = refuse(reason::v3::SERVER_UNAVAILABLE, reason::SERVER_UNAVAILABLE);
-                let mut w = BytesMut::new();
-                let ack = ConnAck { session_present: false, code, properties: Properties::default() };
-                protocol::encode(&Packet::ConnAck(ack), v, &mut w);
-                let _ = send(stream, &w).await;
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                refuse_connack(stream, v, refuse(reason::v3::SERVER_UNAVAILABLE, reason::SERVER_UNAVAILABLE)).await;
                 return None;
             }
         }
@@ -377,6 +368,16 @@ impl Conn {
         conn.resend_inflight();
         Some(conn)
     }
+}
+
+/// Answers a refused CONNECT with CONNACK `code` and closes (within a second: the client
+/// may not read).
+async fn refuse_connack<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, v: ProtocolVersion, code: u8) {
+    let mut w = BytesMut::new();
+    let ack = ConnAck { session_present: false, code, properties: Properties::default() };
+    protocol::encode(&Packet::ConnAck(ack), v, &mut w);
+    let _ = send(stream, &w).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 
 /// The enhanced-authentication state of a connection.

@@ -302,3 +302,34 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+/// `n` tern processes as nodes `n1`… of cluster `name`, node `i` (from 0) connected to the
+/// NATS urls `urls(i)`, JetStream replicas 3 and 64 MiB streams, plus the `[cluster]` keys in
+/// `extra`; returned once every node accepts clients (each waits for NATS and its streams
+/// first).
+pub async fn tern_nodes(
+    name: &str,
+    n: usize,
+    urls: impl Fn(usize) -> Vec<String>,
+    extra: &str,
+) -> Vec<crate::common::process::TernProcess> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let list: Vec<String> = urls(i).iter().map(|u| format!("\"{u}\"")).collect();
+        let mut t = crate::common::process::TernProcess::with_config(&format!(
+            "\n[cluster]\nnats = [{}]\nnode = \"n{}\"\nname = \"{name}\"\nreplicas = 3\nmax_bytes = 67108864\n{extra}",
+            list.join(", "),
+            i + 1
+        ));
+        t.spawn(&[]);
+        out.push(t);
+    }
+    let t0 = Instant::now();
+    for t in &out {
+        while !t.accepts() {
+            assert!(t0.elapsed() < Duration::from_secs(40), "tern node not accepting:\n{}", t.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    out
+}
