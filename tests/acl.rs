@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -48,10 +49,17 @@ async fn puback_code(c: &mut Raw, topic: &str, pid: u16) -> u8 {
 }
 
 /// Every PUBLISH that arrives until the connection has been quiet for a moment, acknowledged.
-async fn drain(c: &mut Raw) -> Vec<(String, Vec<u8>)> {
+/// The publishes `c` receives (acknowledged): at least `n`, waited for up to 10 s (a loaded
+/// machine may take long), then any more until the connection is quiet for `QUIET`.
+async fn drain(c: &mut Raw, n: usize) -> Vec<(String, Vec<u8>)> {
     let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match c.next_event(QUIET).await {
+        let wait = if got.len() < n { deadline.saturating_duration_since(Instant::now()) } else { QUIET };
+        if wait.is_zero() {
+            return got;
+        }
+        match c.next_event(wait).await {
             Event::Packet(p) if p[0] >> 4 == 3 => {
                 let m = parse_publish(&p, c.v5);
                 c.ack(&m).await;
@@ -59,6 +67,7 @@ async fn drain(c: &mut Raw) -> Vec<(String, Vec<u8>)> {
             }
             Event::Packet(p) => panic!("unexpected packet {}", hex(&p)),
             Event::Closed => panic!("connection closed"),
+            Event::Timeout if got.len() < n => {}
             Event::Timeout => return got,
         }
     }
@@ -81,7 +90,7 @@ async fn read_write_and_deny() {
     for t in ["shared/ok", "shared/secret", "shared/ok/2"] {
         ed.publish(t, t.as_bytes(), 1, 10).await;
     }
-    let topics: Vec<String> = drain(&mut alice).await.into_iter().map(|(t, _)| t).collect();
+    let topics: Vec<String> = drain(&mut alice, 2).await.into_iter().map(|(t, _)| t).collect();
     assert_eq!(topics, vec!["shared/ok", "shared/ok/2"], "deny wins over the readable tree");
 }
 
@@ -92,10 +101,10 @@ async fn anonymous_section_and_v311_answers() {
     assert_eq!(anon.subscribe_many(1, &[("public/#", 1), ("alice/#", 1)]).await, vec![1, 0x80]);
     // 3.1.1 has no way to say "not authorised" in PUBACK: acknowledged and dropped.
     anon.publish("public/news", b"x", 1, 2).await;
-    assert!(drain(&mut anon).await.is_empty(), "anonymous clients may not write public/#");
+    assert!(drain(&mut anon, 0).await.is_empty(), "anonymous clients may not write public/#");
     let mut ed = as_user(&b, "e1", "ed").await;
     ed.publish("public/news", b"from ed", 1, 3).await;
-    assert_eq!(drain(&mut anon).await, vec![("public/news".to_string(), b"from ed".to_vec())]);
+    assert_eq!(drain(&mut anon, 1).await, vec![("public/news".to_string(), b"from ed".to_vec())]);
 }
 
 #[tokio::test]
@@ -152,7 +161,7 @@ async fn a_client_may_write_its_own_bridge_state_topic() {
     assert_eq!(puback_code(&mut v5, "$SYS/broker/connection/mosq-b/state", 2).await, 0x87, "another's");
     assert_eq!(puback_code(&mut v5, "$SYS/broker/connection/mosq-b5/state/x", 3).await, 0x87);
     drop(bridge);
-    let mut got: Vec<_> = drain(&mut watcher).await;
+    let mut got: Vec<_> = drain(&mut watcher, 2).await;
     got.sort();
     let want = |t: &str, p: &str| (format!("$SYS/broker/connection/{t}/state"), p.as_bytes().to_vec());
     assert_eq!(got, vec![want("mosq-b", "0"), want("mosq-b5", "m")]);
@@ -204,11 +213,11 @@ async fn revoked_read_right_stops_queued_and_retained() {
 
     let (mut carol, ack) = connect_with(b.addr, &session).await;
     assert!(ack.session_present);
-    let got = drain(&mut carol).await;
+    let got = drain(&mut carol, 2).await;
     let payloads: Vec<&[u8]> = got.iter().map(|(_, p)| p.as_slice()).collect();
     assert_eq!(payloads, vec![&b"retained public"[..], b"queued public"], "queued while away");
     carol.subscribe(2, "news/#", 1).await;
-    let got = drain(&mut carol).await;
+    let got = drain(&mut carol, 1).await;
     assert_eq!(got, vec![("news/public".to_string(), b"retained public".to_vec())], "retained on subscribe");
 }
 
