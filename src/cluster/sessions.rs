@@ -399,10 +399,6 @@ impl Sessions {
     /// `released` added and the completed ones left out), then completes `done`; a released
     /// delivery's stream message is acknowledged once the record has it.
     fn update(&self, handle: &Arc<SessionHandle>, change: Change, done: Arc<Replicated>) {
-        let released = match change {
-            Change::Released(seq, pid) => Some((seq, pid)),
-            Change::Subscriptions | Change::Completed => None,
-        };
         let found = {
             let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
             active
@@ -429,18 +425,18 @@ impl Sessions {
                 done.complete(true);
                 return;
             }
-            if let Some(r) = released {
+            if let Change::Released(seq, pid) = change {
                 // A PUBREC repeated for an id (a client answering a PUBLISH sent again) is
                 // recorded once.
-                rel.retain(|&(_, pid)| pid != r.1);
-                rel.push(r);
+                rel.retain(|&(_, p)| p != pid);
+                rel.push((seq, pid));
             }
             let ok = me.write(&handle, expiry, &rel).await.is_ok();
-            match (ok, released) {
-                (true, Some((seq, _))) => {
+            match (ok, change) {
+                (true, Change::Released(seq, _)) => {
                     let _ = acks.send(seq);
                 }
-                (false, Some((_, pid))) => rel.retain(|&(_, p)| p != pid),
+                (false, Change::Released(_, pid)) => rel.retain(|&(_, p)| p != pid),
                 _ => {}
             }
             done.complete(ok);

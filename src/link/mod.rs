@@ -402,11 +402,9 @@ impl Link {
     /// PUBCOMP ends a QoS 2 delivery.
     pub fn pubcomp(&self, packet_id: u16) -> Ack {
         let ack = self.handle.lock().state.pubcomp(packet_id);
-        if let Ack::Done(Some(seq)) = ack {
-            self.broker.persist(vec![Op::DeleteQueued { client: self.handle.client_id.clone(), seq }]);
-        }
+        // No stream sequence: its stream message was acknowledged at PUBREC.
+        self.forget_stored(ack, 0);
         if matches!(ack, Ack::Done(_)) {
-            // Its stream message was acknowledged at PUBREC (`released`).
             self.broker.cluster_completed(&self.handle, packet_id);
         }
         ack
