@@ -192,6 +192,15 @@ impl Metrics {
         }
     }
 
+    /// `n` publishes received at `qos` with `payload` bytes in all.
+    pub fn publish_in_n(&self, qos: QoS, n: u64, payload: u64) {
+        let i = qos as usize;
+        if let (Some(c), Some(b)) = (self.publish_received.get(i), self.publish_bytes_received.get(i)) {
+            c.fetch_add(n, Ordering::Relaxed);
+            b.fetch_add(payload, Ordering::Relaxed);
+        }
+    }
+
     /// A drained batch: messages and payload bytes sent per QoS.
     pub fn publish_out(&self, sent: &[(u64, u64); 3]) {
         for ((n, b), &(count, bytes)) in self.publish_sent.iter().zip(self.publish_bytes_sent.iter()).zip(sent) {

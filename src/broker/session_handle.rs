@@ -396,20 +396,49 @@ impl SessionHandle {
             return Delivered::Dropped(super::DropCause::Offline);
         }
         let connected = cell.owner != 0;
-        let queued = match cell.state.enqueue(d, connected) {
+        let queued = match self.enqueue(&mut cell, d, connected) {
             Ok(q) => q,
-            Err(why) => {
-                if cell.state.dropped.is_power_of_two() {
-                    tracing::warn!(client_id = %self.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
-                }
-                return Delivered::Dropped(why.into());
-            }
+            Err(cause) => return Delivered::Dropped(cause),
         };
         cell.signal(signal::DELIVERY);
         match queued {
             Queued::Full if connected => Delivered::Full,
             _ => Delivered::Queued,
         }
+    }
+
+    /// `deliver` for QoS 0 copies of several messages (`Broker::publish_batch`), under one
+    /// lock and with one wake-up; `dropped` hears the cause of each one not queued. Returns
+    /// whether the queue of this (connected) session is full now: its publisher should wait.
+    pub fn deliver_batch(&self, ds: impl Iterator<Item = Delivery>, mut dropped: impl FnMut(super::DropCause)) -> bool {
+        let mut cell = self.lock();
+        if cell.ended || cell.owner == 0 {
+            ds.for_each(|_| dropped(super::DropCause::Offline));
+            return false;
+        }
+        let (mut queued, mut full) = (false, false);
+        for d in ds {
+            match self.enqueue(&mut cell, d, true) {
+                Ok(q) => {
+                    queued = true;
+                    full |= q == Queued::Full;
+                }
+                Err(cause) => dropped(cause),
+            }
+        }
+        if queued {
+            cell.signal(signal::DELIVERY);
+        }
+        full
+    }
+
+    fn enqueue(&self, cell: &mut SessionCell, d: Delivery, connected: bool) -> Result<Queued, super::DropCause> {
+        cell.state.enqueue(d, connected).map_err(|why| {
+            if cell.state.dropped.is_power_of_two() {
+                tracing::warn!(client_id = %self.client_id, dropped = cell.state.dropped, "session queue full, message dropped");
+            }
+            why.into()
+        })
     }
 
     /// Registers `control` to be signalled (FLOW) when this session has room. Returns the

@@ -162,16 +162,11 @@ impl Conn {
         // queue again; the rest then waits again.
         let Some(flow) = self.flow.take() else { return Ok(()) };
         debug!(client_id = %self.link.client_id(), put_aside = flow.stash.len(), "publishes go on");
-        let (mut stash, closed) = (flow.stash, flow.closed);
-        while let Some((p, size)) = stash.pop_front() {
-            if let Some(f) = self.flow.as_mut() {
-                stash.push_front((p, size));
-                f.stashed = stash.iter().map(|(_, s)| s).sum();
-                f.stash = stash;
-                f.closed = closed;
-                return Ok(());
-            }
-            self.handle_packet(p)?;
+        let (stash, closed) = (flow.stash, flow.closed);
+        let replayed = self.replay(stash, closed);
+        self.flush_publishes();
+        if !replayed? {
+            return Ok(());
         }
         if closed {
             return Err(Close::Lost("connection closed by client"));
@@ -180,5 +175,21 @@ impl Conn {
             self.process_input()?;
         }
         Ok(())
+    }
+
+    /// Handles put-aside packets in order until one fills a queue again (then the rest is put
+    /// aside again and it returns false).
+    fn replay(&mut self, mut stash: VecDeque<(Packet, usize)>, closed: bool) -> Result<bool, Close> {
+        while let Some((p, size)) = stash.pop_front() {
+            if let Some(f) = self.flow.as_mut() {
+                stash.push_front((p, size));
+                f.stashed = stash.iter().map(|(_, s)| s).sum();
+                f.stash = stash;
+                f.closed = closed;
+                return Ok(false);
+            }
+            self.handle_packet(p)?;
+        }
+        Ok(true)
     }
 }

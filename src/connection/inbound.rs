@@ -4,11 +4,24 @@
 
 use super::*;
 
+/// Most QoS 0 publishes a connection delivers together (`route_q0`): with 16 subscribers,
+/// 1,024 copies, which `Broker::publish_batch` holds at once. A batch reaches subscribers up
+/// to that many messages past the one that filled a queue: within the slack the soft bound
+/// leaves for what publishers send before they notice (`SessionState::enqueue`).
+const Q0_BATCH_MAX: usize = 64;
+
+thread_local! {
+    /// The QoS 0 publishes of the connection whose input this thread is handling.
+    static Q0_BATCH: std::cell::Cell<Vec<Arc<crate::message::Message>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl Conn {
     /// Handles the whole packets in the read buffer; counts them once for the lot.
     pub(super) fn process_input(&mut self) -> Result<(), Close> {
         let mut packets = 0u64;
         let result = self.process_packets(&mut packets);
+        // Even when the input ends in an error: what came before it was accepted.
+        self.flush_publishes();
         if packets > 0 {
             self.link.broker.metrics.packets_received.fetch_add(packets, Ordering::Relaxed);
         }
@@ -98,6 +111,11 @@ impl Conn {
     }
 
     pub(super) fn handle_packet(&mut self, p: Packet) -> Result<(), Close> {
+        if !matches!(p, Packet::Publish(_)) {
+            // Whatever this packet does comes after the publishes before it (a PINGRESP, a
+            // SUBACK, a will, a DISCONNECT).
+            self.flush_publishes();
+        }
         match p {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(r) => Self::check_ack(self.link.puback(r.packet_id), "PUBACK"),
@@ -215,7 +233,7 @@ impl Conn {
         match p.qos {
             QoS::AtMostOnce => {
                 if ack_reason == reason::SUCCESS {
-                    self.route(p, None);
+                    self.route_q0(p);
                 }
             }
             QoS::AtLeastOnce => {
@@ -278,6 +296,8 @@ impl Conn {
     /// Hands a client's PUBLISH to the broker; returns how many sessions it reached and what
     /// its acknowledgement waits for.
     pub(super) fn route(&mut self, p: Publish, extra: Option<Op>) -> Routed {
+        // Behind the QoS 0 publishes before it.
+        self.flush_publishes();
         let mut props = p.properties;
         props.topic_alias = None;
         let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id().clone());
@@ -287,6 +307,50 @@ impl Conn {
             self.wait_for_room(full);
         }
         routed
+    }
+
+    /// A QoS 0 publish: put with the others of the same read (`Broker::publish_batch`) when it
+    /// can be, routed at once when not.
+    fn route_q0(&mut self, p: Publish) {
+        let mut props = p.properties;
+        props.topic_alias = None;
+        let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id().clone());
+        if !self.link.broker.batchable(&msg) {
+            self.flush_publishes();
+            let mut full = Vec::new();
+            self.link.publish(msg, None, &mut full);
+            if !full.is_empty() {
+                self.wait_for_room(full);
+            }
+            return;
+        }
+        let len = Q0_BATCH.with(|b| {
+            let mut batch = b.take();
+            batch.push(Arc::new(msg));
+            let len = batch.len();
+            b.set(batch);
+            len
+        });
+        if len >= Q0_BATCH_MAX {
+            self.flush_publishes();
+        }
+    }
+
+    /// Delivers the QoS 0 publishes `route_q0` put aside. Called before anything that must
+    /// come after them, and before the connection's input handling returns: the batch never
+    /// outlives one synchronous pass over the read buffer, so it is the thread's, not the
+    /// connection's (an idle connection does not carry it).
+    pub(super) fn flush_publishes(&mut self) {
+        let mut batch = Q0_BATCH.with(std::cell::Cell::take);
+        if batch.is_empty() {
+            return;
+        }
+        let mut full = Vec::new();
+        self.link.publish_batch(&mut batch, &mut full);
+        Q0_BATCH.with(|b| b.set(batch));
+        if !full.is_empty() {
+            self.wait_for_room(full);
+        }
     }
 
     pub(super) fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {

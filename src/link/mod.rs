@@ -460,6 +460,11 @@ impl Link {
         Routed { matched, ticket, replicated }
     }
 
+    /// QoS 0 publishes of this client that arrived together (`Broker::publish_batch`).
+    pub fn publish_batch(&self, msgs: &mut Vec<Arc<Message>>, full: &mut Vec<Arc<SessionHandle>>) {
+        self.broker.publish_batch(msgs, full);
+    }
+
     /// Waits until the subscribers whose queues a publish filled have room, each for at most
     /// `limits.slow_consumer_secs` (their stalled readers are cut off by the flow control of
     /// network publishers). For endpoints without a socket to stop reading (in-process
