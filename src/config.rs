@@ -923,6 +923,12 @@ impl Config {
         if c.token.is_some() && (c.user.is_some() || c.password.is_some()) {
             return bad("cluster.token", "use either `token` or `user` and `password`, not both".into());
         }
+        if c.creds_file.is_some() && (c.token.is_some() || c.user.is_some()) {
+            return bad(
+                "cluster.creds_file",
+                "a credentials file is a login of its own: drop `token` or `user`/`password`, or the file".into(),
+            );
+        }
         if c.user.is_some() != c.password.is_some() {
             let missing = if c.user.is_some() { "password" } else { "user" };
             return bad(&format!("cluster.{missing}"), "`user` and `password` go together: set both or neither".into());
@@ -1064,6 +1070,10 @@ mod tests {
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nname = \"\"\n", "cluster.name"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nreplicas = 0\n", "cluster.replicas"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nuser = \"u\"\n", "cluster.password"),
+            (
+                "[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\ntoken = \"t\"\ncreds_file = \"n.creds\"\n",
+                "cluster.creds_file",
+            ),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nack_timeout_ms = 0\n", "cluster.ack_timeout_ms"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nshare_ack_wait_ms = 0\n", "cluster.share_ack_wait_ms"),
             ("[cluster]\nnats = [\"nats://a:1\"]\nnode = \"n1\"\nheartbeat_ms = 0\n", "cluster.heartbeat_ms"),

@@ -286,29 +286,23 @@ async fn pipelined_publishes_keep_their_order_for_every_subscriber() {
     }
     publ.send(&bytes).await;
     let numbers = |topic: &str| -> Vec<usize> { (0..sent.len()).filter(|&i| sent[i].0 == topic).collect() };
-
-    let mut got = Vec::new();
-    for _ in 0..numbers("b/x").len() {
-        let p = x.recv_publish_ack().await;
-        got.push(String::from_utf8_lossy(&p.payload).parse::<usize>().unwrap_or(usize::MAX));
-    }
-    assert_eq!(got, numbers("b/x"), "b/x subscriber: messages out of order or missing");
-    let mut got = Vec::new();
-    for _ in 0..numbers("b/y").len() {
-        let p = y.recv_publish_ack().await;
-        got.push(String::from_utf8_lossy(&p.payload).parse::<usize>().unwrap_or(usize::MAX));
-    }
-    assert_eq!(got, numbers("b/y"), "b/y subscriber: messages out of order or missing");
+    assert_eq!(received_numbers(&mut x, numbers("b/x").len()).await, numbers("b/x"), "b/x subscriber");
+    assert_eq!(received_numbers(&mut y, numbers("b/y").len()).await, numbers("b/y"), "b/y subscriber");
     // Every b/x message twice (plain and shared subscription), every b/y once, each message's
     // copies before the next message's.
-    let mut expected: Vec<usize> =
+    let expected: Vec<usize> =
         (0..sent.len()).flat_map(|i| std::iter::repeat_n(i, if sent[i].0 == "b/x" { 2 } else { 1 })).collect();
-    let mut got = Vec::new();
-    for _ in 0..expected.len() {
-        let p = both.recv_publish_ack().await;
-        got.push(String::from_utf8_lossy(&p.payload).parse::<usize>().unwrap_or(usize::MAX));
-    }
-    expected.sort_unstable();
+    let got = received_numbers(&mut both, expected.len()).await;
     assert_eq!(got, expected, "subscriber with a plain and a shared subscription: copies out of order");
     both.expect_silence(Duration::from_millis(200)).await;
+}
+
+/// The payloads (decimal numbers) of the next `n` PUBLISHes, each acknowledged.
+async fn received_numbers(c: &mut Raw, n: usize) -> Vec<usize> {
+    let mut got = Vec::with_capacity(n);
+    for _ in 0..n {
+        let p = c.recv_publish_ack().await;
+        got.push(String::from_utf8_lossy(&p.payload).parse::<usize>().unwrap_or(usize::MAX));
+    }
+    got
 }

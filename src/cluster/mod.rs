@@ -114,7 +114,6 @@ pub async fn start(broker: &Arc<Broker>, cfg: &ClusterConfig) {
     info!(node = %cfg.node, "node joined the cluster");
 }
 
-/// The options of the NATS connection: credentials, TLS, the events logged.
 /// Messages a NATS subscription holds for its task, at most (beyond it NATS's client drops
 /// them: slow-consumer events, counted and logged). The task behind a QoS 0 subscription
 /// reads on while it waits for a full subscriber (within `inbound::MAX_QOS0_WAITING_BYTES`),
@@ -123,28 +122,31 @@ pub async fn start(broker: &Arc<Broker>, cfg: &ClusterConfig) {
 /// (nothing lost in 6 runs). Stated here so that the bound is a choice.
 const SUBSCRIPTION_CAPACITY: usize = 65_536;
 
+/// The options of the NATS connection: credentials, TLS, the events logged.
 async fn options(
     broker: &Arc<Broker>,
     cfg: &ClusterConfig,
     server: Arc<OnceLock<async_nats::Client>>,
 ) -> async_nats::ConnectOptions {
-    let mut o = async_nats::ConnectOptions::new()
-        .name(format!("tern-{}", cfg.node))
-        .subscription_capacity(SUBSCRIPTION_CAPACITY);
+    // The credentials file first: reading it consumes the options, and a failure must not
+    // take the rest (user, token, capacity) with it. Without it the server refuses the node
+    // if it needs it, which the connection log then says.
+    let mut o = match &cfg.creds_file {
+        Some(path) => match async_nats::ConnectOptions::with_credentials_file(path).await {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(node = %cfg.node, path = %path.display(), error = %e, "cluster.creds_file unusable; connecting without it");
+                async_nats::ConnectOptions::new()
+            }
+        },
+        None => async_nats::ConnectOptions::new(),
+    };
+    o = o.name(format!("tern-{}", cfg.node)).subscription_capacity(SUBSCRIPTION_CAPACITY);
     if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
         o = o.user_and_password(u.clone(), p.clone());
     }
     if let Some(t) = &cfg.token {
         o = o.token(t.clone());
-    }
-    if let Some(path) = &cfg.creds_file {
-        o = match o.credentials_file(path).await {
-            Ok(o) => o,
-            Err(e) => {
-                warn!(node = %cfg.node, path = %path.display(), error = %e, "cluster.creds_file unusable; connecting without it");
-                async_nats::ConnectOptions::new().name(format!("tern-{}", cfg.node))
-            }
-        };
     }
     if let Some(ca) = &cfg.tls_ca_file {
         o = o.add_root_certificates(ca.clone()).require_tls(true);
