@@ -296,32 +296,16 @@ impl Conn {
     /// Hands a client's PUBLISH to the broker; returns how many sessions it reached and what
     /// its acknowledgement waits for.
     pub(super) fn route(&mut self, p: Publish, extra: Option<Op>) -> Routed {
-        // Behind the QoS 0 publishes before it.
-        self.flush_publishes();
-        let mut props = p.properties;
-        props.topic_alias = None;
-        let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id().clone());
-        let mut full = Vec::new();
-        let routed = self.link.publish(msg, extra, &mut full);
-        if !full.is_empty() {
-            self.wait_for_room(full);
-        }
-        routed
+        let msg = self.message(p);
+        self.publish_now(msg, extra)
     }
 
     /// A QoS 0 publish: put with the others of the same read (`Broker::publish_batch`) when it
     /// can be, routed at once when not.
     fn route_q0(&mut self, p: Publish) {
-        let mut props = p.properties;
-        props.topic_alias = None;
-        let msg = Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id().clone());
+        let msg = self.message(p);
         if !self.link.broker.batchable(&msg) {
-            self.flush_publishes();
-            let mut full = Vec::new();
-            self.link.publish(msg, None, &mut full);
-            if !full.is_empty() {
-                self.wait_for_room(full);
-            }
+            self.publish_now(msg, None);
             return;
         }
         let len = Q0_BATCH.with(|b| {
@@ -334,6 +318,23 @@ impl Conn {
         if len >= Q0_BATCH_MAX {
             self.flush_publishes();
         }
+    }
+
+    fn message(&self, p: Publish) -> Message {
+        let mut props = p.properties;
+        props.topic_alias = None;
+        Message::received(p.topic, p.payload, p.qos, p.retain, props, self.link.client_id().clone())
+    }
+
+    /// Routes `msg` behind the QoS 0 publishes before it.
+    fn publish_now(&mut self, msg: Message, extra: Option<Op>) -> Routed {
+        self.flush_publishes();
+        let mut full = Vec::new();
+        let routed = self.link.publish(msg, extra, &mut full);
+        if !full.is_empty() {
+            self.wait_for_room(full);
+        }
+        routed
     }
 
     /// Delivers the QoS 0 publishes `route_q0` put aside. Called before anything that must
