@@ -852,7 +852,6 @@ impl Broker {
         }
         runs.clear();
         slots.extend(deliveries.drain(..).map(|(t, d, _)| Some((t, d))));
-        let mut dropped = [0u64; DropCause::ALL.len()];
         let mut i = 0;
         while i < order.len() {
             let mut j = i + 1;
@@ -863,22 +862,16 @@ impl Broker {
             i = j;
             let Some((target, first)) = group.first().and_then(|&(_, k)| slots.get_mut(k)?.take()) else { continue };
             let rest = group[1..].iter().filter_map(|&(_, k)| Some(slots.get_mut(k)?.take()?.1));
-            let filled = target.deliver_batch(std::iter::once(first).chain(rest), |cause| {
-                if let Some(n) = DropCause::ALL.iter().position(|&c| c == cause).and_then(|p| dropped.get_mut(p)) {
-                    *n += 1;
-                }
-            });
+            // Drops are rare (a subscriber away or over its hard limit): counted one by one, as
+            // `fan_out_with` does.
+            let filled =
+                target.deliver_batch(std::iter::once(first).chain(rest), |cause| self.metrics.drop_n(cause, 1));
             if filled {
                 full.push(target);
             }
         }
         order.clear();
         slots.clear();
-        for (&cause, &n) in DropCause::ALL.iter().zip(&dropped) {
-            if n > 0 {
-                self.metrics.drop_n(cause, n);
-            }
-        }
     }
 
     /// Publishes the broker's own `$SYS/...` value: retained (in memory only: nothing is
