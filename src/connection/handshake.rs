@@ -373,10 +373,7 @@ impl Conn {
 /// Answers a refused CONNECT with CONNACK `code` and closes (within a second: the client
 /// may not read).
 async fn refuse_connack<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, v: ProtocolVersion, code: u8) {
-    let mut w = BytesMut::new();
-    let ack = ConnAck { session_present: false, code, properties: Properties::default() };
-    protocol::encode(&Packet::ConnAck(ack), v, &mut w);
-    let _ = send(stream, &w).await;
+    let _ = send(stream, &refusal(v, code)).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 

@@ -87,9 +87,7 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, max_packet
         tokio::time::timeout(Duration::from_secs(2), read_connect(&mut stream, &mut rbuf, max_packet, &mut read));
     if let Ok(Ok(c)) = read.await {
         let code = if c.protocol.is_v5() { reason::QUOTA_EXCEEDED } else { reason::v3::SERVER_UNAVAILABLE };
-        let mut w = BytesMut::new();
-        let ack = ConnAck { session_present: false, code, properties: Properties::default() };
-        protocol::encode(&Packet::ConnAck(ack), c.protocol, &mut w);
+        let w = refusal(c.protocol, code);
         let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, &w)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
@@ -204,11 +202,16 @@ async fn refuse_version<S: AsyncWrite + Unpin>(stream: &mut S, peer: SocketAddr,
         } else {
             (ProtocolVersion::V311, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION)
         };
-        let mut w = BytesMut::new();
-        let ack = ConnAck { session_present: false, code, properties: Properties::default() };
-        protocol::encode(&Packet::ConnAck(ack), version, &mut w);
-        let _ = send(stream, &w).await;
+        let _ = send(stream, &refusal(version, code)).await;
     }
+}
+
+/// The CONNACK refusing a CONNECT with `code` (no session, no properties).
+fn refusal(version: ProtocolVersion, code: u8) -> BytesMut {
+    let mut w = BytesMut::new();
+    let ack = ConnAck { session_present: false, code, properties: Properties::default() };
+    protocol::encode(&Packet::ConnAck(ack), version, &mut w);
+    w
 }
 
 struct Conn {
