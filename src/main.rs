@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     // Before the runtime starts its threads: see prepare_descriptors.
     tern::transport::tcp::prepare_descriptors(config.limits.max_connections);
     tern::transport::os::private_files();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tern::server::runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tern: cannot start the runtime: {e}");

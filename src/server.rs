@@ -631,6 +631,17 @@ async fn accept_loop(
     .await;
 }
 
+/// The multi-threaded runtime tern runs on (the `tern` binary's; an embedding program may
+/// use it too). Its workers note when they park, so that input reaching an idle broker is
+/// handled in the order it came, across connections (see the broker's `input_order`).
+pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(crate::broker::input_order::parking)
+        .on_thread_unpark(crate::broker::input_order::unparked)
+        .build()
+}
+
 /// Counts a connection as live until its task ends.
 struct Live(Arc<AtomicUsize>);
 

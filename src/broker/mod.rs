@@ -18,6 +18,7 @@
 
 mod cluster;
 mod expiry;
+pub(crate) mod input_order;
 mod keep_alive;
 mod metrics;
 mod owners;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytestring::ByteString;
 
@@ -25,6 +25,9 @@ pub struct ConnControl {
     /// none. Lets `KeepAlive::forget` go straight to that bucket when the connection closes,
     /// and tells a sweep that an entry it holds was forgotten meanwhile.
     pub(super) keep_alive_due: AtomicU32,
+    /// This connection's place in the order input reached an idle broker (`input_order`),
+    /// 0 when it has none.
+    ticket: AtomicU32,
     waker: Mutex<Option<Waker>>,
 }
 
@@ -70,11 +73,21 @@ impl ConnControl {
     pub fn signal(&self, bits: u8) {
         let before = self.pending.fetch_or(bits, Ordering::AcqRel);
         if before & bits != bits {
-            let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(w) = waker {
-                w.wake();
-            }
+            self.wake_task();
         }
+    }
+
+    fn wake_task(&self) {
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The connection's ticket in the order of input (`input_order`), 0 if none; it holds
+    /// none afterwards. A ticket taken must be given back with `input_order::done`.
+    pub fn take_ticket(&self) -> u32 {
+        self.ticket.swap(0, Ordering::Relaxed)
     }
 
     /// The signals raised since the last call, or Pending with the task's waker stored.
@@ -96,6 +109,21 @@ impl ConnControl {
             0 => Poll::Pending,
             bits => Poll::Ready(bits),
         }
+    }
+}
+
+/// The waker a connection hands its socket (used as `Waker::from(Arc<ConnControl>)`): the
+/// socket's wake-ups take their place in the order of input, then wake the task like a
+/// signal. It wakes the waker `poll_signals` stored, so the socket must be polled after
+/// `poll_signals` in the same poll of the task.
+impl Wake for ConnControl {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        super::input_order::woken(&self.ticket);
+        self.wake_task();
     }
 }
 

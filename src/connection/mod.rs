@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 
 use crate::auth::{AuthExchange, AuthMethod, AuthStep, Login, Principal, Refusal};
-use crate::broker::{signal, Broker, Replicated, RetainedBatch, SessionHandle, EXPIRY_NEVER};
+use crate::broker::{input_order, signal, Broker, Replicated, RetainedBatch, SessionHandle, EXPIRY_NEVER};
 use crate::link::{Link, Outbox, Qos2Received, RetainedCollector, Routed, Written};
 use crate::message::Message;
 use crate::protocol::{
@@ -391,8 +391,13 @@ impl Conn {
                 }
                 rbuf.reserve(read_hint);
                 let offered = rbuf.capacity() - rbuf.len();
+                // The socket wakes the task through its control block, which notes the order
+                // in which input reached an idle broker (`input_order`); `poll_signals` above
+                // stored the waker it wakes.
+                let waker = Waker::from(Arc::clone(control));
+                let mut read_cx = Context::from_waker(&waker);
                 // A fresh read future each poll: it holds nothing between polls.
-                if let Poll::Ready(r) = std::pin::pin!(stream.read_buf(&mut *rbuf)).poll(cx) {
+                if let Poll::Ready(r) = std::pin::pin!(stream.read_buf(&mut *rbuf)).poll(&mut read_cx) {
                     return Poll::Ready(Woke::Read(r, offered));
                 }
                 // Going to sleep: an idle connection keeps no buffers (a large write buffer
@@ -406,6 +411,16 @@ impl Conn {
                 Poll::Pending
             })
             .await;
+            // Input that reached an idle broker is handled in the order it came, across
+            // connections: wait for the connections woken before this one.
+            let mut ticket = self.link.control.take_ticket();
+            if ticket != 0 {
+                if matches!(woke, Woke::Read(Ok(n), _) if n > 0) {
+                    input_order::wait_turn(ticket).await;
+                } else {
+                    input_order::done(std::mem::take(&mut ticket));
+                }
+            }
             match woke {
                 Woke::Signals(bits) => {
                     if bits & signal::KICK != 0 {
@@ -436,7 +451,11 @@ impl Conn {
                     } else if n < offered / 4 && read_hint > READ_MIN {
                         read_hint /= 2;
                     }
-                    if let Err(close) = self.process_input() {
+                    let processed = self.process_input();
+                    if ticket != 0 {
+                        input_order::done(ticket);
+                    }
+                    if let Err(close) = processed {
                         // Flush acks produced before the failure, then close.
                         let _ = Box::pin(self.flush(stream)).await;
                         return close;
@@ -619,6 +638,11 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        // A place in the order of input taken since the last read is given back.
+        let ticket = self.link.control.take_ticket();
+        if ticket != 0 {
+            input_order::done(ticket);
+        }
         // Acknowledgements still held die with the connection; the gauge must forget them.
         if !self.held.is_empty() {
             let n = u64::try_from(self.held.len()).unwrap_or(u64::MAX);
