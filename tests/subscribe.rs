@@ -216,8 +216,8 @@ async fn unsubscribe_not_waited_for_stops_delivery_at_once() {
 /// interoperability suite does the first (`test_subscribe_options`, `test_request_response`
 /// do not wait for the second subscriber's SUBACK), and one run of it saw the second.
 /// Against the binary, whose runtime runs the task woken last first and lets a second worker
-/// take the others: before `input_order` the publish overtook the subscription in 22-30 of
-/// 30 rounds with one worker, and 7 of 30 with two.
+/// take the others: before `input_order`, with one worker, the publish overtook the SUBSCRIBE
+/// in 22-30 of 30 rounds and the UNSUBSCRIBE in 29-30 of 30 (with two, 7 of 30 SUBSCRIBEs).
 #[tokio::test]
 async fn input_from_two_clients_is_handled_in_arrival_order() {
     for workers in ["1", "2"] {
