@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 /// The longest a connection waits for input that came before its own: past it, the tickets
 /// before its own are given up (their connection was paused, closed, or is slow to run).
 /// Measured: the earlier connection's turn came 100-150 µs after the later one's.
-pub const MAX_WAIT: Duration = Duration::from_millis(1);
+const MAX_WAIT: Duration = Duration::from_millis(1);
 
 /// Tickets held at once; past it, wake-ups go unordered until some are done.
 const MAX_PENDING: usize = 4096;
@@ -77,12 +77,15 @@ pub fn woken(slot: &AtomicU32) {
 }
 
 /// Whether every ticket before `ticket` is done.
-pub fn is_turn(ticket: u32) -> bool {
+fn is_turn(ticket: u32) -> bool {
     tickets().pending.front().is_none_or(|&first| first == ticket)
 }
 
-/// `ticket`'s input is handled (or there was none).
+/// `ticket`'s input is handled (or there was none). 0, no ticket, is nothing to give back.
 pub fn done(ticket: u32) {
+    if ticket == 0 {
+        return;
+    }
     let mut t = tickets();
     if let Some(i) = t.pending.iter().position(|&p| p == ticket) {
         t.pending.remove(i);

@@ -418,6 +418,7 @@ impl Conn {
                 if matches!(woke, Woke::Read(Ok(n), _) if n > 0) {
                     input_order::wait_turn(ticket).await;
                 } else {
+                    // Nothing read: nothing for later connections to wait for.
                     input_order::done(std::mem::take(&mut ticket));
                 }
             }
@@ -452,9 +453,7 @@ impl Conn {
                         read_hint /= 2;
                     }
                     let processed = self.process_input();
-                    if ticket != 0 {
-                        input_order::done(ticket);
-                    }
+                    input_order::done(ticket);
                     if let Err(close) = processed {
                         // Flush acks produced before the failure, then close.
                         let _ = Box::pin(self.flush(stream)).await;
@@ -639,10 +638,7 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         // A place in the order of input taken since the last read is given back.
-        let ticket = self.link.control.take_ticket();
-        if ticket != 0 {
-            input_order::done(ticket);
-        }
+        input_order::done(self.link.control.take_ticket());
         // Acknowledgements still held die with the connection; the gauge must forget them.
         if !self.held.is_empty() {
             let n = u64::try_from(self.held.len()).unwrap_or(u64::MAX);
